@@ -1,0 +1,217 @@
+"""`MultiTaskDataModule`: sources -> tokenizer -> tokenized, cached datasets -> mixed batches.
+
+The tokenizer is trained (or loaded from cache) the first time `.tokenizer` is read, which the
+CLI does before building the model, so the vocabulary size reaches the backbone. Tasks come from
+the model at setup: the model owns them, the data module only asks them how to tokenize and
+collate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from functools import cached_property
+from typing import Any
+
+import datasets
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.mixture import MixtureBatchSampler, MixtureConfig, _mix, mixing_rates
+from datamodules.sources import DataSource, load_source, read_text_lines
+from datamodules.tokenizer import Tokenizer, TokenizerConfig, cache_root
+from modules.errors import UserError
+
+
+class TaggedExamples(Dataset):
+    """Examples of every task, indexed by (task, index, seed) as the batch samplers yield them."""
+
+    def __init__(self, examples: dict[str, Any]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return sum(len(e) for e in self.examples.values())
+
+    def __getitem__(self, key: tuple[str, int, int]) -> tuple[str, Any, int]:
+        task, index, seed = key
+        return task, self.examples[task][index], seed
+
+
+class TaskCollator:
+    """Batch of tagged examples (all one task) -> that task's tensors plus the "task" tag."""
+
+    def __init__(self, tasks: dict, tokenizer: Tokenizer) -> None:
+        self.tasks, self.tokenizer = tasks, tokenizer
+
+    def __call__(self, items: list[tuple[str, Any, int]]) -> dict:
+        task = items[0][0]
+        batch = self.tasks[task].collate([e for _, e, _ in items], [s for _, _, s in items], self.tokenizer)
+        batch["task"] = task
+        return batch
+
+
+class EvalBatchSampler:
+    """In-order batches of one task's examples for evaluation; each rank takes every world_size-th batch.
+    Seeds depend only on the index, so every evaluation scores the same masked positions."""
+
+    def __init__(self, task: str, size: int, batch_size: int, seed: int, rank: int, world_size: int) -> None:
+        self.task, self.size, self.batch_size, self.seed = task, size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+
+    def _starts(self) -> range:
+        return range(self.rank * self.batch_size, self.size, self.batch_size * self.world_size)
+
+    def __len__(self) -> int:
+        return len(self._starts())
+
+    def __iter__(self):
+        for start in self._starts():
+            stop = min(start + self.batch_size, self.size)
+            yield [(self.task, i, _mix(self.seed, 7919, i)) for i in range(start, stop)]
+
+
+class MultiTaskDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        sources: dict[str, DataSource],
+        tokenizer: TokenizerConfig = TokenizerConfig(),
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        mixture: MixtureConfig = MixtureConfig(),
+        steps_per_epoch: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        """
+        sources: task name (as in model.tasks) -> where its data comes from.
+        tokenizer: how to train the sentencepiece vocabulary on the training text of all sources.
+        batch_size: examples per step and process (global batch = batch_size x devices x nodes).
+        eval_batch_size: examples per validation/test batch (default: batch_size).
+        mixture: how steps are shared among tasks.
+        steps_per_epoch: training steps per epoch (default: one pass over all examples).
+        num_workers: dataloader worker processes (0: load in the main process).
+        seed: seed of NSP pairings, masking and sampling; independent of the model's init seed.
+        """
+        super().__init__()
+        if not sources:
+            raise UserError("data.sources is empty: give one source per task in model.tasks")
+        if batch_size <= 0:
+            raise UserError(f"data.batch_size must be positive, got {batch_size}")
+        self.sources = sources
+        self.tokenizer_config = tokenizer
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.mixture, self.steps_per_epoch = mixture, steps_per_epoch
+        self.num_workers, self.seed = num_workers, seed
+        self.train_examples: dict[str, Any] = {}
+        self.val_examples: dict[str, Any] = {}
+        self.tasks: dict = {}
+        self._tokenizer: Tokenizer | None = None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The run's tokenizer: trained on the training text of every source, or loaded from cache."""
+        if self._tokenizer is None:
+            lines = []
+            for name, source in self.sources.items():
+                lines.extend(read_text_lines(source, f"data.sources.{name}"))
+            self._tokenizer = Tokenizer.train(lines, self.tokenizer_config, "the training data of data.sources")
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Tokenizer) -> None:
+        """A checkpoint's tokenizer replaces training a new one."""
+        self._tokenizer = value
+
+    @cached_property
+    def _splits(self) -> dict[str, dict[str, datasets.Dataset]]:
+        return {
+            name: load_source(source, self.tasks[name].fields, f"data.sources.{name}")
+            for name, source in self.sources.items()
+        }
+
+    def _tokenized(self, name: str, split: str) -> datasets.Dataset:
+        """Run the task's tokenizer over one split through datasets.map, cached on disk by content key."""
+        task, dataset = self.tasks[name], self._splits[name][split]
+        key = hashlib.sha256(
+            json.dumps(
+                [source_identity(self.sources[name]), split, type(task).__name__, task.init_args(), self.tokenizer.fingerprint],
+                sort_keys=True,
+                default=str,
+            ).encode()
+        ).hexdigest()[:24]
+        path = cache_root() / "tokenized" / f"{key}.arrow"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return dataset.map(
+            lambda batch: task.tokenize(batch, self.tokenizer),
+            batched=True,
+            remove_columns=dataset.column_names,
+            cache_file_name=str(path),
+            new_fingerprint=key,
+            desc=f"tokenizing {name}/{split}",
+        )
+
+    def setup(self, stage: str) -> None:
+        model_tasks = self.trainer.lightning_module.tasks if self.trainer else self.tasks
+        unknown, unfed = sorted(set(self.sources) - set(model_tasks)), sorted(set(model_tasks) - set(self.sources))
+        if unknown or unfed:
+            raise UserError(
+                f"data.sources and model.tasks must name the same tasks: sources without a task {unknown}, "
+                f"tasks without a source {unfed}"
+            )
+        self.tasks = dict(model_tasks)
+        for name, task in self.tasks.items():
+            if stage == "fit" and name not in self.train_examples:
+                self.train_examples[name] = task.build_examples(self._tokenized(name, "train"), self.tokenizer, "train", self.seed)
+            if name not in self.val_examples:
+                validation = self._tokenized(name, "validation")
+                self.val_examples[name] = task.build_examples(validation, self.tokenizer, "validation", self.seed + 1)
+
+    def _world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+    def _loader(self, examples: dict[str, Any], batch_sampler) -> DataLoader:
+        return DataLoader(
+            TaggedExamples(examples),
+            batch_sampler=batch_sampler,
+            collate_fn=TaskCollator(self.tasks, self.tokenizer),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator",
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        sizes = {name: len(examples) for name, examples in self.train_examples.items()}
+        rank, world_size = self._world()
+        sampler = MixtureBatchSampler(
+            sizes,
+            mixing_rates(sizes, self.mixture),
+            self.batch_size,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+        return self._loader(self.train_examples, sampler)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        rank, world_size = self._world()
+        return [
+            self._loader(
+                self.val_examples,
+                EvalBatchSampler(name, len(examples), self.eval_batch_size, self.seed, rank, world_size),
+            )
+            for name, examples in sorted(self.val_examples.items())
+        ]
+
+
+def source_identity(source: DataSource) -> dict:
+    """What the cached tokenization of a source depends on: its settings and its files' size and age."""
+    identity = asdict(source)
+    for key in ("path", "validation_path"):
+        path = identity[key]
+        if path and os.path.isfile(path):
+            stat = os.stat(path)
+            identity[key] = [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+    return identity

@@ -1,0 +1,208 @@
+"""Data sources: a hub dataset or local text / JSON(L) / CSV / TSV files -> `datasets.Dataset`.
+
+Every source is read through `datasets.load_dataset`, renamed to the task's field names by the
+column mapping, and checked; anything wrong stops with one message naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import datasets
+
+from modules.errors import UserError
+
+FORMATS = {".txt": "text", ".raw": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "tsv"}
+
+
+@dataclass
+class DataSource:
+    path: str | None = None
+    """Local training file (or glob). Format from the extension unless `format` is set."""
+    validation_path: str | None = None
+    """Local validation file; without it, `holdout_every` splits validation off the training data."""
+    hub: str | None = None
+    """A dataset name on the HuggingFace hub, used when `path` is not set (needs the network)."""
+    hub_config: str | None = None
+    """The hub dataset's configuration name, e.g. wikitext-2-raw-v1."""
+    train_split: str = "train"
+    """Hub split for training."""
+    validation_split: str | None = "validation"
+    """Hub split for validation (None: use holdout_every)."""
+    format: Literal["text", "json", "csv", "tsv"] | None = None
+    """File format; default from the file extension (.txt/.raw text, .json/.jsonl json, .csv, .tsv)."""
+    encoding: str = "utf-8"
+    """Text encoding of local files (e.g. latin-1)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Task field -> source column, for columns whose names differ from the task's fields."""
+    documents: Literal["row", "blank_line", "heading"] = "row"
+    """How text becomes examples: each row/line (row), blank-line separated blocks, or sections that
+    start at a line matching `heading_pattern` (WikiText articles)."""
+    heading_pattern: str = r"^ = [^=].* = $"
+    """Regex of a line that starts a new document when documents is "heading"."""
+    skip_lines: str | None = None
+    """Regex of text lines to drop (e.g. sub-headings) when documents is "heading"."""
+    holdout_every: int | None = None
+    """Without a validation file or split: example i goes to validation when i % n == n - 1."""
+    max_examples: int | None = None
+    """Use only the first n examples of each split (quick experiments)."""
+
+
+def _files_format(source: DataSource, where: str, path: str) -> str:
+    if source.format:
+        return source.format
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise UserError(f"{where}.format: cannot tell the format of {path!r} from its extension; set it to one of text, json, csv, tsv")
+    return FORMATS[suffix]
+
+
+def _diagnose(path: str, fmt: str, encoding: str) -> str | None:
+    """Find the first line of a local file that cannot be read, for a precise error message."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        return f"{path}, line {line}: not valid {encoding} (byte 0x{raw[error.start]:02x}); set the source's encoding (e.g. latin-1)"
+    if fmt == "json" and not text.lstrip().startswith("["):
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as error:
+                    return f"{path}, line {number}: malformed JSON ({error.msg}); fix or remove the line"
+                if not isinstance(value, dict):
+                    return f"{path}, line {number}: expected a JSON object per line, got {type(value).__name__}"
+    return None
+
+
+def _load_local(path: str, source: DataSource, where: str) -> datasets.Dataset:
+    if not any(ch in path for ch in "*?[") and not os.path.isfile(path):
+        raise UserError(f"{where}: file not found: {path!r}; fix the path (relative paths start at {os.getcwd()})")
+    fmt = _files_format(source, where, path)
+    kwargs: dict = {"data_files": path, "split": "train"}
+    if fmt == "text":
+        kwargs.update(encoding=source.encoding, sample_by="paragraph" if source.documents == "blank_line" else "line")
+    elif fmt == "json":
+        kwargs.update(encoding=source.encoding)
+    else:
+        kwargs.update(encoding=source.encoding, sep="\t" if fmt == "tsv" else ",")
+    try:
+        return datasets.load_dataset("text" if fmt == "text" else "json" if fmt == "json" else "csv", **kwargs)
+    except Exception as error:  # datasets wraps parser errors; find the line ourselves
+        problem = _diagnose(path, fmt, source.encoding) if os.path.isfile(path) else None
+        detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise UserError(problem or f"{where}: could not read {path!r} as {fmt}: {detail}") from None
+
+
+def _load_hub(source: DataSource, split: str, where: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(source.hub, source.hub_config, split=split)
+    except Exception as error:
+        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = "the hub is unreachable offline; " if offline else ""
+        raise UserError(
+            f"{where}.hub: could not load {source.hub!r} (config {source.hub_config!r}, split {split!r}): "
+            f"{type(error).__name__}; {hint}set {where}.path to a local file instead"
+        ) from None
+
+
+def _group_by_heading(dataset: datasets.Dataset, source: DataSource, column: str) -> datasets.Dataset:
+    """Lines -> documents: a line matching heading_pattern starts a document (and becomes its title)."""
+    heading, skip = re.compile(source.heading_pattern), re.compile(source.skip_lines) if source.skip_lines else None
+    titles, bodies = [], []
+    for line in dataset[column]:
+        stripped = line.rstrip("\r\n")
+        if heading.match(stripped):
+            titles.append(stripped.strip(" ="))
+            bodies.append([])
+        elif bodies and stripped.strip() and not (skip and skip.match(stripped)):
+            bodies[-1].append(stripped.strip())
+    return datasets.Dataset.from_dict({"title": titles, column: ["\n".join(b) for b in bodies]})
+
+
+def _prepare(dataset: datasets.Dataset, source: DataSource, fields: tuple[str, ...], where: str, name: str) -> datasets.Dataset:
+    """Rename columns to task fields, group documents, drop empty texts, check what the task needs."""
+    mapping = {task_field: source.columns.get(task_field, task_field) for task_field in fields}
+    unknown_fields = sorted(set(source.columns) - set(fields))
+    if unknown_fields:
+        raise UserError(f"{where}.columns: {unknown_fields} are not fields of this task; its fields are {list(fields)}")
+    missing = [col for col in mapping.values() if col not in dataset.column_names]
+    if missing:
+        raise UserError(
+            f"{name}: missing column(s) {missing}; its columns are {dataset.column_names}. "
+            f"Map them with {where}.columns (task field: source column)"
+        )
+    dataset = dataset.select_columns(list(mapping.values())).rename_columns(
+        {col: f for f, col in mapping.items() if col != f}
+    )
+    if source.documents == "heading":
+        dataset = _group_by_heading(dataset, source, fields[0])
+    for task_field in fields:
+        if dataset.features[task_field].dtype != "string":
+            raise UserError(f"{name}: column {mapping[task_field]!r} must hold text, found {dataset.features[task_field]}")
+    dataset = dataset.filter(lambda ex: all(ex[f] is not None and ex[f].strip() for f in fields))
+    if source.max_examples is not None:
+        dataset = dataset.select(range(min(source.max_examples, len(dataset))))
+    if len(dataset) == 0:
+        raise UserError(f"{name}: no non-empty examples (field(s) {list(fields)}); the data is empty")
+    return dataset
+
+
+def load_source(source: DataSource, fields: tuple[str, ...], where: str) -> dict[str, datasets.Dataset]:
+    """-> {"train": ..., "validation": ...} with the task's field names. `where` is the config key."""
+    if source.path is None and source.hub is None:
+        raise UserError(f"{where}: set `path` (a local file) or `hub` (a hub dataset name)")
+    if source.path is not None:
+        train = _prepare(_load_local(source.path, source, where + ".path"), source, fields, where, source.path)
+        validation = None
+        if source.validation_path is not None:
+            raw = _load_local(source.validation_path, source, where + ".validation_path")
+            validation = _prepare(raw, source, fields, where, source.validation_path)
+    else:
+        name = f"hub dataset {source.hub}"
+        train = _prepare(_load_hub(source, source.train_split, where), source, fields, where, name)
+        validation = None
+        if source.validation_split is not None:
+            validation = _prepare(_load_hub(source, source.validation_split, where), source, fields, where, name)
+    if validation is None:
+        every = source.holdout_every
+        if not every or every < 2:
+            raise UserError(f"{where}: no validation data; set validation_path (or validation_split) or holdout_every >= 2")
+        indices = range(len(train))
+        validation = train.select([i for i in indices if i % every == every - 1])
+        train = train.select([i for i in indices if i % every != every - 1])
+        if len(validation) == 0:
+            raise UserError(f"{where}.holdout_every={every} leaves no validation examples among {len(indices)}; lower it")
+    return {"train": train, "validation": validation}
+
+
+def read_text_lines(source: DataSource, where: str) -> list[str]:
+    """Every line of text in the training data, for training the tokenizer.
+
+    Reads the mapped columns when a column mapping is given, else every text column, so it works
+    before the task (and hence its field names) is known.
+    """
+    if source.path is not None:
+        dataset = _load_local(source.path, source, where + ".path")
+    elif source.hub is not None:
+        dataset = _load_hub(source, source.train_split, where)
+    else:
+        raise UserError(f"{where}: set `path` (a local file) or `hub` (a hub dataset name)")
+    columns = list(source.columns.values()) or [
+        name for name, feature in dataset.features.items() if getattr(feature, "dtype", None) == "string"
+    ]
+    lines = []
+    for column in columns:
+        if column not in dataset.column_names:
+            raise UserError(f"{where}.columns: column {column!r} not in the data; its columns are {dataset.column_names}")
+        for value in dataset[column]:
+            if value:
+                lines.extend(value.splitlines())
+    return lines

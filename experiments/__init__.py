@@ -1,0 +1,1 @@
+"""What you run: the `polyhead` CLI and its configs."""

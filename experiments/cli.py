@@ -1,0 +1,96 @@
+"""`polyhead fit|validate|test|predict --config X.yaml`: LightningCLI over MultiTaskModel and
+MultiTaskDataModule, with W&B logging (offline unless credentials exist), checkpoints, and one-line
+errors for user mistakes."""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from jsonargparse import ArgumentError, lazy_instance
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from datamodules.datamodule import MultiTaskDataModule
+from modules.errors import UserError
+from experiments.report import FinalValidationReport
+from modules.model import MultiTaskModel
+import tasks  # noqa: F401  (registers every Task subclass for class_path lookup)
+
+
+def has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def configure_offline_defaults() -> None:
+    """Without W&B credentials log offline (never wait on the network); WANDB_MODE set by the user wins."""
+    if "WANDB_MODE" not in os.environ and not has_wandb_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("WANDB_PROJECT", "polyhead")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class ConfigToRun(SaveConfigCallback):
+    """Writes the resolved config into the W&B run's files and logs it as the run's config."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        logger = trainer.logger
+        if logger is None:
+            return
+        config = self.config.clone()
+        config.pop("config", None)
+        logger.log_hyperparams(config.as_dict())
+        run_dir = getattr(getattr(logger, "experiment", None), "dir", None)
+        if run_dir:
+            target = Path(run_dir) / "polyhead-config.yaml"
+            with tempfile.NamedTemporaryFile("w", dir=run_dir, delete=False, suffix=".tmp") as handle:
+                handle.write(self.parser.dump(config, skip_none=False))
+            os.replace(handle.name, target)
+
+
+class PolyheadCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.save_last": True})
+        # the vocabulary is learned from the data, and fixes the size of the model's embeddings
+        parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
+
+
+TRAINER_DEFAULTS = {
+    "logger": lazy_instance(WandbLogger, save_dir="runs", log_model=False),
+    "callbacks": [lazy_instance(LearningRateMonitor, logging_interval="step"), lazy_instance(FinalValidationReport)],
+    # the mixture sampler shards data across processes itself
+    "use_distributed_sampler": False,
+}
+
+
+def main(args: list[str] | None = None) -> None:
+    configure_offline_defaults()
+    try:
+        PolyheadCLI(
+            MultiTaskModel,
+            MultiTaskDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_callback=ConfigToRun,
+            save_config_kwargs={"save_to_log_dir": False},
+            parser_kwargs={"exit_on_error": False, "default_env": False},
+            args=args,
+        )
+    except UserError as error:
+        sys.exit(f"polyhead: error: {error}")
+    except ArgumentError as error:
+        message = " ".join(str(error).split())
+        sys.exit(f"polyhead: error: {message}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""End-of-run report: the final validation metrics of every task next to its trivial baseline."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+
+BASELINE_PREFIX = "baseline_"
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """{"val/<task>/<metric>": value} -> an aligned text table; metrics with a `baseline_` twin show it."""
+    rows = []
+    for key in sorted(metrics):
+        parts = key.split("/")
+        if len(parts) != 3 or parts[0] != "val" or parts[2].startswith(BASELINE_PREFIX):
+            continue
+        _, task, metric = parts
+        baseline = metrics.get(f"val/{task}/{BASELINE_PREFIX}{metric}")
+        rows.append((task, metric, f"{metrics[key]:.4f}", "" if baseline is None else f"{baseline:.4f}"))
+    header = ("task", "metric", "model", "baseline")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+class FinalValidationReport(pl.Callback):
+    """Prints the metrics table when fitting ends. Each task defines its baseline (for MLM+NSP: a
+    unigram model of the training tokens and the majority NSP label)."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if metrics:
+            rank_zero_info("\nFinal validation metrics (baseline: each task's trivial predictor)\n" + metrics_table(metrics))

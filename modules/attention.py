@@ -1,0 +1,159 @@
+"""Multi-head attention on `F.scaled_dot_product_attention`, and the masks it is given.
+
+Three kinds of attention share one module: bidirectional self-attention (encoder), causal
+self-attention (decoder) and encoder-decoder cross-attention. Masks are additive biases on the
+attention logits: 0 where a query may look, a very negative number where it may not, so after the
+softmax those weights are exactly 0. The causal mask is the upper triangle (j > i) blocked, the
+diagonal and below open.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def causal_mask_bias(query_len: int, key_len: int, device: torch.device | None = None) -> Tensor:
+    """(query_len, key_len) additive bias: 0 on and below the diagonal, -inf above it.
+
+    When keys outnumber queries (decoding with cached keys) the queries are the last
+    `query_len` positions, so query i sits at absolute position key_len - query_len + i.
+    """
+    offset = key_len - query_len
+    future = torch.ones(query_len, key_len, dtype=torch.bool, device=device).triu(diagonal=1 + offset)
+    return torch.zeros(query_len, key_len, device=device).masked_fill(future, float("-inf"))
+
+
+def attention_bias(
+    query_len: int,
+    key_len: int,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    position_bias: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor | None:
+    """Combine causal mask, key padding and position bias into one additive bias, or None if all are absent.
+
+    key_padding_mask: (B, S) with True (or 1) at real tokens. position_bias: (1, H, T, S).
+    Returns (B or 1, H or 1, T, S). Blocked entries get the dtype's most negative finite value rather
+    than -inf, so a row with nothing to attend to (an all-padding sequence) yields finite values
+    instead of NaNs that would leak through the value sum into real positions.
+    """
+    if key_padding_mask is None and not causal and position_bias is None:
+        return None
+    blocked = None
+    if causal:
+        device = position_bias.device if position_bias is not None else None
+        if key_padding_mask is not None:
+            device = key_padding_mask.device
+        blocked = causal_mask_bias(query_len, key_len, device).isinf()[None, None]  # (1, 1, T, S)
+    if key_padding_mask is not None:
+        pad = ~key_padding_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+        blocked = pad if blocked is None else blocked | pad
+    bias = position_bias.to(dtype) if position_bias is not None else None
+    if blocked is not None:
+        mask_bias = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device)
+        mask_bias = mask_bias.masked_fill(blocked, torch.finfo(dtype).min)
+        bias = mask_bias if bias is None else (bias + mask_bias).clamp_min(torch.finfo(dtype).min)
+    return bias
+
+
+class MultiHeadAttention(nn.Module):
+    """Self- or cross-attention with fused projections.
+
+    Self-attention projects q, k and v with one (d_model -> 3 * H * Dh) matmul; cross-attention
+    projects q from the decoder and k, v together from the encoder memory.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        head_dim: int,
+        bias: bool,
+        dropout: float,
+        scale: bool,
+        cross: bool = False,
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.cross = n_heads, head_dim, cross
+        inner = n_heads * head_dim
+        if cross:
+            self.q = nn.Linear(d_model, inner, bias=bias)
+            self.kv = nn.Linear(d_model, 2 * inner, bias=bias)
+        else:
+            self.qkv = nn.Linear(d_model, 3 * inner, bias=bias)
+        self.out = nn.Linear(inner, d_model, bias=bias)
+        self.dropout = dropout
+        self.scale = None if scale else 1.0  # None lets SDPA use 1/sqrt(head_dim)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """(B, T, H*Dh) -> (B, H, T, Dh)"""
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = None,
+        bias: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        """x: (B, T, D); memory: (B, S, D) for cross-attention; bias: broadcastable to (B, H, T, S).
+
+        is_causal asks SDPA for its built-in causal mask; it is only used when no bias is given.
+        """
+        if self.cross:
+            q = self._heads(self.q(x))
+            k, v = (self._heads(t) for t in self.kv(memory).chunk(2, dim=-1))
+        else:
+            q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        y = F.scaled_dot_product_attention(  # (B, H, T, Dh)
+            q,
+            k,
+            v,
+            attn_mask=bias,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and bias is None,
+            scale=self.scale,
+        )
+        b, _, t, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class RelativePositionBias(nn.Module):
+    """T5's learned bias per (head, distance bucket), added to the attention logits.
+
+    Small distances get a bucket each; larger ones share logarithmically wider buckets up to
+    `max_distance`. Bidirectional (encoder) attention splits the buckets between the two directions.
+    """
+
+    def __init__(self, n_heads: int, num_buckets: int, max_distance: int, bidirectional: bool) -> None:
+        super().__init__()
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.bias = nn.Embedding(num_buckets, n_heads)
+
+    def bucket(self, relative: Tensor) -> Tensor:
+        """relative = key position - query position -> bucket index, same shape."""
+        buckets = self.num_buckets
+        result = torch.zeros_like(relative)
+        if self.bidirectional:
+            buckets //= 2
+            result = result + (relative > 0).long() * buckets
+            distance = relative.abs()
+        else:
+            distance = (-relative).clamp_min(0)
+        exact = buckets // 2
+        log_ratio = torch.log(distance.float().clamp_min(1) / exact) / math.log(self.max_distance / exact)
+        far = (exact + (log_ratio * (buckets - exact)).long()).clamp_max(buckets - 1)
+        return result + torch.where(distance < exact, distance, far)
+
+    def forward(self, query_len: int, key_len: int, device: torch.device) -> Tensor:
+        """-> (1, H, query_len, key_len); queries are the last query_len of key_len positions."""
+        q_pos = torch.arange(key_len - query_len, key_len, device=device)[:, None]
+        k_pos = torch.arange(key_len, device=device)[None, :]
+        values = self.bias(self.bucket(k_pos - q_pos))  # (T, S, H)
+        return values.permute(2, 0, 1).unsqueeze(0)

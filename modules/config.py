@@ -1,0 +1,102 @@
+"""`BackboneConfig`: every architectural choice of the shared backbone, in one dataclass.
+
+The defaults describe a small BERT-style encoder. The same fields express BERT exactly
+(post-LN, learned positions, segments, GELU, biases, tanh pooler) and T5 exactly
+(pre-RMSNorm, bucketed relative position bias, no biases, unscaled attention, ReLU or gated-GELU),
+so checkpoints of either can be imported later without a second model class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+
+@dataclass
+class BackboneConfig:
+    vocab_size: int | None = None
+    """Token vocabulary. None: taken from the run's tokenizer (the usual case)."""
+    d_model: int = 256
+    """Width of the residual stream."""
+    n_heads: int = 4
+    """Attention heads per layer."""
+    head_dim: int | None = None
+    """Width of one head; None means d_model // n_heads (T5 may set it independently)."""
+    d_ff: int = 1024
+    """Hidden width of the feed-forward block."""
+    encoder_layers: int = 4
+    """Bidirectional layers; 0 for a decoder-only model."""
+    decoder_layers: int = 0
+    """Causal layers; with encoder layers they also cross-attend to the encoder output."""
+    max_len: int = 512
+    """Longest sequence the learned/sinusoidal position table covers."""
+    position: Literal["learned", "sinusoidal", "relative"] = "learned"
+    """Absolute positions added to the embeddings, or T5's bucketed relative bias on attention logits."""
+    relative_buckets: int = 32
+    """Relative bias: number of distance buckets (half per direction when bidirectional)."""
+    relative_max_distance: int = 128
+    """Relative bias: distances beyond this share the last bucket."""
+    type_vocab_size: int = 2
+    """Segment (token type) embeddings, as BERT's sentence A/B; 0 disables them."""
+    norm: Literal["pre", "post"] = "post"
+    """LayerNorm after each residual add (BERT) or before each sub-layer (T5, GPT-2)."""
+    norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """RMSNorm is T5's scale-only norm."""
+    norm_eps: float = 1e-12
+    """BERT uses 1e-12, T5 1e-6."""
+    embedding_norm: bool = True
+    """A norm on the summed embeddings (BERT); pre-norm models usually skip it."""
+    activation: Literal["gelu", "gelu_tanh", "relu", "silu"] = "gelu"
+    """Feed-forward non-linearity."""
+    gated_ff: bool = False
+    """Gated feed-forward (T5 v1.1's gated-GELU, SwiGLU with silu)."""
+    bias: bool = True
+    """Biases in linear layers and norms; T5 has none."""
+    scale_attention: bool = True
+    """Divide attention logits by sqrt(head_dim); T5 folds the scale into its initialisation instead."""
+    dropout: float = 0.1
+    """Dropout on embeddings, sub-layer outputs and feed-forward hidden units."""
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities."""
+    pooler: bool = True
+    """BERT's pooler: tanh(W h_[CLS] + b), used by sentence-level heads such as NSP."""
+    tie_embeddings: bool = True
+    """Output projections reuse the token embedding matrix."""
+    scale_tied_output: bool = False
+    """T5 multiplies the decoder output by d_model**-0.5 before the tied projection."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of weights."""
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"model.backbone.d_model ({self.d_model}) must be divisible by "
+                    f"model.backbone.n_heads ({self.n_heads}), or set model.backbone.head_dim"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        if self.encoder_layers < 0 or self.decoder_layers < 0 or self.encoder_layers + self.decoder_layers == 0:
+            raise ValueError("model.backbone needs encoder_layers > 0 or decoder_layers > 0 (neither may be negative)")
+        for name in ("d_model", "n_heads", "d_ff", "max_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.backbone.{name} must be positive, got {getattr(self, name)}")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"model.backbone.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def architecture(self) -> Literal["encoder", "decoder", "encoder-decoder"]:
+        if self.encoder_layers and self.decoder_layers:
+            return "encoder-decoder"
+        return "encoder" if self.encoder_layers else "decoder"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> BackboneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown backbone config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)

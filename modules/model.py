@@ -1,0 +1,128 @@
+"""`MultiTaskModel`: the one LightningModule. One backbone, one head per task, any set of tasks.
+
+Each batch carries its task's name; the step runs that task's forward and loss on the shared
+backbone. Single-task training is the case of one task. Checkpoints carry the backbone config,
+the task list and the tokenizer, so `MultiTaskModel.from_checkpoint(path)` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from datamodules.tokenizer import Tokenizer
+from modules.backbone import Backbone, init_weights
+from modules.config import BackboneConfig
+from modules.errors import UserError
+from modules.optim import OptimizerConfig, build_optimizer
+from tasks.base import Task, task_class
+
+CHECKPOINT_FORMAT = 1
+
+
+class MultiTaskModel(pl.LightningModule):
+    def __init__(
+        self,
+        tasks: dict[str, Task],
+        backbone: BackboneConfig = BackboneConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        """
+        tasks: task name -> task (its class and settings); names also key data.sources and the logs.
+        backbone: the shared transformer's architecture.
+        optimizer: AdamW and learning-rate schedule.
+        tokenizer: the run's tokenizer; the CLI passes the data module's, which fixes vocab_size.
+        """
+        super().__init__()
+        if not tasks:
+            raise UserError("model.tasks is empty: name at least one task")
+        if tokenizer is None:
+            raise UserError("MultiTaskModel needs a tokenizer (the CLI takes it from the data module)")
+        backbone = dataclasses.replace(backbone)  # a copy: vocab_size is filled in below
+        if backbone.vocab_size is None:
+            backbone.vocab_size = tokenizer.vocab_size
+        elif backbone.vocab_size != tokenizer.vocab_size:
+            raise UserError(
+                f"model.backbone.vocab_size={backbone.vocab_size} but the tokenizer has {tokenizer.vocab_size} "
+                "pieces; leave vocab_size unset to take the tokenizer's"
+            )
+        for name, task in tasks.items():
+            needs = task.stacks.split("-")
+            if ("encoder" in needs and not backbone.encoder_layers) or ("decoder" in needs and not backbone.decoder_layers):
+                raise UserError(
+                    f"model.tasks.{name} ({type(task).__name__}) needs the backbone's {task.stacks} stack(s); "
+                    f"this backbone is {backbone.architecture}-only"
+                )
+        self.tasks, self.tokenizer = dict(tasks), tokenizer
+        self.backbone_config, self.optimizer_config = backbone, optimizer
+        self.backbone = Backbone(backbone)
+        self.heads = nn.ModuleDict({name: task.build_head(backbone) for name, task in self.tasks.items()})
+        init_weights(self.heads, backbone.init_std)
+        self.val_metrics = nn.ModuleDict({name: task.metrics(backbone.vocab_size) for name, task in self.tasks.items()})
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """A batch tagged with its task -> that task's outputs."""
+        name = batch["task"]
+        return self.tasks[name].forward(self.backbone, self.heads[name], batch)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        name, task = batch["task"], self.tasks[batch["task"]]
+        losses = task.loss(self(batch), batch)
+        batch_size = len(next(v for v in batch.values() if isinstance(v, Tensor)))
+        for key, value in losses.items():
+            self.log(f"train/{name}/{key}", value, batch_size=batch_size, sync_dist=True, prog_bar=key == "loss")
+        return task.loss_weight * losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        name = batch["task"]
+        self.tasks[name].update_metrics(self.val_metrics[name], self(batch), batch)
+
+    def on_validation_epoch_end(self) -> None:
+        overall = 0.0
+        for name, metrics in self.val_metrics.items():
+            values = metrics.compute()  # synced across processes by torchmetrics
+            metrics.reset()
+            for key, value in values.items():
+                self.log(f"val/{name}/{key}", value, prog_bar=key == self.tasks[name].monitor[0])
+            overall = overall + self.tasks[name].loss_weight * values["loss"]
+        self.log("val/loss", overall)
+
+    def configure_optimizers(self) -> dict:
+        return build_optimizer(self, self.optimizer_config, int(self.trainer.estimated_stepping_batches))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["polyhead"] = {
+            "format": CHECKPOINT_FORMAT,
+            "backbone": self.backbone_config.to_dict(),
+            "optimizer": vars(self.optimizer_config) | {"betas": list(self.optimizer_config.betas)},
+            "tasks": {name: {"class": type(t).__name__, "init_args": t.init_args()} for name, t in self.tasks.items()},
+            "tokenizer": self.tokenizer.state_dict(),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> MultiTaskModel:
+        """Rebuild a trained model from its checkpoint file alone (weights_only: no code runs on load)."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"checkpoint not found: {str(path)!r}")
+        try:
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as error:
+            raise UserError(f"{path}: not a readable checkpoint ({type(error).__name__}); it may be truncated or not a polyhead file") from None
+        saved = checkpoint.get("polyhead") if isinstance(checkpoint, dict) else None
+        if not saved:
+            raise UserError(f"{path}: not a polyhead checkpoint (no 'polyhead' section)")
+        tasks = {name: task_class(spec["class"])(**spec["init_args"]) for name, spec in saved["tasks"].items()}
+        model = cls(
+            tasks,
+            BackboneConfig.from_dict(saved["backbone"]),
+            OptimizerConfig(**saved["optimizer"]),
+            Tokenizer.from_state_dict(saved["tokenizer"]),
+        )
+        model.load_state_dict(checkpoint["state_dict"])
+        return model.eval()

@@ -1,0 +1,7 @@
+"""What to learn: one file per task. Importing this package registers every task class, so a config
+names a task by its class (`class_path: MaskedLMNextSentence`)."""
+
+from tasks.base import Task
+from tasks.mlm_nsp import MaskedLMNextSentence
+
+__all__ = ["Task", "MaskedLMNextSentence"]

@@ -1,0 +1,83 @@
+"""`Task`: everything one objective needs on top of the shared backbone.
+
+A task turns raw examples into tensors (tokenize -> build_examples -> collate), runs the
+backbone and its own head (forward), scores the result (loss, metrics) and names a trivial
+baseline to compare with. Adding a task is one subclass in `tasks/` and one config; the model,
+data module and CLI find it by its class name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+from datamodules.tokenizer import Tokenizer
+from modules.backbone import Backbone
+from modules.config import BackboneConfig
+from modules.errors import UserError
+
+
+class Task:
+    stacks: ClassVar[str] = "encoder"
+    """Which backbone stacks the task needs: "encoder", "decoder" or "encoder-decoder"."""
+    fields: ClassVar[tuple[str, ...]] = ()
+    """Fields every raw example must have (after the source's column mapping)."""
+
+    def __init__(self, loss_weight: float = 1.0) -> None:
+        """loss_weight: multiplies this task's loss in the training objective."""
+        if loss_weight < 0:
+            raise ValueError(f"loss_weight must be >= 0, got {loss_weight}")
+        self.loss_weight = loss_weight
+
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments, saved in checkpoints so the task can be rebuilt without a config."""
+        raise NotImplementedError
+
+    def build_head(self, config: BackboneConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def tokenize(self, batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
+        """A batch of raw examples (column -> values) -> tokenized columns; run through datasets.map."""
+        raise NotImplementedError
+
+    def build_examples(self, tokenized, tokenizer: Tokenizer, split: str, seed: int) -> Sequence[Any]:
+        """Tokenized dataset -> the indexable training/validation examples of one split."""
+        return tokenized
+
+    def collate(self, examples: list[Any], seeds: list[int], tokenizer: Tokenizer) -> dict[str, Tensor]:
+        """Examples -> one batch of tensors. `seeds` make per-example randomness (masking) reproducible."""
+        raise NotImplementedError
+
+    def forward(self, backbone: Backbone, head: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def loss(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """-> named losses; "loss" is the one optimised, the others are logged beside it."""
+        raise NotImplementedError
+
+    def metrics(self, vocab_size: int) -> MetricCollection:
+        """Fresh validation metrics (torchmetrics syncs them across processes)."""
+        raise NotImplementedError
+
+    def update_metrics(self, metrics: MetricCollection, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    @property
+    def monitor(self) -> tuple[str, str]:
+        """(metric name, "min" | "max"): the one number that says how well this task is doing."""
+        return "loss", "min"
+
+
+def task_class(name: str) -> type[Task]:
+    """The Task subclass called `name` (checkpoints store task classes by name)."""
+    pending, found = list(Task.__subclasses__()), {}
+    while pending:
+        cls = pending.pop()
+        found[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    if name not in found:
+        raise UserError(f"unknown task {name!r}; known tasks: {sorted(found)}")
+    return found[name]

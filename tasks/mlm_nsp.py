@@ -1,0 +1,287 @@
+"""BERT pre-training: masked-LM + next-sentence prediction, the two losses summed.
+
+Inputs are `[CLS] A [SEP] B [SEP]` with segment ids 0 for A and 1 for B. B continues A half of
+the time; otherwise it is a span from another document (label 1). Of the non-special tokens 15%
+are selected; of those 80% become [MASK], 10% a random token, 10% stay as they are, and the model
+predicts the original token at every selected position.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import Perplexity
+
+from datamodules.tokenizer import SPECIAL_TOKENS, Tokenizer
+from modules.backbone import Backbone
+from modules.config import BackboneConfig
+from modules.errors import UserError
+from modules.heads import MaskedLMHead, PooledClassifierHead
+from tasks.base import Task
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)|\n+")
+IS_NEXT, RANDOM_NEXT = 0, 1
+IGNORE = -100
+
+
+def split_sentences(document: str) -> list[str]:
+    """Sentences end at . ! ? followed by whitespace; line breaks (paragraphs) always end one."""
+    return [s.strip() for s in SENTENCE_END.split(document) if s.strip()]
+
+
+@dataclass
+class SentenceTable:
+    """All sentences of a split as one flat token array; documents are ranges of sentences."""
+
+    tokens: np.ndarray  # (total_tokens,) int32
+    sentence_starts: np.ndarray  # (n_sentences + 1,) offsets into tokens
+    doc_starts: np.ndarray  # (n_docs + 1,) offsets into sentences
+
+    @classmethod
+    def from_documents(cls, documents: list[list[list[int]]]) -> SentenceTable:
+        sentences = [s for doc in documents for s in doc if s]
+        lengths = [len(s) for s in sentences]
+        doc_sizes = [sum(1 for s in doc if s) for doc in documents]
+        return cls(
+            tokens=np.fromiter((t for s in sentences for t in s), dtype=np.int32, count=sum(lengths)),
+            sentence_starts=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            doc_starts=np.concatenate([[0], np.cumsum(doc_sizes)]).astype(np.int64),
+        )
+
+    def span(self, first: int, stop: int) -> np.ndarray:
+        """Tokens of sentences [first, stop)."""
+        return self.tokens[self.sentence_starts[first] : self.sentence_starts[stop]]
+
+    def length(self, sentence: int) -> int:
+        return int(self.sentence_starts[sentence + 1] - self.sentence_starts[sentence])
+
+
+class PairedSegments(Sequence):
+    """NSP instances as sentence ranges (6 ints each), cut to max_tokens when read."""
+
+    def __init__(self, table: SentenceTable, spans: np.ndarray, max_tokens: int) -> None:
+        self.table, self.spans, self.max_tokens = table, spans, max_tokens  # spans: (N, 5) a0 a1 b0 b1 label
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+        a0, a1, b0, b1, label = (int(v) for v in self.spans[index])
+        a, b = self.table.span(a0, a1), self.table.span(b0, b1)
+        while len(a) + len(b) > self.max_tokens:  # trim the longer segment from its end
+            if len(a) > len(b):
+                a = a[:-1]
+            else:
+                b = b[:-1]
+        return a, b, label
+
+
+def pair_segments(table: SentenceTable, max_tokens: int, short_seq_prob: float, rng: random.Random) -> list:
+    """One pass over every document: chunks of consecutive sentences up to a target length, each
+    split into A and B; B is replaced by a span of another document half of the time.
+
+    The target is the full length except, with probability short_seq_prob, a random shorter one,
+    so the model also sees short inputs as at fine-tuning time.
+    """
+    n_docs = len(table.doc_starts) - 1
+    pairs = []
+
+    def draw_target() -> int:
+        return rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
+
+    for doc in range(n_docs):
+        first, end = int(table.doc_starts[doc]), int(table.doc_starts[doc + 1])
+        target, chunk_start, length, i = draw_target(), first, 0, first
+        while i < end:
+            length += table.length(i)
+            if i == end - 1 or length >= target:
+                a_end = rng.randint(chunk_start + 1, i) if i > chunk_start else i + 1
+                if i == chunk_start or rng.random() < 0.5:
+                    other = rng.randrange(n_docs - 1)
+                    other += other >= doc  # any document but this one
+                    o_first, o_end = int(table.doc_starts[other]), int(table.doc_starts[other + 1])
+                    b0 = rng.randrange(o_first, o_end)
+                    b1, b_len, wanted = b0, 0, target - sum(table.length(s) for s in range(chunk_start, a_end))
+                    while b1 < o_end and (b1 == b0 or b_len < wanted):
+                        b_len += table.length(b1)
+                        b1 += 1
+                    pairs.append((chunk_start, a_end, b0, b1, RANDOM_NEXT))
+                    i = a_end - 1  # the unused sentences of this chunk start the next one
+                else:
+                    pairs.append((chunk_start, a_end, a_end, i + 1, IS_NEXT))
+                chunk_start, length, target = i + 1, 0, draw_target()
+            i += 1
+    return pairs
+
+
+class MaskedLMNextSentence(Task):
+    """Masked-LM + next-sentence prediction (BERT). Needs a `text` field: one document per example."""
+
+    stacks = "encoder"
+    fields = ("text",)
+
+    def __init__(
+        self,
+        max_length: int = 128,
+        mlm_probability: float = 0.15,
+        mask_fraction: float = 0.8,
+        random_fraction: float = 0.1,
+        short_seq_prob: float = 0.1,
+        dupe_factor: int = 5,
+        loss_weight: float = 1.0,
+    ) -> None:
+        """
+        max_length: tokens per input, [CLS] and both [SEP] included.
+        mlm_probability: share of non-special tokens the model must predict.
+        mask_fraction / random_fraction: of those, replaced by [MASK] / a random token (the rest stay).
+        short_seq_prob: share of inputs built to a random shorter length.
+        dupe_factor: passes over the corpus, each with new A/B pairings, that make up one split.
+        """
+        super().__init__(loss_weight)
+        if max_length < 8:
+            raise ValueError(f"max_length must be at least 8, got {max_length}")
+        if not 0 < mlm_probability < 1 or mask_fraction + random_fraction > 1:
+            raise ValueError("need 0 < mlm_probability < 1 and mask_fraction + random_fraction <= 1")
+        self.max_length, self.mlm_probability = max_length, mlm_probability
+        self.mask_fraction, self.random_fraction = mask_fraction, random_fraction
+        self.short_seq_prob, self.dupe_factor = short_seq_prob, dupe_factor
+        self.unigram_log_probs: Tensor | None = None  # baseline: training-token frequencies
+        self.majority_nsp_label = IS_NEXT
+
+    def init_args(self) -> dict:
+        return {
+            "max_length": self.max_length,
+            "mlm_probability": self.mlm_probability,
+            "mask_fraction": self.mask_fraction,
+            "random_fraction": self.random_fraction,
+            "short_seq_prob": self.short_seq_prob,
+            "dupe_factor": self.dupe_factor,
+            "loss_weight": self.loss_weight,
+        }
+
+    def build_head(self, config: BackboneConfig) -> nn.Module:
+        if not config.pooler:
+            raise UserError("task MaskedLMNextSentence needs model.backbone.pooler: true (NSP reads the pooled [CLS])")
+        return nn.ModuleDict({"mlm": MaskedLMHead(config), "nsp": PooledClassifierHead(config, num_classes=2)})
+
+    def tokenize(self, batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
+        documents = [split_sentences(text) for text in batch["text"]]
+        flat = tokenizer.encode([s for doc in documents for s in doc])
+        out, k = [], 0
+        for doc in documents:
+            out.append(flat[k : k + len(doc)])
+            k += len(doc)
+        return {"sentences": out}
+
+    def build_examples(self, tokenized, tokenizer: Tokenizer, split: str, seed: int) -> PairedSegments:
+        table = SentenceTable.from_documents(tokenized["sentences"])
+        n_docs = len(table.doc_starts) - 1
+        if n_docs < 2:
+            raise UserError(
+                f"the {split} data of task MaskedLMNextSentence has {n_docs} non-empty document(s); next-sentence "
+                "prediction needs at least 2 (check the source's `documents` setting)"
+            )
+        rng = random.Random(seed)
+        spans = [p for _ in range(self.dupe_factor) for p in pair_segments(table, self.max_length - 3, self.short_seq_prob, rng)]
+        rng.shuffle(spans)
+        examples = PairedSegments(table, np.asarray(spans, dtype=np.int64).reshape(-1, 5), self.max_length - 3)
+        if split == "train":
+            counts = np.bincount(table.tokens, minlength=tokenizer.vocab_size).astype(np.float64) + 1.0
+            self.unigram_log_probs = torch.from_numpy(np.log(counts / counts.sum())).float()
+            self.majority_nsp_label = int(np.bincount(examples.spans[:, 4], minlength=2).argmax())
+        return examples
+
+    def collate(self, examples: list, seeds: list[int], tokenizer: Tokenizer) -> dict[str, Tensor]:
+        length = max(len(a) + len(b) + 3 for a, b, _ in examples)
+        batch_size = len(examples)
+        input_ids = torch.full((batch_size, length), tokenizer.pad_id, dtype=torch.long)
+        token_type_ids = torch.zeros((batch_size, length), dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+        labels = torch.full((batch_size, length), IGNORE, dtype=torch.long)
+        for row, ((a, b, _), seed) in enumerate(zip(examples, seeds, strict=True)):
+            ids = torch.from_numpy(
+                np.concatenate([[tokenizer.cls_id], a, [tokenizer.sep_id], b, [tokenizer.sep_id]])
+            ).long()
+            n = len(ids)
+            masked, target = self.mask_tokens(ids, torch.Generator().manual_seed(seed), tokenizer)
+            input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = masked, target, 1
+            token_type_ids[row, len(a) + 2 : n] = 1
+        nsp = torch.tensor([label for _, _, label in examples], dtype=torch.long)
+        return {
+            "input_ids": input_ids,
+            "token_type_ids": token_type_ids,
+            "attention_mask": attention_mask,
+            "mlm_labels": labels,
+            "nsp_labels": nsp,
+        }
+
+    def mask_tokens(self, ids: Tensor, generator: torch.Generator, tokenizer: Tokenizer) -> tuple[Tensor, Tensor]:
+        """(L,) ids -> (masked input, labels with IGNORE at unselected positions)."""
+        candidate = ids >= len(SPECIAL_TOKENS)
+        selected = (torch.rand(ids.shape, generator=generator) < self.mlm_probability) & candidate
+        if not selected.any():  # every input teaches something: pick one candidate
+            options = candidate.nonzero().flatten()
+            selected[options[torch.randint(len(options), (1,), generator=generator)]] = True
+        action = torch.rand(ids.shape, generator=generator)
+        random_ids = torch.randint(len(SPECIAL_TOKENS), tokenizer.vocab_size, ids.shape, generator=generator)
+        masked = ids.clone()
+        to_mask = selected & (action < self.mask_fraction)
+        to_random = selected & (action >= self.mask_fraction) & (action < self.mask_fraction + self.random_fraction)
+        masked[to_mask] = tokenizer.mask_id
+        masked[to_random] = random_ids[to_random]
+        return masked, torch.where(selected, ids, IGNORE)
+
+    def forward(self, backbone: Backbone, head: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        hidden = backbone.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])  # (B, T, D)
+        selected = batch["mlm_labels"] != IGNORE  # (B, T)
+        return {
+            "mlm_logits": head["mlm"](hidden[selected], backbone.token_embedding),  # (N, V)
+            "nsp_logits": head["nsp"](backbone.pool(hidden)),  # (B, 2)
+        }
+
+    def loss(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE]
+        mlm = F.cross_entropy(outputs["mlm_logits"].float(), targets)
+        nsp = F.cross_entropy(outputs["nsp_logits"].float(), batch["nsp_labels"])
+        return {"loss": mlm + nsp, "mlm_loss": mlm, "nsp_loss": nsp}
+
+    def metrics(self, vocab_size: int) -> MetricCollection:
+        return MetricCollection(
+            {
+                "loss": MeanMetric(),
+                "mlm_loss": MeanMetric(),
+                "nsp_loss": MeanMetric(),
+                "perplexity": Perplexity(),
+                "mlm_accuracy": MulticlassAccuracy(vocab_size, average="micro"),
+                "nsp_accuracy": MulticlassAccuracy(2, average="micro"),
+                "baseline_mlm_loss": MeanMetric(),
+                "baseline_mlm_accuracy": MeanMetric(),
+                "baseline_nsp_accuracy": MeanMetric(),
+            }
+        )
+
+    def update_metrics(self, metrics: MetricCollection, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
+        losses = self.loss(outputs, batch)
+        targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE]
+        n_masked, n_pairs = targets.numel(), batch["nsp_labels"].numel()
+        metrics["loss"].update(losses["loss"], weight=n_pairs)
+        metrics["mlm_loss"].update(losses["mlm_loss"], weight=n_masked)
+        metrics["nsp_loss"].update(losses["nsp_loss"], weight=n_pairs)
+        metrics["perplexity"].update(outputs["mlm_logits"].float()[None], targets[None])
+        metrics["mlm_accuracy"].update(outputs["mlm_logits"], targets)
+        metrics["nsp_accuracy"].update(outputs["nsp_logits"], batch["nsp_labels"])
+        if self.unigram_log_probs is not None:
+            log_probs = self.unigram_log_probs.to(targets.device)
+            metrics["baseline_mlm_loss"].update(-log_probs[targets].mean(), weight=n_masked)
+            metrics["baseline_mlm_accuracy"].update((targets == log_probs.argmax()).float().mean(), weight=n_masked)
+            majority = (batch["nsp_labels"] == self.majority_nsp_label).float().mean()
+            metrics["baseline_nsp_accuracy"].update(majority, weight=n_pairs)
