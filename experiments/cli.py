@@ -84,6 +84,7 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"save_to_log_dir": False},
             parser_kwargs={"exit_on_error": False, "default_env": False},
             args=args,
+            auto_configure_optimizers=False,
         )
     except UserError as error:
         sys.exit(f"polyhead: error: {error}")

@@ -68,13 +68,11 @@ class BackboneConfig:
     """Standard deviation of the normal initialisation of weights."""
 
     def __post_init__(self) -> None:
-        if self.head_dim is None:
-            if self.d_model % self.n_heads:
-                raise ValueError(
-                    f"model.backbone.d_model ({self.d_model}) must be divisible by "
-                    f"model.backbone.n_heads ({self.n_heads}), or set model.backbone.head_dim"
-                )
-            self.head_dim = self.d_model // self.n_heads
+        if self.head_dim is None and self.n_heads > 0 and self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.backbone.d_model ({self.d_model}) must be divisible by "
+                f"model.backbone.n_heads ({self.n_heads}), or set model.backbone.head_dim"
+            )
         if self.encoder_layers < 0 or self.decoder_layers < 0 or self.encoder_layers + self.decoder_layers == 0:
             raise ValueError("model.backbone needs encoder_layers > 0 or decoder_layers > 0 (neither may be negative)")
         for name in ("d_model", "n_heads", "d_ff", "max_len"):
@@ -83,6 +81,11 @@ class BackboneConfig:
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model.backbone.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def attention_head_dim(self) -> int:
+        """head_dim, or d_model // n_heads when it is not set."""
+        return self.head_dim or self.d_model // self.n_heads
 
     @property
     def architecture(self) -> Literal["encoder", "decoder", "encoder-decoder"]:

@@ -63,7 +63,7 @@ class TransformerBlock(nn.Module):
             return MultiHeadAttention(
                 config.d_model,
                 config.n_heads,
-                config.head_dim,
+                config.attention_head_dim,
                 bias=config.bias,
                 dropout=config.attention_dropout,
                 scale=config.scale_attention,

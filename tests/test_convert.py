@@ -1,0 +1,259 @@
+"""HF BERT and T5, converted with modules/convert.py, give the same outputs from our Backbone and heads.
+
+Small randomly initialised HF models (no downloads), every parameter perturbed so that a swapped or
+dropped tensor (biases and norms start at 0 and 1) cannot go unnoticed; eval mode, fp32. Outputs
+must agree to ATOL = 1e-5 (absolute; with RTOL = 1e-5), over all positions, padding included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers (a dev extra) is needed as the reference"
+)
+
+from modules.backbone import Backbone  # noqa: E402
+from modules.convert import (  # noqa: E402
+    backbone_config_from_bert,
+    backbone_config_from_t5,
+    bert_to_polyhead,
+    t5_to_polyhead,
+)
+from modules.heads import MaskedLMHead, PooledClassifierHead  # noqa: E402
+
+ATOL = RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models are tiny: more intra-op threads only add contention (seconds of it on a busy machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def assert_close(ours: Tensor, theirs: Tensor) -> None:
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=RTOL)
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, scale: float = 0.1) -> None:
+    """Add noise to every parameter (tied ones once), so zero biases and unit norms become distinct."""
+    for param in model.parameters():
+        param.add_(scale * torch.randn_like(param))
+
+
+def padded_mask(lengths: list[int], total: int) -> Tensor:
+    """(B, total) with 1 on the first `length` positions of each row and 0 after (right padding)."""
+    return (torch.arange(total)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+# ---------------------------------------------------------------------------------------------- BERT
+
+
+def bert_pair(tie: bool):
+    torch.manual_seed(0)
+    hf_config = transformers.BertConfig(
+        vocab_size=300,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    hf = transformers.BertForPreTraining(hf_config).eval()
+    perturb(hf)
+    config = backbone_config_from_bert(hf_config)
+    backbone_sd, head_sd = bert_to_polyhead(hf.state_dict(), config)
+    backbone = Backbone(config).eval()
+    backbone.load_state_dict(backbone_sd, strict=True)
+    head = nn.ModuleDict(
+        {"mlm": MaskedLMHead(config), "nsp": PooledClassifierHead(config, num_classes=2)}
+    ).eval()
+    head.load_state_dict(head_sd, strict=True)
+    return hf, backbone, head
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_bert_outputs_match(tie: bool) -> None:
+    hf, backbone, head = bert_pair(tie)
+    b, t = 3, 12
+    input_ids = torch.randint(1, 300, (b, t))
+    attention_mask = padded_mask([12, 9, 5], t)
+    token_type_ids = (torch.arange(t)[None, :] >= torch.tensor([6, 4, 3])[:, None]).long()
+    with torch.no_grad():
+        theirs = hf(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        base = hf.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        hidden = backbone.encode(input_ids, attention_mask, token_type_ids)  # (B, T, D)
+        pooled = backbone.pool(hidden)
+        mlm = head["mlm"](hidden.reshape(b * t, -1), backbone.token_embedding).view(b, t, -1)
+        nsp = head["nsp"](pooled)
+        unpadded = backbone.encode(input_ids)  # the all-ones, mask-free path
+        theirs_unpadded = hf.bert(input_ids=input_ids).last_hidden_state
+    assert_close(hidden, base.last_hidden_state)
+    assert_close(pooled, base.pooler_output)
+    assert_close(mlm, theirs.prediction_logits)
+    assert_close(nsp, theirs.seq_relationship_logits)
+    assert_close(unpadded, theirs_unpadded)
+
+
+def test_bert_config_fields() -> None:
+    hf_config = transformers.BertConfig(
+        vocab_size=300, hidden_size=64, num_attention_heads=4, hidden_act="gelu_new"
+    )
+    config = backbone_config_from_bert(hf_config)
+    assert (config.d_model, config.n_heads, config.attention_head_dim, config.activation) == (64, 4, 16, "gelu_tanh")
+    assert (config.norm, config.position, config.pooler, config.norm_eps) == ("post", "learned", True, 1e-12)
+    with pytest.raises(ValueError, match="position_embedding_type"):
+        backbone_config_from_bert(transformers.BertConfig(position_embedding_type="relative_key"))
+
+
+def test_bert_unconsumed_missing_and_legacy_names() -> None:
+    hf, _, _ = bert_pair(tie=True)
+    config = backbone_config_from_bert(hf.config)
+    state = dict(hf.state_dict())
+    state["bert.encoder.layer.2.attention.self.query.weight"] = torch.zeros(64, 64)  # a layer too many
+    del state["cls.seq_relationship.bias"]
+    with pytest.raises(
+        ValueError, match=r"(?s)missing keys: \['cls.seq_relationship.bias'\].*not consumed.*layer\.2"
+    ):
+        bert_to_polyhead(state, config)
+
+    # TF-ported names and the legacy position_ids buffer are understood; the tied decoder copy may be absent
+    legacy = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in hf.state_dict().items()
+        if k not in ("cls.predictions.decoder.weight",)
+    }
+    legacy["bert.embeddings.position_ids"] = torch.arange(64)[None]
+    backbone_sd, head_sd = bert_to_polyhead(legacy, config)
+    reference_backbone, reference_head = bert_to_polyhead(hf.state_dict(), config)
+    assert backbone_sd.keys() == reference_backbone.keys() and head_sd.keys() == reference_head.keys()
+
+    tampered = dict(hf.state_dict())
+    tampered["cls.predictions.decoder.weight"] = tampered["cls.predictions.decoder.weight"] + 1
+    with pytest.raises(ValueError, match="tied duplicates that differ"):
+        bert_to_polyhead(tampered, config)
+
+
+# ------------------------------------------------------------------------------------------------ T5
+
+
+def t5_pair(feed_forward_proj: str, tie: bool, model_class: str = "T5ForConditionalGeneration"):
+    torch.manual_seed(0)
+    hf_config = transformers.T5Config(
+        vocab_size=120,
+        d_model=32,
+        d_kv=16,  # n_heads * d_kv = 64 != d_model: head_dim is independent
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=3,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        feed_forward_proj=feed_forward_proj,
+        tie_word_embeddings=tie,
+    )
+    hf = getattr(transformers, model_class)(hf_config).eval()
+    perturb(hf)
+    if not tie and hasattr(hf, "lm_head"):
+        # transformers 5 always ties T5's lm_head (only the output scaling follows the flag); give it its
+        # own weights so the untied path is really exercised
+        hf.lm_head.weight = nn.Parameter(torch.randn(120, 32) * 32**-0.5)
+    config = backbone_config_from_t5(hf_config)
+    backbone_sd, lm_head = t5_to_polyhead(hf.state_dict(), config)
+    backbone = Backbone(config).eval()
+    backbone.load_state_dict(backbone_sd, strict=True)
+    return hf, config, backbone, lm_head
+
+
+def t5_inputs():
+    b, s, t = 3, 11, 7  # s > relative_max_distance / 2, so the logarithmic buckets are used
+    input_ids = torch.randint(2, 120, (b, s))
+    attention_mask = padded_mask([11, 8, 4], s)
+    decoder_input_ids = torch.randint(2, 120, (b, t))
+    decoder_attention_mask = padded_mask([7, 7, 5], t)
+    return input_ids, attention_mask, decoder_input_ids, decoder_attention_mask
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"], ids=["v1.0-relu", "v1.1-gated-gelu"])
+def test_t5_outputs_match(feed_forward_proj: str, tie: bool) -> None:
+    hf, config, backbone, lm_head = t5_pair(feed_forward_proj, tie)
+    assert config.gated_ff == (feed_forward_proj == "gated-gelu")
+    assert config.tie_embeddings == config.scale_tied_output == tie
+    assert (lm_head is None) == tie
+    input_ids, attention_mask, decoder_input_ids, decoder_attention_mask = t5_inputs()
+    with torch.no_grad():
+        enc_theirs = hf.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        dec_theirs = hf.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            encoder_hidden_states=enc_theirs,
+            encoder_attention_mask=attention_mask,
+        ).last_hidden_state
+        logits_theirs = hf(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            use_cache=False,
+        ).logits
+
+        memory = backbone.encode(input_ids, attention_mask)  # (B, S, D)
+        hidden = backbone.decode(
+            decoder_input_ids, decoder_attention_mask, memory=memory, memory_mask=attention_mask
+        )
+        if config.tie_embeddings:
+            logits = (hidden * config.d_model**-0.5) @ backbone.token_embedding.T  # (B, T, V)
+        else:
+            logits = hidden @ lm_head.T
+    assert_close(memory, enc_theirs)
+    assert_close(hidden, dec_theirs)
+    assert_close(logits, logits_theirs)
+
+
+def test_t5_model_without_lm_head() -> None:
+    """`T5Model` has no LM head; the decoder output itself must still match (no padding in the decoder)."""
+    hf, config, backbone, lm_head = t5_pair("gated-gelu", tie=False, model_class="T5Model")
+    assert lm_head is None
+    input_ids, attention_mask, decoder_input_ids, _ = t5_inputs()
+    with torch.no_grad():
+        theirs = hf(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            use_cache=False,
+        )
+        memory = backbone.encode(input_ids, attention_mask)
+        hidden = backbone.decode(decoder_input_ids, memory=memory, memory_mask=attention_mask)
+    assert_close(memory, theirs.encoder_last_hidden_state)
+    assert_close(hidden, theirs.last_hidden_state)
+
+
+def test_t5_unconsumed_and_missing_keys() -> None:
+    hf, config, _, _ = t5_pair("relu", tie=True)
+    state = dict(hf.state_dict())
+    state["encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"] = torch.zeros(8, 4)
+    del state["decoder.final_layer_norm.weight"]
+    with pytest.raises(
+        ValueError, match=r"(?s)missing keys: \['decoder.final_layer_norm.weight'\].*not consumed"
+    ):
+        t5_to_polyhead(state, config)
+
+    state = dict(hf.state_dict())
+    state["lm_head.weight"] = torch.zeros(120, 32)
+    with pytest.raises(ValueError, match="lm_head.weight: differs"):
+        t5_to_polyhead(state, config)
+
+    # the gated checkpoint's wi_0 / wi_1 are not a ReLU model's wi: a config mismatch is reported, not guessed
+    gated, _, _, _ = t5_pair("gated-gelu", tie=True)
+    with pytest.raises(
+        ValueError, match=r"(?s)missing keys: \[.*DenseReluDense\.wi\.weight.*not consumed.*wi_0"
+    ):
+        t5_to_polyhead(gated.state_dict(), config)
