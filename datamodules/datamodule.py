@@ -116,7 +116,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
             lines = []
             for name, source in self.sources.items():
                 lines.extend(read_text_lines(source, f"data.sources.{name}"))
-            self._tokenizer = Tokenizer.train(lines, self.tokenizer_config, "the training data of data.sources")
+            self._tokenizer = Tokenizer.train(
+                lines, self.tokenizer_config, "the training data of data.sources"
+            )
         return self._tokenizer
 
     @tokenizer.setter
@@ -136,7 +138,13 @@ class MultiTaskDataModule(pl.LightningDataModule):
         task, dataset = self.tasks[name], self._splits[name][split]
         key = hashlib.sha256(
             json.dumps(
-                [source_identity(self.sources[name]), split, type(task).__name__, task.init_args(), self.tokenizer.fingerprint],
+                [
+                    source_identity(self.sources[name]),
+                    split,
+                    type(task).__name__,
+                    task.init_args(),
+                    self.tokenizer.fingerprint,
+                ],
                 sort_keys=True,
                 default=str,
             ).encode()
@@ -154,7 +162,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         model_tasks = self.trainer.lightning_module.tasks if self.trainer else self.tasks
-        unknown, unfed = sorted(set(self.sources) - set(model_tasks)), sorted(set(model_tasks) - set(self.sources))
+        unknown, unfed = (
+            sorted(set(self.sources) - set(model_tasks)),
+            sorted(set(model_tasks) - set(self.sources)),
+        )
         if unknown or unfed:
             raise UserError(
                 f"data.sources and model.tasks must name the same tasks: sources without a task {unknown}, "
@@ -163,10 +174,14 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.tasks = dict(model_tasks)
         for name, task in self.tasks.items():
             if stage == "fit" and name not in self.train_examples:
-                self.train_examples[name] = task.build_examples(self._tokenized(name, "train"), self.tokenizer, "train", self.seed)
+                self.train_examples[name] = task.build_examples(
+                    self._tokenized(name, "train"), self.tokenizer, "train", self.seed
+                )
             if name not in self.val_examples:
                 validation = self._tokenized(name, "validation")
-                self.val_examples[name] = task.build_examples(validation, self.tokenizer, "validation", self.seed + 1)
+                self.val_examples[name] = task.build_examples(
+                    validation, self.tokenizer, "validation", self.seed + 1
+                )
 
     def _world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -178,7 +193,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
             collate_fn=TaskCollator(self.tasks, self.tokenizer),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator",
+            pin_memory=self.trainer is not None
+            and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator",
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -58,7 +58,9 @@ def _files_format(source: DataSource, where: str, path: str) -> str:
         return source.format
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
-        raise UserError(f"{where}.format: cannot tell the format of {path!r} from its extension; set it to one of text, json, csv, tsv")
+        raise UserError(
+            f"{where}.format: cannot tell the format of {path!r} from its extension; set it to one of text, json, csv, tsv"
+        )
     return FORMATS[suffix]
 
 
@@ -78,23 +80,33 @@ def _diagnose(path: str, fmt: str, encoding: str) -> str | None:
                 except json.JSONDecodeError as error:
                     return f"{path}, line {number}: malformed JSON ({error.msg}); fix or remove the line"
                 if not isinstance(value, dict):
-                    return f"{path}, line {number}: expected a JSON object per line, got {type(value).__name__}"
+                    return (
+                        f"{path}, line {number}: expected a JSON object per line, got {type(value).__name__}"
+                    )
     return None
 
 
 def _load_local(path: str, source: DataSource, where: str) -> datasets.Dataset:
     if not any(ch in path for ch in "*?[") and not os.path.isfile(path):
-        raise UserError(f"{where}: file not found: {path!r}; fix the path (relative paths start at {os.getcwd()})")
+        raise UserError(
+            f"{where}: file not found: {path!r}; fix the path (relative paths start at {os.getcwd()})"
+        )
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise UserError(f"{where}: {path!r} is empty; point it at a file with data")
     fmt = _files_format(source, where, path)
     kwargs: dict = {"data_files": path, "split": "train"}
     if fmt == "text":
-        kwargs.update(encoding=source.encoding, sample_by="paragraph" if source.documents == "blank_line" else "line")
+        kwargs.update(
+            encoding=source.encoding, sample_by="paragraph" if source.documents == "blank_line" else "line"
+        )
     elif fmt == "json":
         kwargs.update(encoding=source.encoding)
     else:
         kwargs.update(encoding=source.encoding, sep="\t" if fmt == "tsv" else ",")
     try:
-        return datasets.load_dataset("text" if fmt == "text" else "json" if fmt == "json" else "csv", **kwargs)
+        return datasets.load_dataset(
+            "text" if fmt == "text" else "json" if fmt == "json" else "csv", **kwargs
+        )
     except Exception as error:  # datasets wraps parser errors; find the line ourselves
         problem = _diagnose(path, fmt, source.encoding) if os.path.isfile(path) else None
         detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
@@ -115,7 +127,10 @@ def _load_hub(source: DataSource, split: str, where: str) -> datasets.Dataset:
 
 def _group_by_heading(dataset: datasets.Dataset, source: DataSource, column: str) -> datasets.Dataset:
     """Lines -> documents: a line matching heading_pattern starts a document (and becomes its title)."""
-    heading, skip = re.compile(source.heading_pattern), re.compile(source.skip_lines) if source.skip_lines else None
+    heading, skip = (
+        re.compile(source.heading_pattern),
+        re.compile(source.skip_lines) if source.skip_lines else None,
+    )
     titles, bodies = [], []
     for line in dataset[column]:
         stripped = line.rstrip("\r\n")
@@ -127,12 +142,16 @@ def _group_by_heading(dataset: datasets.Dataset, source: DataSource, column: str
     return datasets.Dataset.from_dict({"title": titles, column: ["\n".join(b) for b in bodies]})
 
 
-def _prepare(dataset: datasets.Dataset, source: DataSource, fields: tuple[str, ...], where: str, name: str) -> datasets.Dataset:
+def _prepare(
+    dataset: datasets.Dataset, source: DataSource, fields: tuple[str, ...], where: str, name: str
+) -> datasets.Dataset:
     """Rename columns to task fields, group documents, drop empty texts, check what the task needs."""
     mapping = {task_field: source.columns.get(task_field, task_field) for task_field in fields}
     unknown_fields = sorted(set(source.columns) - set(fields))
     if unknown_fields:
-        raise UserError(f"{where}.columns: {unknown_fields} are not fields of this task; its fields are {list(fields)}")
+        raise UserError(
+            f"{where}.columns: {unknown_fields} are not fields of this task; its fields are {list(fields)}"
+        )
     missing = [col for col in mapping.values() if col not in dataset.column_names]
     if missing:
         raise UserError(
@@ -146,7 +165,9 @@ def _prepare(dataset: datasets.Dataset, source: DataSource, fields: tuple[str, .
         dataset = _group_by_heading(dataset, source, fields[0])
     for task_field in fields:
         if dataset.features[task_field].dtype != "string":
-            raise UserError(f"{name}: column {mapping[task_field]!r} must hold text, found {dataset.features[task_field]}")
+            raise UserError(
+                f"{name}: column {mapping[task_field]!r} must hold text, found {dataset.features[task_field]}"
+            )
     dataset = dataset.filter(lambda ex: all(ex[f] is not None and ex[f].strip() for f in fields))
     if source.max_examples is not None:
         dataset = dataset.select(range(min(source.max_examples, len(dataset))))
@@ -160,7 +181,9 @@ def load_source(source: DataSource, fields: tuple[str, ...], where: str) -> dict
     if source.path is None and source.hub is None:
         raise UserError(f"{where}: set `path` (a local file) or `hub` (a hub dataset name)")
     if source.path is not None:
-        train = _prepare(_load_local(source.path, source, where + ".path"), source, fields, where, source.path)
+        train = _prepare(
+            _load_local(source.path, source, where + ".path"), source, fields, where, source.path
+        )
         validation = None
         if source.validation_path is not None:
             raw = _load_local(source.validation_path, source, where + ".validation_path")
@@ -170,16 +193,22 @@ def load_source(source: DataSource, fields: tuple[str, ...], where: str) -> dict
         train = _prepare(_load_hub(source, source.train_split, where), source, fields, where, name)
         validation = None
         if source.validation_split is not None:
-            validation = _prepare(_load_hub(source, source.validation_split, where), source, fields, where, name)
+            validation = _prepare(
+                _load_hub(source, source.validation_split, where), source, fields, where, name
+            )
     if validation is None:
         every = source.holdout_every
         if not every or every < 2:
-            raise UserError(f"{where}: no validation data; set validation_path (or validation_split) or holdout_every >= 2")
+            raise UserError(
+                f"{where}: no validation data; set validation_path (or validation_split) or holdout_every >= 2"
+            )
         indices = range(len(train))
         validation = train.select([i for i in indices if i % every == every - 1])
         train = train.select([i for i in indices if i % every != every - 1])
         if len(validation) == 0:
-            raise UserError(f"{where}.holdout_every={every} leaves no validation examples among {len(indices)}; lower it")
+            raise UserError(
+                f"{where}.holdout_every={every} leaves no validation examples among {len(indices)}; lower it"
+            )
     return {"train": train, "validation": validation}
 
 
@@ -201,7 +230,9 @@ def read_text_lines(source: DataSource, where: str) -> list[str]:
     lines = []
     for column in columns:
         if column not in dataset.column_names:
-            raise UserError(f"{where}.columns: column {column!r} not in the data; its columns are {dataset.column_names}")
+            raise UserError(
+                f"{where}.columns: column {column!r} not in the data; its columns are {dataset.column_names}"
+            )
         for value in dataset[column]:
             if value:
                 lines.extend(value.splitlines())

@@ -51,7 +51,9 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         for expected_id, token in enumerate(SPECIAL_TOKENS):
             if self.sp.piece_to_id(token) != expected_id:
-                raise UserError(f"tokenizer does not have {token} at id {expected_id}: not a polyhead tokenizer")
+                raise UserError(
+                    f"tokenizer does not have {token} at id {expected_id}: not a polyhead tokenizer"
+                )
         self.pad_id, self.unk_id, self.bos_id, self.eos_id, self.cls_id, self.sep_id, self.mask_id = range(7)
 
     @property

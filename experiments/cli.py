@@ -10,16 +10,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import datasets
 from jsonargparse import ArgumentError, lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
-from datamodules.datamodule import MultiTaskDataModule
-from modules.errors import UserError
-from experiments.report import FinalValidationReport
-from modules.model import MultiTaskModel
 import tasks  # noqa: F401  (registers every Task subclass for class_path lookup)
+from datamodules.datamodule import MultiTaskDataModule
+from experiments.report import FinalValidationReport
+from modules.errors import UserError
+from modules.model import MultiTaskModel
 
 
 def has_wandb_credentials() -> bool:
@@ -58,16 +59,32 @@ class ConfigToRun(SaveConfigCallback):
 
 
 class PolyheadCLI(LightningCLI):
+    def instantiate_trainer(self, **kwargs):
+        """Drop the learning-rate monitor when logging is switched off (it needs a logger)."""
+        trainer_config = (
+            self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        )
+        if trainer_config.get("logger") is False:
+            trainer_config["callbacks"] = [
+                c for c in trainer_config.get("callbacks") or [] if not isinstance(c, LearningRateMonitor)
+            ]
+        return super().instantiate_trainer(**kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.save_last": True})
+        parser.set_defaults(
+            {"checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.save_last": True}
+        )
         # the vocabulary is learned from the data, and fixes the size of the model's embeddings
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
 
 
 TRAINER_DEFAULTS = {
     "logger": lazy_instance(WandbLogger, save_dir="runs", log_model=False),
-    "callbacks": [lazy_instance(LearningRateMonitor, logging_interval="step"), lazy_instance(FinalValidationReport)],
+    "callbacks": [
+        lazy_instance(LearningRateMonitor, logging_interval="step"),
+        lazy_instance(FinalValidationReport),
+    ],
     # the mixture sampler shards data across processes itself
     "use_distributed_sampler": False,
 }
@@ -75,6 +92,7 @@ TRAINER_DEFAULTS = {
 
 def main(args: list[str] | None = None) -> None:
     configure_offline_defaults()
+    datasets.logging.set_verbosity_error()  # our own messages name the bad file and line
     try:
         PolyheadCLI(
             MultiTaskModel,

@@ -20,7 +20,10 @@ def metrics_table(metrics: dict[str, float]) -> str:
         rows.append((task, metric, f"{metrics[key]:.4f}", "" if baseline is None else f"{baseline:.4f}"))
     header = ("task", "metric", "model", "baseline")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -32,4 +35,7 @@ class FinalValidationReport(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if metrics:
-            rank_zero_info("\nFinal validation metrics (baseline: each task's trivial predictor)\n" + metrics_table(metrics))
+            rank_zero_info(
+                "\nFinal validation metrics (baseline: each task's trivial predictor)\n"
+                + metrics_table(metrics)
+            )

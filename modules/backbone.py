@@ -33,10 +33,16 @@ class Embeddings(nn.Module):
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
         self.tokens = nn.Embedding(config.vocab_size, config.d_model)
-        self.positions = nn.Embedding(config.max_len, config.d_model) if config.position == "learned" else None
+        self.positions = (
+            nn.Embedding(config.max_len, config.d_model) if config.position == "learned" else None
+        )
         if config.position == "sinusoidal":
-            self.register_buffer("sinusoid", sinusoidal_table(config.max_len, config.d_model), persistent=False)
-        self.segments = nn.Embedding(config.type_vocab_size, config.d_model) if config.type_vocab_size else None
+            self.register_buffer(
+                "sinusoid", sinusoidal_table(config.max_len, config.d_model), persistent=False
+            )
+        self.segments = (
+            nn.Embedding(config.type_vocab_size, config.d_model) if config.type_vocab_size else None
+        )
         self.norm = make_norm(config) if config.embedding_norm else None
         self.dropout = nn.Dropout(config.dropout)
         self.position_kind, self.max_len = config.position, config.max_len
@@ -70,7 +76,10 @@ class Stack(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config, cross=cross) for _ in range(n_layers))
         self.relative_bias = (
             RelativePositionBias(
-                config.n_heads, config.relative_buckets, config.relative_max_distance, bidirectional=not causal
+                config.n_heads,
+                config.relative_buckets,
+                config.relative_max_distance,
+                bidirectional=not causal,
             )
             if config.position == "relative"
             else None
@@ -129,7 +138,9 @@ class Backbone(nn.Module):
             raise ValueError("BackboneConfig.vocab_size must be known before the backbone is built")
         self.config = config
         self.embeddings = Embeddings(config)
-        self.encoder = Stack(config, config.encoder_layers, causal=False, cross=False) if config.encoder_layers else None
+        self.encoder = (
+            Stack(config, config.encoder_layers, causal=False, cross=False) if config.encoder_layers else None
+        )
         self.decoder = (
             Stack(config, config.decoder_layers, causal=True, cross=config.encoder_layers > 0)
             if config.decoder_layers

@@ -73,8 +73,14 @@ class BackboneConfig:
                 f"model.backbone.d_model ({self.d_model}) must be divisible by "
                 f"model.backbone.n_heads ({self.n_heads}), or set model.backbone.head_dim"
             )
-        if self.encoder_layers < 0 or self.decoder_layers < 0 or self.encoder_layers + self.decoder_layers == 0:
-            raise ValueError("model.backbone needs encoder_layers > 0 or decoder_layers > 0 (neither may be negative)")
+        if (
+            self.encoder_layers < 0
+            or self.decoder_layers < 0
+            or self.encoder_layers + self.decoder_layers == 0
+        ):
+            raise ValueError(
+                "model.backbone needs encoder_layers > 0 or decoder_layers > 0 (neither may be negative)"
+            )
         for name in ("d_model", "n_heads", "d_ff", "max_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.backbone.{name} must be positive, got {getattr(self, name)}")

@@ -210,7 +210,12 @@ def bert_to_polyhead(
         raise ValueError(
             "bert_to_polyhead needs a config from backbone_config_from_bert (post-norm encoder with pooler)"
         )
-    d, inner, ff, v = config.d_model, config.n_heads * config.attention_head_dim, config.d_ff, config.vocab_size
+    d, inner, ff, v = (
+        config.d_model,
+        config.n_heads * config.attention_head_dim,
+        config.d_ff,
+        config.vocab_size,
+    )
     ledger = _KeyLedger(_rename_tf_layernorm(hf_state_dict), "BertForPreTraining")
     backbone: StateDict = {}
     head: StateDict = {}

@@ -22,7 +22,9 @@ class MaskedLMHead(nn.Module):
         self.transform = nn.Linear(config.d_model, config.d_model)
         self.act = ACTIVATIONS[config.activation]
         self.norm = make_norm(config)
-        self.decoder = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.decoder = (
+            None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        )
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden: Tensor, token_embedding: Tensor) -> Tensor:
@@ -43,4 +45,3 @@ class PooledClassifierHead(nn.Module):
     def forward(self, pooled: Tensor) -> Tensor:
         """pooled: (B, D) -> logits (B, num_classes)"""
         return self.classifier(self.dropout(pooled))
-

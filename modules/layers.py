@@ -92,7 +92,11 @@ class TransformerBlock(nn.Module):
         memory_bias: Tensor | None = None,
     ) -> Tensor:
         """x: (B, T, D); memory: (B, S, D) encoder output for cross-attention -> (B, T, D)"""
-        x = self._residual(x, self.self_attn_norm, lambda h: self.self_attn(h, bias=self_bias, is_causal=is_causal))
+        x = self._residual(
+            x, self.self_attn_norm, lambda h: self.self_attn(h, bias=self_bias, is_causal=is_causal)
+        )
         if self.cross_attn is not None:
-            x = self._residual(x, self.cross_attn_norm, lambda h: self.cross_attn(h, memory=memory, bias=memory_bias))
+            x = self._residual(
+                x, self.cross_attn_norm, lambda h: self.cross_attn(h, memory=memory, bias=memory_bias)
+            )
         return self._residual(x, self.ff_norm, self.ff)

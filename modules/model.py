@@ -53,7 +53,9 @@ class MultiTaskModel(pl.LightningModule):
             )
         for name, task in tasks.items():
             needs = task.stacks.split("-")
-            if ("encoder" in needs and not backbone.encoder_layers) or ("decoder" in needs and not backbone.decoder_layers):
+            if ("encoder" in needs and not backbone.encoder_layers) or (
+                "decoder" in needs and not backbone.decoder_layers
+            ):
                 raise UserError(
                     f"model.tasks.{name} ({type(task).__name__}) needs the backbone's {task.stacks} stack(s); "
                     f"this backbone is {backbone.architecture}-only"
@@ -63,7 +65,9 @@ class MultiTaskModel(pl.LightningModule):
         self.backbone = Backbone(backbone)
         self.heads = nn.ModuleDict({name: task.build_head(backbone) for name, task in self.tasks.items()})
         init_weights(self.heads, backbone.init_std)
-        self.val_metrics = nn.ModuleDict({name: task.metrics(backbone.vocab_size) for name, task in self.tasks.items()})
+        self.val_metrics = nn.ModuleDict(
+            {name: task.metrics(backbone.vocab_size) for name, task in self.tasks.items()}
+        )
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """A batch tagged with its task -> that task's outputs."""
@@ -75,7 +79,9 @@ class MultiTaskModel(pl.LightningModule):
         losses = task.loss(self(batch), batch)
         batch_size = len(next(v for v in batch.values() if isinstance(v, Tensor)))
         for key, value in losses.items():
-            self.log(f"train/{name}/{key}", value, batch_size=batch_size, sync_dist=True, prog_bar=key == "loss")
+            self.log(
+                f"train/{name}/{key}", value, batch_size=batch_size, sync_dist=True, prog_bar=key == "loss"
+            )
         return task.loss_weight * losses["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -100,7 +106,10 @@ class MultiTaskModel(pl.LightningModule):
             "format": CHECKPOINT_FORMAT,
             "backbone": self.backbone_config.to_dict(),
             "optimizer": vars(self.optimizer_config) | {"betas": list(self.optimizer_config.betas)},
-            "tasks": {name: {"class": type(t).__name__, "init_args": t.init_args()} for name, t in self.tasks.items()},
+            "tasks": {
+                name: {"class": type(t).__name__, "init_args": t.init_args()}
+                for name, t in self.tasks.items()
+            },
             "tokenizer": self.tokenizer.state_dict(),
         }
 
@@ -113,11 +122,15 @@ class MultiTaskModel(pl.LightningModule):
         try:
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as error:
-            raise UserError(f"{path}: not a readable checkpoint ({type(error).__name__}); it may be truncated or not a polyhead file") from None
+            raise UserError(
+                f"{path}: not a readable checkpoint ({type(error).__name__}); it may be truncated or not a polyhead file"
+            ) from None
         saved = checkpoint.get("polyhead") if isinstance(checkpoint, dict) else None
         if not saved:
             raise UserError(f"{path}: not a polyhead checkpoint (no 'polyhead' section)")
-        tasks = {name: task_class(spec["class"])(**spec["init_args"]) for name, spec in saved["tasks"].items()}
+        tasks = {
+            name: task_class(spec["class"])(**spec["init_args"]) for name, spec in saved["tasks"].items()
+        }
         model = cls(
             tasks,
             BackboneConfig.from_dict(saved["backbone"]),

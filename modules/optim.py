@@ -48,7 +48,9 @@ class WarmupDecay:
 def build_optimizer(model: nn.Module, config: OptimizerConfig, total_steps: int) -> dict:
     """-> Lightning's optimizer dict: AdamW + per-step LambdaLR."""
     if config.lr <= 0 or config.weight_decay < 0:
-        raise UserError(f"model.optimizer: need lr > 0 and weight_decay >= 0, got lr={config.lr}, weight_decay={config.weight_decay}")
+        raise UserError(
+            f"model.optimizer: need lr > 0 and weight_decay >= 0, got lr={config.lr}, weight_decay={config.weight_decay}"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},

@@ -62,7 +62,9 @@ class Task:
         """Fresh validation metrics (torchmetrics syncs them across processes)."""
         raise NotImplementedError
 
-    def update_metrics(self, metrics: MetricCollection, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
+    def update_metrics(
+        self, metrics: MetricCollection, outputs: dict[str, Tensor], batch: dict[str, Tensor]
+    ) -> None:
         raise NotImplementedError
 
     @property

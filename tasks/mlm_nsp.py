@@ -110,7 +110,11 @@ def pair_segments(table: SentenceTable, max_tokens: int, short_seq_prob: float, 
                     other += other >= doc  # any document but this one
                     o_first, o_end = int(table.doc_starts[other]), int(table.doc_starts[other + 1])
                     b0 = rng.randrange(o_first, o_end)
-                    b1, b_len, wanted = b0, 0, target - sum(table.length(s) for s in range(chunk_start, a_end))
+                    b1, b_len, wanted = (
+                        b0,
+                        0,
+                        target - sum(table.length(s) for s in range(chunk_start, a_end)),
+                    )
                     while b1 < o_end and (b1 == b0 or b_len < wanted):
                         b_len += table.length(b1)
                         b1 += 1
@@ -170,8 +174,12 @@ class MaskedLMNextSentence(Task):
 
     def build_head(self, config: BackboneConfig) -> nn.Module:
         if not config.pooler:
-            raise UserError("task MaskedLMNextSentence needs model.backbone.pooler: true (NSP reads the pooled [CLS])")
-        return nn.ModuleDict({"mlm": MaskedLMHead(config), "nsp": PooledClassifierHead(config, num_classes=2)})
+            raise UserError(
+                "task MaskedLMNextSentence needs model.backbone.pooler: true (NSP reads the pooled [CLS])"
+            )
+        return nn.ModuleDict(
+            {"mlm": MaskedLMHead(config), "nsp": PooledClassifierHead(config, num_classes=2)}
+        )
 
     def tokenize(self, batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
         documents = [split_sentences(text) for text in batch["text"]]
@@ -191,9 +199,15 @@ class MaskedLMNextSentence(Task):
                 "prediction needs at least 2 (check the source's `documents` setting)"
             )
         rng = random.Random(seed)
-        spans = [p for _ in range(self.dupe_factor) for p in pair_segments(table, self.max_length - 3, self.short_seq_prob, rng)]
+        spans = [
+            p
+            for _ in range(self.dupe_factor)
+            for p in pair_segments(table, self.max_length - 3, self.short_seq_prob, rng)
+        ]
         rng.shuffle(spans)
-        examples = PairedSegments(table, np.asarray(spans, dtype=np.int64).reshape(-1, 5), self.max_length - 3)
+        examples = PairedSegments(
+            table, np.asarray(spans, dtype=np.int64).reshape(-1, 5), self.max_length - 3
+        )
         if split == "train":
             counts = np.bincount(table.tokens, minlength=tokenizer.vocab_size).astype(np.float64) + 1.0
             self.unigram_log_probs = torch.from_numpy(np.log(counts / counts.sum())).float()
@@ -224,7 +238,9 @@ class MaskedLMNextSentence(Task):
             "nsp_labels": nsp,
         }
 
-    def mask_tokens(self, ids: Tensor, generator: torch.Generator, tokenizer: Tokenizer) -> tuple[Tensor, Tensor]:
+    def mask_tokens(
+        self, ids: Tensor, generator: torch.Generator, tokenizer: Tokenizer
+    ) -> tuple[Tensor, Tensor]:
         """(L,) ids -> (masked input, labels with IGNORE at unselected positions)."""
         candidate = ids >= len(SPECIAL_TOKENS)
         selected = (torch.rand(ids.shape, generator=generator) < self.mlm_probability) & candidate
@@ -235,13 +251,17 @@ class MaskedLMNextSentence(Task):
         random_ids = torch.randint(len(SPECIAL_TOKENS), tokenizer.vocab_size, ids.shape, generator=generator)
         masked = ids.clone()
         to_mask = selected & (action < self.mask_fraction)
-        to_random = selected & (action >= self.mask_fraction) & (action < self.mask_fraction + self.random_fraction)
+        to_random = (
+            selected & (action >= self.mask_fraction) & (action < self.mask_fraction + self.random_fraction)
+        )
         masked[to_mask] = tokenizer.mask_id
         masked[to_random] = random_ids[to_random]
         return masked, torch.where(selected, ids, IGNORE)
 
     def forward(self, backbone: Backbone, head: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        hidden = backbone.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])  # (B, T, D)
+        hidden = backbone.encode(
+            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+        )  # (B, T, D)
         selected = batch["mlm_labels"] != IGNORE  # (B, T)
         return {
             "mlm_logits": head["mlm"](hidden[selected], backbone.token_embedding),  # (N, V)
@@ -269,7 +289,9 @@ class MaskedLMNextSentence(Task):
             }
         )
 
-    def update_metrics(self, metrics: MetricCollection, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
+    def update_metrics(
+        self, metrics: MetricCollection, outputs: dict[str, Tensor], batch: dict[str, Tensor]
+    ) -> None:
         losses = self.loss(outputs, batch)
         targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE]
         n_masked, n_pairs = targets.numel(), batch["nsp_labels"].numel()
@@ -282,6 +304,8 @@ class MaskedLMNextSentence(Task):
         if self.unigram_log_probs is not None:
             log_probs = self.unigram_log_probs.to(targets.device)
             metrics["baseline_mlm_loss"].update(-log_probs[targets].mean(), weight=n_masked)
-            metrics["baseline_mlm_accuracy"].update((targets == log_probs.argmax()).float().mean(), weight=n_masked)
+            metrics["baseline_mlm_accuracy"].update(
+                (targets == log_probs.argmax()).float().mean(), weight=n_masked
+            )
             majority = (batch["nsp_labels"] == self.majority_nsp_label).float().mean()
             metrics["baseline_nsp_accuracy"].update(majority, weight=n_pairs)

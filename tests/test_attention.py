@@ -11,7 +11,17 @@ from modules.config import BackboneConfig
 
 
 def small(**overrides) -> BackboneConfig:
-    values = dict(vocab_size=50, d_model=32, n_heads=4, d_ff=64, encoder_layers=2, decoder_layers=0, max_len=32, dropout=0.0, attention_dropout=0.0)
+    values = dict(
+        vocab_size=50,
+        d_model=32,
+        n_heads=4,
+        d_ff=64,
+        encoder_layers=2,
+        decoder_layers=0,
+        max_len=32,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     values.update(overrides)
     return BackboneConfig(**values)
 
@@ -44,7 +54,11 @@ def test_decoder_outputs_never_depend_on_later_tokens(position, norm):
 @pytest.mark.parametrize("position", ["learned", "relative"])
 def test_pad_token_ids_never_change_real_outputs(arch, position):
     torch.manual_seed(0)
-    layers = dict(encoder_layers=2, decoder_layers=0) if arch == "encoder" else dict(encoder_layers=0, decoder_layers=2)
+    layers = (
+        dict(encoder_layers=2, decoder_layers=0)
+        if arch == "encoder"
+        else dict(encoder_layers=0, decoder_layers=2)
+    )
     model = Backbone(small(position=position, **layers)).eval()
     ids = torch.randint(7, 50, (3, 10))
     mask = torch.ones(3, 10, dtype=torch.long)
@@ -62,7 +76,9 @@ def test_pad_token_ids_never_change_real_outputs(arch, position):
 
 def test_cross_attention_ignores_padded_memory():
     torch.manual_seed(0)
-    model = Backbone(small(decoder_layers=2, position="relative", norm="pre", norm_type="rmsnorm", bias=False)).eval()
+    model = Backbone(
+        small(decoder_layers=2, position="relative", norm="pre", norm_type="rmsnorm", bias=False)
+    ).eval()
     src = torch.randint(7, 50, (2, 9))
     src_mask = torch.ones(2, 9, dtype=torch.long)
     src_mask[1, 4:] = 0

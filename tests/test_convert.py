@@ -107,7 +107,12 @@ def test_bert_config_fields() -> None:
         vocab_size=300, hidden_size=64, num_attention_heads=4, hidden_act="gelu_new"
     )
     config = backbone_config_from_bert(hf_config)
-    assert (config.d_model, config.n_heads, config.attention_head_dim, config.activation) == (64, 4, 16, "gelu_tanh")
+    assert (config.d_model, config.n_heads, config.attention_head_dim, config.activation) == (
+        64,
+        4,
+        16,
+        "gelu_tanh",
+    )
     assert (config.norm, config.position, config.pooler, config.norm_eps) == ("post", "learned", True, 1e-12)
     with pytest.raises(ValueError, match="position_embedding_type"):
         backbone_config_from_bert(transformers.BertConfig(position_embedding_type="relative_key"))

@@ -11,7 +11,9 @@ from modules.errors import UserError
 def test_rates_follow_the_t5_definitions():
     sizes = {"a": 9000, "b": 1000}
     assert mixing_rates(sizes, MixtureConfig("proportional")) == pytest.approx({"a": 0.9, "b": 0.1})
-    assert mixing_rates(sizes, MixtureConfig("proportional", cap=2000)) == pytest.approx({"a": 2 / 3, "b": 1 / 3})
+    assert mixing_rates(sizes, MixtureConfig("proportional", cap=2000)) == pytest.approx(
+        {"a": 2 / 3, "b": 1 / 3}
+    )
     assert mixing_rates(sizes, MixtureConfig("equal")) == pytest.approx({"a": 0.5, "b": 0.5})
     t2 = mixing_rates(sizes, MixtureConfig("temperature", temperature=2.0))
     assert t2["a"] == pytest.approx(3 / 4)  # sqrt(9000) : sqrt(1000) = 3 : 1
@@ -58,7 +60,12 @@ def test_resume_at_any_step_continues_the_same_stream():
 def test_ddp_ranks_split_the_global_batch_disjointly():
     sizes, rates = {"a": 100, "b": 60}, {"a": 0.5, "b": 0.5}
     single = list(MixtureBatchSampler(sizes, rates, batch_size=8, seed=2, steps_per_epoch=10))
-    ranks = [list(MixtureBatchSampler(sizes, rates, batch_size=4, seed=2, rank=r, world_size=2, steps_per_epoch=10)) for r in range(2)]
+    ranks = [
+        list(
+            MixtureBatchSampler(sizes, rates, batch_size=4, seed=2, rank=r, world_size=2, steps_per_epoch=10)
+        )
+        for r in range(2)
+    ]
     for step, batch in enumerate(single):
         assert ranks[0][step] + ranks[1][step] == batch
         assert not {i for _, i, _ in ranks[0][step]} & {i for _, i, _ in ranks[1][step]}

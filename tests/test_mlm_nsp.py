@@ -30,7 +30,9 @@ def tokenizer(corpus, tmp_path_factory) -> Tokenizer:
 @pytest.fixture(scope="module")
 def examples(corpus, tokenizer):
     task = MaskedLMNextSentence(max_length=64, dupe_factor=2)
-    tokenized = datasets.Dataset.from_dict({"text": corpus}).map(lambda b: task.tokenize(b, tokenizer), batched=True)
+    tokenized = datasets.Dataset.from_dict({"text": corpus}).map(
+        lambda b: task.tokenize(b, tokenizer), batched=True
+    )
     return task, task.build_examples(tokenized, tokenizer, "train", seed=0)
 
 
@@ -41,9 +43,15 @@ def test_sentences_split_at_end_punctuation_and_lines():
 def test_masking_statistics_over_many_draws(tokenizer):
     task = MaskedLMNextSentence(max_length=128)
     specials = torch.tensor([tokenizer.cls_id, tokenizer.sep_id])
-    ids = torch.cat([torch.tensor([tokenizer.cls_id]), torch.randint(len(SPECIAL_TOKENS), tokenizer.vocab_size, (60,)),
-                     torch.tensor([tokenizer.sep_id]), torch.randint(len(SPECIAL_TOKENS), tokenizer.vocab_size, (60,)),
-                     torch.tensor([tokenizer.sep_id])])
+    ids = torch.cat(
+        [
+            torch.tensor([tokenizer.cls_id]),
+            torch.randint(len(SPECIAL_TOKENS), tokenizer.vocab_size, (60,)),
+            torch.tensor([tokenizer.sep_id]),
+            torch.randint(len(SPECIAL_TOKENS), tokenizer.vocab_size, (60,)),
+            torch.tensor([tokenizer.sep_id]),
+        ]
+    )
     candidates = (~torch.isin(ids, specials)).sum().item()
     selected = masked = randomised = kept = 0
     for seed in range(2000):
@@ -70,11 +78,17 @@ def test_pairs_are_half_next_half_random_and_fit(examples, tokenizer):
         a, b, _ = pairs[i]
         assert len(a) >= 1 and len(b) >= 1 and len(a) + len(b) <= task.max_length - 3
     table, spans = pairs.table, pairs.spans
-    doc_of = torch.bucketize(torch.tensor(spans[:, [0, 2]]).contiguous(), torch.tensor(table.doc_starts[1:]), right=True)
+    doc_of = torch.bucketize(
+        torch.tensor(spans[:, [0, 2]]).contiguous(), torch.tensor(table.doc_starts[1:]), right=True
+    )
     is_next = torch.tensor(spans[:, 4]) == IS_NEXT
     assert (doc_of[is_next, 0] == doc_of[is_next, 1]).all(), "a true next segment came from another document"
-    assert (torch.tensor(spans[is_next][:, 1]) == torch.tensor(spans[is_next][:, 2])).all(), "B must start where A ends"
-    assert (doc_of[~is_next, 0] != doc_of[~is_next, 1]).all(), "a random next segment came from the same document"
+    assert (torch.tensor(spans[is_next][:, 1]) == torch.tensor(spans[is_next][:, 2])).all(), (
+        "B must start where A ends"
+    )
+    assert (doc_of[~is_next, 0] != doc_of[~is_next, 1]).all(), (
+        "a random next segment came from the same document"
+    )
 
 
 def test_collated_batch_layout(examples, tokenizer):
@@ -94,7 +108,9 @@ def test_collated_batch_layout(examples, tokenizer):
 
 
 def _model(task, tokenizer, **overrides):
-    values = dict(vocab_size=tokenizer.vocab_size, d_model=64, n_heads=4, d_ff=128, encoder_layers=2, max_len=64)
+    values = dict(
+        vocab_size=tokenizer.vocab_size, d_model=64, n_heads=4, d_ff=128, encoder_layers=2, max_len=64
+    )
     values.update(overrides)
     config = BackboneConfig(**values)
     return Backbone(config), task.build_head(config)
@@ -111,7 +127,9 @@ def test_loss_is_mlm_plus_nsp_on_a_real_batch(examples, tokenizer):
     torch.testing.assert_close(losses["loss"], losses["mlm_loss"] + losses["nsp_loss"])
     # and each part is the plain cross-entropy over its own targets
     targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE]
-    torch.testing.assert_close(losses["mlm_loss"], torch.nn.functional.cross_entropy(outputs["mlm_logits"], targets))
+    torch.testing.assert_close(
+        losses["mlm_loss"], torch.nn.functional.cross_entropy(outputs["mlm_logits"], targets)
+    )
     assert outputs["mlm_logits"].shape == (targets.numel(), tokenizer.vocab_size)
 
 
@@ -123,7 +141,7 @@ def test_overfits_one_batch(examples, tokenizer):
     params = list(backbone.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=2e-3)
     first = None
-    for step in range(150):
+    for _ in range(150):
         loss = task.loss(task.forward(backbone, head, batch), batch)["loss"]
         first = first if first is not None else loss.item()
         optimizer.zero_grad()
@@ -132,4 +150,4 @@ def test_overfits_one_batch(examples, tokenizer):
         if loss.item() < 0.05:
             break
     assert first > 5.0
-    assert loss.item() < 0.05, f"MLM+NSP loss only fell to {loss.item():.3f} in {step + 1} steps"
+    assert loss.item() < 0.05, f"MLM+NSP loss only fell to {loss.item():.3f} in 150 steps"
