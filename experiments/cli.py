@@ -59,16 +59,14 @@ class ConfigToRun(SaveConfigCallback):
 
 
 class PolyheadCLI(LightningCLI):
-    def instantiate_trainer(self, **kwargs):
-        """Drop the learning-rate monitor when logging is switched off (it needs a logger)."""
-        trainer_config = (
-            self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
-        )
-        if trainer_config.get("logger") is False:
-            trainer_config["callbacks"] = [
-                c for c in trainer_config.get("callbacks") or [] if not isinstance(c, LearningRateMonitor)
-            ]
-        return super().instantiate_trainer(**kwargs)
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        """Add the learning-rate monitor only when there is a logger, and the checkpoint callback
+        only when checkpointing is on: either would stop the run otherwise."""
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        if config.get("logger") is not False:
+            callbacks = [*callbacks, LearningRateMonitor(logging_interval="step")]
+        return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -82,7 +80,6 @@ class PolyheadCLI(LightningCLI):
 TRAINER_DEFAULTS = {
     "logger": lazy_instance(WandbLogger, save_dir="runs", log_model=False),
     "callbacks": [
-        lazy_instance(LearningRateMonitor, logging_interval="step"),
         lazy_instance(FinalValidationReport),
     ],
     # the mixture sampler shards data across processes itself

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
+from modules.errors import UserError
+
 
 @dataclass
 class BackboneConfig:
@@ -69,7 +71,7 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         if self.head_dim is None and self.n_heads > 0 and self.d_model % self.n_heads:
-            raise ValueError(
+            raise UserError(
                 f"model.backbone.d_model ({self.d_model}) must be divisible by "
                 f"model.backbone.n_heads ({self.n_heads}), or set model.backbone.head_dim"
             )
@@ -78,15 +80,15 @@ class BackboneConfig:
             or self.decoder_layers < 0
             or self.encoder_layers + self.decoder_layers == 0
         ):
-            raise ValueError(
+            raise UserError(
                 "model.backbone needs encoder_layers > 0 or decoder_layers > 0 (neither may be negative)"
             )
         for name in ("d_model", "n_heads", "d_ff", "max_len"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"model.backbone.{name} must be positive, got {getattr(self, name)}")
+                raise UserError(f"model.backbone.{name} must be positive, got {getattr(self, name)}")
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"model.backbone.{name} must be in [0, 1), got {getattr(self, name)}")
+                raise UserError(f"model.backbone.{name} must be in [0, 1), got {getattr(self, name)}")
 
     @property
     def attention_head_dim(self) -> int:
@@ -107,5 +109,5 @@ class BackboneConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown backbone config keys {unknown}; known keys: {sorted(known)}")
+            raise UserError(f"unknown backbone config keys {unknown}; known keys: {sorted(known)}")
         return cls(**values)

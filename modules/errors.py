@@ -5,5 +5,5 @@ instead of a traceback. Programming errors stay ordinary exceptions.
 """
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem the user can fix; the message says where and how."""

@@ -29,7 +29,7 @@ class Task:
     def __init__(self, loss_weight: float = 1.0) -> None:
         """loss_weight: multiplies this task's loss in the training objective."""
         if loss_weight < 0:
-            raise ValueError(f"loss_weight must be >= 0, got {loss_weight}")
+            raise UserError(f"loss_weight must be >= 0, got {loss_weight}")
         self.loss_weight = loss_weight
 
     def init_args(self) -> dict[str, Any]:

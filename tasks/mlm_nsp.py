@@ -152,9 +152,9 @@ class MaskedLMNextSentence(Task):
         """
         super().__init__(loss_weight)
         if max_length < 8:
-            raise ValueError(f"max_length must be at least 8, got {max_length}")
+            raise UserError(f"MaskedLMNextSentence max_length must be at least 8, got {max_length}")
         if not 0 < mlm_probability < 1 or mask_fraction + random_fraction > 1:
-            raise ValueError("need 0 < mlm_probability < 1 and mask_fraction + random_fraction <= 1")
+            raise UserError("need 0 < mlm_probability < 1 and mask_fraction + random_fraction <= 1")
         self.max_length, self.mlm_probability = max_length, mlm_probability
         self.mask_fraction, self.random_fraction = mask_fraction, random_fraction
         self.short_seq_prob, self.dupe_factor = short_seq_prob, dupe_factor

@@ -1,0 +1,182 @@
+"""The `polyhead` command end to end: the quickstart trains, logs to W&B offline, leaves a checkpoint
+that runs on its own; user mistakes end in one line naming the problem, never a traceback."""
+
+from __future__ import annotations
+
+import glob
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.cli import main
+from modules.model import MultiTaskModel
+
+from .conftest import ROOT, offline_env
+
+QUICKSTART = str(ROOT / "experiments" / "configs" / "quickstart.yaml")
+
+
+def polyhead(args: list[str], tmp: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.cli", *args],
+        cwd=ROOT,
+        env=offline_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def wandb_summary(run_dir: str) -> dict:
+    """Read an offline run back the way a user would, without the network."""
+    wandb = str(Path(sys.executable).with_name("wandb"))
+    out = subprocess.run(
+        [wandb, "leet", "inspect", "--summary", "--json", run_dir], capture_output=True, text=True, timeout=60
+    )
+    return json.loads(out.stdout)
+
+
+def test_quickstart_fast_mode_trains_logs_offline_and_checkpoints(tmp_path):
+    fast = [
+        "--trainer.max_steps",
+        "12",
+        "--data.steps_per_epoch",
+        "6",
+        "--trainer.check_val_every_n_epoch",
+        "1",
+    ]
+    where = [
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+        "--checkpoint.dirpath",
+        str(tmp_path / "ckpt"),
+    ]
+    result = polyhead(["fit", "--config", QUICKSTART, *fast, *where], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Final validation metrics" in result.stdout + result.stderr
+    runs = glob.glob(str(tmp_path / "runs" / "wandb" / "offline-run-*"))
+    assert len(runs) == 1, "expected one offline W&B run"
+    run = wandb_summary(runs[0])
+    summary = run["summary"]
+    for metric in ("loss", "mlm_loss", "mlm_accuracy", "perplexity", "nsp_accuracy", "baseline_mlm_loss"):
+        assert f"val/mlm_nsp/{metric}" in summary, f"val/mlm_nsp/{metric} missing from the W&B summary"
+    assert summary["val/mlm_nsp/perplexity"] == pytest.approx(
+        torch.tensor(summary["val/mlm_nsp/mlm_loss"]).exp().item(), rel=1e-3
+    )
+    assert run["config"]["model"]["backbone"]["d_model"] == 128, "the resolved config is logged"
+
+    # the checkpoint alone (no config, no data) rebuilds the model and its tokenizer
+    model = MultiTaskModel.from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    task = model.tasks["mlm_nsp"]
+    tok = model.tokenizer
+    a, b = tok.encode(["The bees returned to the hive.", "Honey was stored in the comb."])
+    batch = task.collate([(a, b, 0)], [0], tok) | {"task": "mlm_nsp"}
+    with torch.no_grad():
+        outputs = model(batch)
+    assert outputs["nsp_logits"].shape == (1, 2) and torch.isfinite(outputs["mlm_logits"]).all()
+
+    # and validates through the CLI
+    result = polyhead(
+        [
+            "validate",
+            "--config",
+            QUICKSTART,
+            "--ckpt_path",
+            str(tmp_path / "ckpt" / "last.ckpt"),
+            "--trainer.logger",
+            "false",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val/mlm_nsp/mlm_loss" in result.stdout
+
+
+def _fails_with(args: list[str], *expected: str, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    message = str(exit_info.value.code)
+    assert exit_info.value.code not in (0, None)
+    assert message.startswith("polyhead: error:") and "\n" not in message, message
+    for text in expected:
+        assert text in message, f"{text!r} not in {message!r}"
+    assert "Traceback" not in capsys.readouterr().err
+    return message
+
+
+def test_missing_file_names_the_key_and_path(tmp_path, capsys):
+    _fails_with(
+        ["fit", "--config", QUICKSTART, "--data.sources.mlm_nsp.path", str(tmp_path / "nope.jsonl")],
+        "data.sources.mlm_nsp.path",
+        "nope.jsonl",
+        capsys=capsys,
+    )
+
+
+def test_empty_corpus(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _fails_with(
+        ["fit", "--config", QUICKSTART, "--data.sources.mlm_nsp.path", str(empty)], "empty", capsys=capsys
+    )
+
+
+def test_corpus_of_blank_texts_is_empty(tmp_path, capsys):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"text": "   "}\n{"text": ""}\n')
+    _fails_with(
+        ["fit", "--config", QUICKSTART, "--data.sources.mlm_nsp.path", str(blank)], "empty", capsys=capsys
+    )
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text(Path(QUICKSTART).read_text().replace("  d_ff: 512", "  d_ff: 512\n    dff: 512"))
+    _fails_with(["fit", "--config", str(config)], "dff", capsys=capsys)
+    _fails_with(["fit", "--config", QUICKSTART, "--model.backbone.n_layer", "3"], "n_layer", capsys=capsys)
+
+
+def test_bad_lines_are_located(tmp_path, capsys):
+    malformed = tmp_path / "bad.jsonl"
+    malformed.write_text('{"text": "fine. fine."}\n{"text": oops}\n')
+    _fails_with(
+        ["fit", "--config", QUICKSTART, "--data.sources.mlm_nsp.path", str(malformed)],
+        "bad.jsonl, line 2",
+        capsys=capsys,
+    )
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("ok line.\ncaf\xe9 au lait.\n".encode("latin-1"))
+    _fails_with(
+        ["fit", "--config", QUICKSTART, "--data.sources.mlm_nsp.path", str(latin)],
+        "line 2",
+        "encoding",
+        capsys=capsys,
+    )
+
+
+def test_impossible_sizes_and_unknown_task(capsys):
+    _fails_with(
+        ["fit", "--config", QUICKSTART, "--model.backbone.d_model", "130"], "divisible", capsys=capsys
+    )
+    _fails_with(
+        ["fit", "--config", QUICKSTART, "--model.tasks.mlm_nsp.class_path", "NoSuchTask"],
+        "NoSuchTask",
+        capsys=capsys,
+    )
+
+
+def test_error_exit_from_a_real_process(tmp_path):
+    result = polyhead(
+        ["fit", "--config", QUICKSTART, "--data.sources.mlm_nsp.path", "missing.jsonl"], tmp_path
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("polyhead: error: data.sources.mlm_nsp.path: file not found")
+    )
