@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 import tasks  # noqa: F401  (registers every Task subclass for class_path lookup)
 from datamodules.datamodule import MultiTaskDataModule
-from experiments.report import FinalValidationReport
+from experiments.callbacks import FinalValidationReport, TokenThroughput
 from modules.errors import UserError
 from modules.model import MultiTaskModel
 
@@ -81,6 +81,7 @@ TRAINER_DEFAULTS = {
     "logger": lazy_instance(WandbLogger, save_dir="runs", log_model=False),
     "callbacks": [
         lazy_instance(FinalValidationReport),
+        lazy_instance(TokenThroughput),
     ],
     # the mixture sampler shards data across processes itself
     "use_distributed_sampler": False,

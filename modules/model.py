@@ -19,7 +19,7 @@ from modules.backbone import Backbone, init_weights
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.optim import OptimizerConfig, build_optimizer
-from tasks.base import Task, task_class
+from tasks.base import Task, batch_examples, batch_tokens, task_class
 
 CHECKPOINT_FORMAT = 1
 
@@ -65,6 +65,14 @@ class MultiTaskModel(pl.LightningModule):
         self.backbone = Backbone(backbone)
         self.heads = nn.ModuleDict({name: task.build_head(backbone) for name, task in self.tasks.items()})
         init_weights(self.heads, backbone.init_std)
+        # FLOPs of a training step by the 6N rule (forward 2N + backward 4N per token, N = weights
+        # used in matmuls, embedding tables excluded); Lightning's ThroughputMonitor turns it into MFU
+        self.matmul_params = sum(
+            p.numel()
+            for name, p in self.named_parameters()
+            if p.ndim == 2 and not name.startswith("backbone.embeddings")
+        )
+        self.flops_per_batch = 0
         self.val_metrics = nn.ModuleDict(
             {name: task.metrics(backbone.vocab_size) for name, task in self.tasks.items()}
         )
@@ -77,7 +85,8 @@ class MultiTaskModel(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         name, task = batch["task"], self.tasks[batch["task"]]
         losses = task.loss(self(batch), batch)
-        batch_size = len(next(v for v in batch.values() if isinstance(v, Tensor)))
+        batch_size = batch_examples(batch)
+        self.flops_per_batch = 6 * self.matmul_params * batch_tokens(batch)
         for key, value in losses.items():
             self.log(
                 f"train/{name}/{key}", value, batch_size=batch_size, sync_dist=True, prog_bar=key == "loss"

@@ -83,3 +83,12 @@ def task_class(name: str) -> type[Task]:
     if name not in found:
         raise UserError(f"unknown task {name!r}; known tasks: {sorted(found)}")
     return found[name]
+
+
+def batch_examples(batch: dict) -> int:
+    return len(next(v for v in batch.values() if isinstance(v, Tensor)))
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens in a batch: every attention mask of every stack, summed."""
+    return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))

@@ -1,9 +1,12 @@
-"""End-of-run report: the final validation metrics of every task next to its trivial baseline."""
+"""Callbacks every run gets: token throughput while training, and the final metrics table."""
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info
+
+from tasks.base import batch_examples, batch_tokens
 
 BASELINE_PREFIX = "baseline_"
 
@@ -39,3 +42,11 @@ class FinalValidationReport(pl.Callback):
                 "\nFinal validation metrics (baseline: each task's trivial predictor)\n"
                 + metrics_table(metrics)
             )
+
+
+class TokenThroughput(ThroughputMonitor):
+    """Lightning's throughput monitor, counting examples and real tokens of any task's batch:
+    logs throughput/samples_per_sec and throughput/items_per_sec (tokens per second)."""
+
+    def __init__(self, window_size: int = 50) -> None:
+        super().__init__(batch_size_fn=batch_examples, length_fn=batch_tokens, window_size=window_size)
