@@ -104,8 +104,11 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.mixture, self.steps_per_epoch = mixture, steps_per_epoch
         self.num_workers, self.seed = num_workers, seed
-        self.train_examples: dict[str, Any] = {}
-        self.val_examples: dict[str, Any] = {}
+        self.examples: dict[str, dict[str, Any]] = {
+            "train": {},
+            "validation": {},
+            "test": {},
+        }  # split -> task -> examples
         self.tasks: dict = {}
         self._tokenizer: Tokenizer | None = None
 
@@ -172,16 +175,20 @@ class MultiTaskDataModule(pl.LightningDataModule):
                 f"tasks without a source {unfed}"
             )
         self.tasks = dict(model_tasks)
+        stage = str(getattr(stage, "value", stage))
+        needed = {"fit": ("train", "validation"), "validate": ("validation",)}.get(stage, ("test",))
         for name, task in self.tasks.items():
-            if stage == "fit" and name not in self.train_examples:
-                self.train_examples[name] = task.build_examples(
-                    self._tokenized(name, "train"), self.tokenizer, "train", self.seed
-                )
-            if name not in self.val_examples:
-                validation = self._tokenized(name, "validation")
-                self.val_examples[name] = task.build_examples(
-                    validation, self.tokenizer, "validation", self.seed + 1
-                )
+            for split in needed:
+                if name in self.examples[split]:
+                    continue
+                if split not in self._splits[name]:
+                    raise UserError(
+                        f"polyhead {stage} needs test data: set data.sources.{name}.test_path (a local file) "
+                        "or test_split (a hub split)"
+                    )
+                seed = self.seed + ("train", "validation", "test").index(split)
+                tokenized = self._tokenized(name, split)
+                self.examples[split][name] = task.build_examples(tokenized, self.tokenizer, split, seed)
 
     def _world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -198,7 +205,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        sizes = {name: len(examples) for name, examples in self.train_examples.items()}
+        sizes = {name: len(examples) for name, examples in self.examples["train"].items()}
         rank, world_size = self._world()
         sampler = MixtureBatchSampler(
             sizes,
@@ -209,17 +216,27 @@ class MultiTaskDataModule(pl.LightningDataModule):
             world_size=world_size,
             steps_per_epoch=self.steps_per_epoch,
         )
-        return self._loader(self.train_examples, sampler)
+        return self._loader(self.examples["train"], sampler)
 
-    def val_dataloader(self) -> list[DataLoader]:
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        """One in-order loader per task, so metrics and predictions stay per task."""
         rank, world_size = self._world()
         return [
             self._loader(
-                self.val_examples,
+                self.examples[split],
                 EvalBatchSampler(name, len(examples), self.eval_batch_size, self.seed, rank, world_size),
             )
-            for name, examples in sorted(self.val_examples.items())
+            for name, examples in sorted(self.examples[split].items())
         ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("validation")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
 
 
 def source_identity(source: DataSource) -> dict:

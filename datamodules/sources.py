@@ -26,6 +26,8 @@ class DataSource:
     """Local training file (or glob). Format from the extension unless `format` is set."""
     validation_path: str | None = None
     """Local validation file; without it, `holdout_every` splits validation off the training data."""
+    test_path: str | None = None
+    """Local test file, for `polyhead test` and `polyhead predict`."""
     hub: str | None = None
     """A dataset name on the HuggingFace hub, used when `path` is not set (needs the network)."""
     hub_config: str | None = None
@@ -34,6 +36,8 @@ class DataSource:
     """Hub split for training."""
     validation_split: str | None = "validation"
     """Hub split for validation (None: use holdout_every)."""
+    test_split: str | None = None
+    """Hub split for `polyhead test` and `polyhead predict`, e.g. test."""
     format: Literal["text", "json", "csv", "tsv"] | None = None
     """File format; default from the file extension (.txt/.raw text, .json/.jsonl json, .csv, .tsv)."""
     encoding: str = "utf-8"
@@ -177,39 +181,39 @@ def _prepare(
 
 
 def load_source(source: DataSource, fields: tuple[str, ...], where: str) -> dict[str, datasets.Dataset]:
-    """-> {"train": ..., "validation": ...} with the task's field names. `where` is the config key."""
+    """-> {"train", "validation"[, "test"]} datasets with the task's field names. `where` is the config key."""
     if source.path is None and source.hub is None:
         raise UserError(f"{where}: set `path` (a local file) or `hub` (a hub dataset name)")
-    if source.path is not None:
-        train = _prepare(
-            _load_local(source.path, source, where + ".path"), source, fields, where, source.path
-        )
-        validation = None
-        if source.validation_path is not None:
-            raw = _load_local(source.validation_path, source, where + ".validation_path")
-            validation = _prepare(raw, source, fields, where, source.validation_path)
-    else:
-        name = f"hub dataset {source.hub}"
-        train = _prepare(_load_hub(source, source.train_split, where), source, fields, where, name)
-        validation = None
-        if source.validation_split is not None:
-            validation = _prepare(
-                _load_hub(source, source.validation_split, where), source, fields, where, name
-            )
-    if validation is None:
-        every = source.holdout_every
+    local = source.path is not None
+    wanted = {
+        "train": source.path if local else source.train_split,
+        "validation": source.validation_path if local else source.validation_split,
+        "test": source.test_path if local else source.test_split,
+    }
+    splits = {}
+    for split, where_from in wanted.items():
+        if where_from is None:
+            continue
+        if local:
+            key = {"train": "path"}.get(split, f"{split}_path")
+            raw, name = _load_local(where_from, source, f"{where}.{key}"), where_from
+        else:
+            raw, name = _load_hub(source, where_from, where), f"hub dataset {source.hub} ({where_from})"
+        splits[split] = _prepare(raw, source, fields, where, name)
+    if "validation" not in splits:
+        every, train = source.holdout_every, splits["train"]
         if not every or every < 2:
             raise UserError(
                 f"{where}: no validation data; set validation_path (or validation_split) or holdout_every >= 2"
             )
         indices = range(len(train))
-        validation = train.select([i for i in indices if i % every == every - 1])
-        train = train.select([i for i in indices if i % every != every - 1])
-        if len(validation) == 0:
+        splits["validation"] = train.select([i for i in indices if i % every == every - 1])
+        splits["train"] = train.select([i for i in indices if i % every != every - 1])
+        if len(splits["validation"]) == 0:
             raise UserError(
                 f"{where}.holdout_every={every} leaves no validation examples among {len(indices)}; lower it"
             )
-    return {"train": train, "validation": validation}
+    return splits
 
 
 def read_text_lines(source: DataSource, where: str) -> list[str]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info
 
 from tasks.base import batch_examples, batch_tokens
@@ -50,3 +54,35 @@ class TokenThroughput(ThroughputMonitor):
 
     def __init__(self, window_size: int = 50) -> None:
         super().__init__(batch_size_fn=batch_examples, length_fn=batch_tokens, window_size=window_size)
+
+
+def _records(tree):
+    """Lightning nests predictions by loader and batch; the records are the dicts at the leaves."""
+    if isinstance(tree, dict):
+        yield tree
+    else:
+        for branch in tree:
+            yield from _records(branch)
+
+
+class PredictionsWriter(BasePredictionWriter):
+    """Writes `polyhead predict` output as JSON lines, one record per example, atomically (a
+    temporary file renamed into place), one file per process when several run."""
+
+    def __init__(self, path: str = "predictions.jsonl") -> None:
+        super().__init__(write_interval="epoch")
+        self.path = path
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        target = Path(self.path)
+        if trainer.world_size > 1:
+            target = target.with_name(f"{target.stem}.rank{trainer.global_rank}{target.suffix}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + f".tmp{os.getpid()}")
+        count = 0
+        with open(partial, "w", encoding="utf-8") as handle:
+            for record in _records(predictions):
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+        os.replace(partial, target)
+        rank_zero_info(f"wrote {count} predictions to {target}")

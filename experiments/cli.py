@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 import tasks  # noqa: F401  (registers every Task subclass for class_path lookup)
 from datamodules.datamodule import MultiTaskDataModule
-from experiments.callbacks import FinalValidationReport, TokenThroughput
+from experiments.callbacks import FinalValidationReport, PredictionsWriter, TokenThroughput
 from modules.errors import UserError
 from modules.model import MultiTaskModel
 
@@ -70,6 +70,7 @@ class PolyheadCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PredictionsWriter, "predictions")
         parser.set_defaults(
             {"checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.save_last": True}
         )

@@ -73,7 +73,7 @@ class MultiTaskModel(pl.LightningModule):
             if p.ndim == 2 and not name.startswith("backbone.embeddings")
         )
         self.flops_per_batch = 0
-        self.val_metrics = nn.ModuleDict(
+        self.eval_metrics = nn.ModuleDict(
             {name: task.metrics(backbone.vocab_size) for name, task in self.tasks.items()}
         )
 
@@ -95,17 +95,34 @@ class MultiTaskModel(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         name = batch["task"]
-        self.tasks[name].update_metrics(self.val_metrics[name], self(batch), batch)
+        self.tasks[name].update_metrics(self.eval_metrics[name], self(batch), batch)
 
-    def on_validation_epoch_end(self) -> None:
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        """-> one JSON-ready record per example, as the task describes its predictions."""
+        name = batch["task"]
+        records = self.tasks[name].predict(self(batch), batch, self.tokenizer)
+        return [{"task": name, **record} for record in records]
+
+    def _log_eval_metrics(self, stage: str) -> None:
         overall = 0.0
-        for name, metrics in self.val_metrics.items():
-            values = metrics.compute()  # synced across processes by torchmetrics
+        for name, metrics in self.eval_metrics.items():
+            # synced across processes by torchmetrics; metrics never updated (a baseline that needs
+            # training data, in a test-only run) are left out rather than logged as NaN
+            values = {key: metric.compute() for key, metric in metrics.items() if metric.update_count}
             metrics.reset()
             for key, value in values.items():
-                self.log(f"val/{name}/{key}", value, prog_bar=key == self.tasks[name].monitor[0])
+                self.log(f"{stage}/{name}/{key}", value, prog_bar=key == self.tasks[name].monitor[0])
             overall = overall + self.tasks[name].loss_weight * values["loss"]
-        self.log("val/loss", overall)
+        self.log(f"{stage}/loss", overall)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_metrics("test")
 
     def configure_optimizers(self) -> dict:
         return build_optimizer(self, self.optimizer_config, int(self.trainer.estimated_stepping_batches))

@@ -67,6 +67,12 @@ class Task:
     ) -> None:
         raise NotImplementedError
 
+    def predict(
+        self, outputs: dict[str, Tensor], batch: dict[str, Tensor], tokenizer: Tokenizer
+    ) -> list[dict]:
+        """Model outputs -> one JSON-ready record per example (what `polyhead predict` writes)."""
+        raise NotImplementedError
+
     @property
     def monitor(self) -> tuple[str, str]:
         """(metric name, "min" | "max"): the one number that says how well this task is doing."""

@@ -309,3 +309,39 @@ class MaskedLMNextSentence(Task):
             )
             majority = (batch["nsp_labels"] == self.majority_nsp_label).float().mean()
             metrics["baseline_nsp_accuracy"].update(majority, weight=n_pairs)
+
+    def predict(
+        self, outputs: dict[str, Tensor], batch: dict[str, Tensor], tokenizer: Tokenizer
+    ) -> list[dict]:
+        """Per pair: the two segments, the model's guess at every masked token, P(B follows A)."""
+        labels, ids = batch["mlm_labels"], batch["input_ids"]
+        original = torch.where(labels != IGNORE, labels, ids)
+        guesses = outputs["mlm_logits"].argmax(-1).tolist()
+        is_next = outputs["nsp_logits"].float().softmax(-1)[:, IS_NEXT].tolist()
+        records, k = [], 0
+        for row in range(len(ids)):
+            real = batch["attention_mask"][row].bool()
+            segment = batch["token_type_ids"][row]
+            positions = (labels[row] != IGNORE).nonzero().flatten().tolist()
+            masked = []
+            for position in positions:
+                target, guess = int(labels[row, position]), guesses[k]
+                masked.append(
+                    {
+                        "position": position,
+                        "target": tokenizer.id_to_piece([target])[0],
+                        "predicted": tokenizer.id_to_piece([guess])[0],
+                        "correct": target == guess,
+                    }
+                )
+                k += 1
+            records.append(
+                {
+                    "segment_a": tokenizer.decode(original[row][real & (segment == 0)].tolist()),
+                    "segment_b": tokenizer.decode(original[row][real & (segment == 1)].tolist()),
+                    "masked": masked,
+                    "is_next_probability": round(is_next[row], 4),
+                    "is_next_label": int(batch["nsp_labels"][row]) == IS_NEXT,
+                }
+            )
+        return records
