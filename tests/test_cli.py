@@ -79,21 +79,33 @@ def test_quickstart_fast_mode_trains_logs_offline_and_checkpoints(tmp_path):
         outputs = model(batch)
     assert outputs["nsp_logits"].shape == (1, 2) and torch.isfinite(outputs["mlm_logits"]).all()
 
-    # and validates through the CLI
-    result = polyhead(
-        [
-            "validate",
-            "--config",
-            QUICKSTART,
-            "--ckpt_path",
-            str(tmp_path / "ckpt" / "last.ckpt"),
-            "--trainer.logger",
-            "false",
-        ],
-        tmp_path,
-    )
+    # and validates, tests and predicts through the CLI
+    from_checkpoint = [
+        "--config",
+        QUICKSTART,
+        "--ckpt_path",
+        str(tmp_path / "ckpt" / "last.ckpt"),
+        "--trainer.logger",
+        "false",
+    ]
+    result = polyhead(["validate", *from_checkpoint], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "val/mlm_nsp/mlm_loss" in result.stdout
+    test_data = ["--data.sources.mlm_nsp.test_path", str(ROOT / "seeds" / "quickstart" / "documents.jsonl")]
+    result = polyhead(["test", *from_checkpoint, *test_data], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test/mlm_nsp/nsp_accuracy" in result.stdout and "baseline" not in result.stdout
+    predictions = tmp_path / "out" / "predictions.jsonl"
+    result = polyhead(
+        ["predict", *from_checkpoint, *test_data, "--predictions.path", str(predictions)], tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(records) > 100 and not list(predictions.parent.glob("*.tmp*"))
+    first = records[0]
+    assert first["task"] == "mlm_nsp" and first["segment_a"] and first["segment_b"]
+    assert 0.0 <= first["is_next_probability"] <= 1.0
+    assert first["masked"] and all({"target", "predicted", "correct"} <= set(m) for m in first["masked"])
 
 
 def _fails_with(args: list[str], *expected: str, capsys) -> str:
