@@ -19,7 +19,7 @@ import datasets
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.mixture import MixtureBatchSampler, MixtureConfig, _mix, mixing_rates
+from datamodules.mixture import MixtureBatchSampler, MixtureConfig, mix_seed, mixing_rates
 from datamodules.sources import DataSource, load_source, read_text_lines
 from datamodules.tokenizer import Tokenizer, TokenizerConfig, cache_root
 from modules.errors import UserError
@@ -69,7 +69,7 @@ class EvalBatchSampler:
     def __iter__(self):
         for start in self._starts():
             stop = min(start + self.batch_size, self.size)
-            yield [(self.task, i, _mix(self.seed, 7919, i)) for i in range(start, stop)]
+            yield [(self.task, i, mix_seed(self.seed, 7919, i)) for i in range(start, stop)]
 
 
 class MultiTaskDataModule(pl.LightningDataModule):

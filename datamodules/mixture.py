@@ -47,7 +47,7 @@ def mixing_rates(sizes: dict[str, int], config: MixtureConfig) -> dict[str, floa
     return {t: w / total for t, w in weights.items()}
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit hash of integers (splitmix64 steps): independent seeds from structured indices."""
     h = 0x9E3779B97F4A7C15
     for v in values:
@@ -128,7 +128,7 @@ class MixtureBatchSampler(Sampler):
             for k in range(first, first + self.batch_size):
                 pass_number, position = divmod(k, self.sizes[task])
                 index = int(self._permutation(task, pass_number)[position])
-                batch.append((self.tasks[task], index, _mix(self.seed, task, pass_number, index)))
+                batch.append((self.tasks[task], index, mix_seed(self.seed, task, pass_number, index)))
             consumed[task] += self.global_batch
             yield batch
         self.start_step = 0

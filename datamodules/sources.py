@@ -146,98 +146,115 @@ def _group_by_heading(dataset: datasets.Dataset, source: DataSource, column: str
     return datasets.Dataset.from_dict({"title": titles, column: ["\n".join(b) for b in bodies]})
 
 
-def _prepare(
-    dataset: datasets.Dataset, source: DataSource, fields: tuple[str, ...], where: str, name: str
+def _documents(
+    dataset: datasets.Dataset, source: DataSource, columns: list[str], name: str, where: str
 ) -> datasets.Dataset:
-    """Rename columns to task fields, group documents, drop empty texts, check what the task needs."""
-    mapping = {task_field: source.columns.get(task_field, task_field) for task_field in fields}
-    unknown_fields = sorted(set(source.columns) - set(fields))
-    if unknown_fields:
-        raise UserError(
-            f"{where}.columns: {unknown_fields} are not fields of this task; its fields are {list(fields)}"
-        )
-    missing = [col for col in mapping.values() if col not in dataset.column_names]
+    """Keep `columns`, group lines into documents when asked, and keep the first max_examples."""
+    missing = [col for col in columns if col not in dataset.column_names]
     if missing:
         raise UserError(
             f"{name}: missing column(s) {missing}; its columns are {dataset.column_names}. "
             f"Map them with {where}.columns (task field: source column)"
         )
-    dataset = dataset.select_columns(list(mapping.values())).rename_columns(
-        {col: f for f, col in mapping.items() if col != f}
-    )
+    dataset = dataset.select_columns(columns)
     if source.documents == "heading":
-        dataset = _group_by_heading(dataset, source, fields[0])
+        dataset = _group_by_heading(dataset, source, columns[0])
+    if source.max_examples is not None:
+        dataset = dataset.select(range(min(source.max_examples, len(dataset))))
+    if not any(isinstance(v, str) and v.strip() for column in columns for v in dataset[column]):
+        raise UserError(f"{name}: no non-empty text in column(s) {columns}; the data is empty")
+    return dataset
+
+
+def _clean(dataset: datasets.Dataset, fields: tuple[str, ...], name: str) -> datasets.Dataset:
+    """Check that every field holds text, drop examples with an empty field, refuse empty data."""
     for task_field in fields:
         if dataset.features[task_field].dtype != "string":
             raise UserError(
-                f"{name}: column {mapping[task_field]!r} must hold text, found {dataset.features[task_field]}"
+                f"{name}: field {task_field!r} must hold text, found {dataset.features[task_field]}"
             )
     dataset = dataset.filter(lambda ex: all(ex[f] is not None and ex[f].strip() for f in fields))
-    if source.max_examples is not None:
-        dataset = dataset.select(range(min(source.max_examples, len(dataset))))
     if len(dataset) == 0:
         raise UserError(f"{name}: no non-empty examples (field(s) {list(fields)}); the data is empty")
     return dataset
 
 
-def load_source(source: DataSource, fields: tuple[str, ...], where: str) -> dict[str, datasets.Dataset]:
-    """-> {"train", "validation"[, "test"]} datasets with the task's field names. `where` is the config key."""
+def _uses_holdout(source: DataSource) -> bool:
+    return (source.validation_path if source.path is not None else source.validation_split) is None
+
+
+def _holdout(
+    dataset: datasets.Dataset, every: int | None, where: str
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Example i goes to validation when i % every == every - 1, the rest to training."""
+    if not every or every < 2:
+        raise UserError(
+            f"{where}: no validation data; set validation_path (or validation_split) or holdout_every >= 2"
+        )
+    indices = range(len(dataset))
+    validation = dataset.select([i for i in indices if i % every == every - 1])
+    if len(validation) == 0:
+        raise UserError(
+            f"{where}.holdout_every={every} leaves no validation examples among {len(indices)}; lower it"
+        )
+    return dataset.select([i for i in indices if i % every != every - 1]), validation
+
+
+def _load_split(source: DataSource, split: str, where: str) -> tuple[datasets.Dataset, str] | None:
+    """Raw rows of one split (None if the source has none) and a name for messages."""
     if source.path is None and source.hub is None:
         raise UserError(f"{where}: set `path` (a local file) or `hub` (a hub dataset name)")
-    local = source.path is not None
-    wanted = {
-        "train": source.path if local else source.train_split,
-        "validation": source.validation_path if local else source.validation_split,
-        "test": source.test_path if local else source.test_split,
-    }
-    splits = {}
-    for split, where_from in wanted.items():
-        if where_from is None:
-            continue
-        if local:
-            key = {"train": "path"}.get(split, f"{split}_path")
-            raw, name = _load_local(where_from, source, f"{where}.{key}"), where_from
-        else:
-            raw, name = _load_hub(source, where_from, where), f"hub dataset {source.hub} ({where_from})"
-        splits[split] = _prepare(raw, source, fields, where, name)
-    if "validation" not in splits:
-        every, train = source.holdout_every, splits["train"]
-        if not every or every < 2:
-            raise UserError(
-                f"{where}: no validation data; set validation_path (or validation_split) or holdout_every >= 2"
-            )
-        indices = range(len(train))
-        splits["validation"] = train.select([i for i in indices if i % every == every - 1])
-        splits["train"] = train.select([i for i in indices if i % every != every - 1])
-        if len(splits["validation"]) == 0:
-            raise UserError(
-                f"{where}.holdout_every={every} leaves no validation examples among {len(indices)}; lower it"
-            )
-    return splits
+    if source.path is not None:
+        path = {"train": source.path, "validation": source.validation_path, "test": source.test_path}[split]
+        key = "path" if split == "train" else f"{split}_path"
+        return None if path is None else (_load_local(path, source, f"{where}.{key}"), path)
+    hub_split = {
+        "train": source.train_split,
+        "validation": source.validation_split,
+        "test": source.test_split,
+    }[split]
+    return (
+        None
+        if hub_split is None
+        else (_load_hub(source, hub_split, where), f"hub dataset {source.hub} ({hub_split})")
+    )
+
+
+def load_source(source: DataSource, fields: tuple[str, ...], where: str) -> dict[str, datasets.Dataset]:
+    """-> {"train", "validation"[, "test"]} datasets with the task's field names. `where` is the config key."""
+    unknown_fields = sorted(set(source.columns) - set(fields))
+    if unknown_fields:
+        raise UserError(
+            f"{where}.columns: {unknown_fields} are not fields of this task; its fields are {list(fields)}"
+        )
+    mapping = {task_field: source.columns.get(task_field, task_field) for task_field in fields}
+    renames = {col: f for f, col in mapping.items() if col != f}
+    splits, names = {}, {}
+    for split in ("train", "validation", "test"):
+        loaded = _load_split(source, split, where)
+        if loaded is not None:
+            raw, names[split] = loaded
+            splits[split] = _documents(
+                raw, source, list(mapping.values()), names[split], where
+            ).rename_columns(renames)
+    if _uses_holdout(source):
+        splits["train"], splits["validation"] = _holdout(splits["train"], source.holdout_every, where)
+        names["validation"] = names["train"] + " (held out)"
+    return {split: _clean(data, fields, names[split]) for split, data in splits.items()}
 
 
 def read_text_lines(source: DataSource, where: str) -> list[str]:
-    """Every line of text in the training data, for training the tokenizer.
+    """Every line of text in the training split, for training the tokenizer.
 
     Reads the mapped columns when a column mapping is given, else every text column, so it works
-    before the task (and hence its field names) is known.
+    before the task (and hence its field names) is known. Held-out validation documents are left
+    out, exactly as load_source leaves them out, so the vocabulary never sees validation text.
     """
-    if source.path is not None:
-        dataset = _load_local(source.path, source, where + ".path")
-    elif source.hub is not None:
-        dataset = _load_hub(source, source.train_split, where)
-    else:
-        raise UserError(f"{where}: set `path` (a local file) or `hub` (a hub dataset name)")
+    raw, name = _load_split(source, "train", where)
     columns = list(source.columns.values()) or [
-        name for name, feature in dataset.features.items() if getattr(feature, "dtype", None) == "string"
+        column for column, feature in raw.features.items() if getattr(feature, "dtype", None) == "string"
     ]
-    lines = []
-    for column in columns:
-        if column not in dataset.column_names:
-            raise UserError(
-                f"{where}.columns: column {column!r} not in the data; its columns are {dataset.column_names}"
-            )
-        for value in dataset[column]:
-            if value:
-                lines.extend(value.splitlines())
-    return lines
+    documents = _documents(raw, source, columns, name, where)
+    if _uses_holdout(source):
+        documents, _ = _holdout(documents, source.holdout_every, where)
+    return [line for column in columns for value in documents[column] if value for line in value.splitlines()]
