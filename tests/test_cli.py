@@ -41,14 +41,7 @@ def wandb_summary(run_dir: str) -> dict:
 
 
 def test_quickstart_fast_mode_trains_logs_offline_and_checkpoints(tmp_path):
-    fast = [
-        "--trainer.max_steps",
-        "12",
-        "--data.steps_per_epoch",
-        "6",
-        "--trainer.check_val_every_n_epoch",
-        "1",
-    ]
+    fast = ["--trainer.max_steps", "12", "--trainer.val_check_interval", "6"]
     where = [
         "--trainer.logger.init_args.save_dir",
         str(tmp_path / "runs"),

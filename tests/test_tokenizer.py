@@ -14,7 +14,9 @@ from .conftest import SEED_CORPUS
 
 @pytest.fixture(scope="module")
 def lines() -> list[str]:
-    return [line for row in SEED_CORPUS.read_text().splitlines() for line in json.loads(row)["text"].splitlines()]
+    return [
+        line for row in SEED_CORPUS.read_text().splitlines() for line in json.loads(row)["text"].splitlines()
+    ]
 
 
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])
@@ -35,7 +37,10 @@ def test_trained_once_then_cached_and_restored_from_state(lines):
     cached = list((cache_root() / "tokenizers").glob("*.model"))
     assert len(cached) == 1
     again = Tokenizer.train(lines, config, "seed corpus")
-    assert again.fingerprint == first.fingerprint and len(list((cache_root() / "tokenizers").glob("*.model"))) == 1
+    assert (
+        again.fingerprint == first.fingerprint
+        and len(list((cache_root() / "tokenizers").glob("*.model"))) == 1
+    )
     restored = Tokenizer.from_state_dict(first.state_dict())
     assert restored.encode(lines[:5]) == first.encode(lines[:5])
 
