@@ -49,7 +49,11 @@ class ConfigToRun(SaveConfigCallback):
             return
         config = self.config.clone()
         config.pop("config", None)
-        logger.log_hyperparams(config.as_dict())
+        resolved = {  # values the config leaves to the run: the learned vocabulary, the model's size
+            "vocab_size": pl_module.backbone_config.vocab_size,
+            "parameters": sum(p.numel() for p in pl_module.parameters()),
+        }
+        logger.log_hyperparams(config.as_dict() | {"resolved": resolved})
         run_dir = getattr(getattr(logger, "experiment", None), "dir", None)
         if run_dir:
             target = Path(run_dir) / "polyhead-config.yaml"

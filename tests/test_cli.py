@@ -61,6 +61,7 @@ def test_quickstart_fast_mode_trains_logs_offline_and_checkpoints(tmp_path):
         torch.tensor(summary["val/mlm_nsp/mlm_loss"]).exp().item(), rel=1e-3
     )
     assert run["config"]["model"]["backbone"]["d_model"] == 128, "the resolved config is logged"
+    assert run["config"]["resolved"]["vocab_size"] == 2000
 
     # the checkpoint alone (no config, no data) rebuilds the model and its tokenizer
     model = MultiTaskModel.from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
