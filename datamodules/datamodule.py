@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 from dataclasses import asdict
-from functools import cached_property
 from typing import Any
 
 import datasets
@@ -20,8 +19,9 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.mixture import MixtureBatchSampler, MixtureConfig, mix_seed, mixing_rates
-from datamodules.sources import DataSource, load_source, read_text_lines
+from datamodules.sources import DataSource, load_split, read_text_lines
 from datamodules.tokenizer import Tokenizer, TokenizerConfig, cache_root
+from modules.checkpoint import read_checkpoint
 from modules.errors import UserError
 
 
@@ -83,6 +83,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         steps_per_epoch: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        tokenizer_checkpoint: str | None = None,
     ) -> None:
         """
         sources: task name (as in model.tasks) -> where its data comes from.
@@ -93,6 +94,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         steps_per_epoch: training steps per epoch (default: one pass over all examples).
         num_workers: dataloader worker processes (0: load in the main process).
         seed: seed of NSP pairings, masking and sampling; independent of the model's init seed.
+        tokenizer_checkpoint: take the tokenizer from this polyhead checkpoint instead of training one
+            (the CLI sets it from --ckpt_path, so a checkpoint is always run with its own vocabulary).
         """
         super().__init__()
         if not sources:
@@ -104,6 +107,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.mixture, self.steps_per_epoch = mixture, steps_per_epoch
         self.num_workers, self.seed = num_workers, seed
+        self.tokenizer_checkpoint = tokenizer_checkpoint
         self.examples: dict[str, dict[str, Any]] = {
             "train": {},
             "validation": {},
@@ -115,6 +119,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
     @property
     def tokenizer(self) -> Tokenizer:
         """The run's tokenizer: trained on the training text of every source, or loaded from cache."""
+        if self._tokenizer is None and self.tokenizer_checkpoint:
+            saved = read_checkpoint(self.tokenizer_checkpoint)["polyhead"]
+            self._tokenizer = Tokenizer.from_state_dict(saved["tokenizer"])
         if self._tokenizer is None:
             lines = []
             for name, source in self.sources.items():
@@ -124,21 +131,15 @@ class MultiTaskDataModule(pl.LightningDataModule):
             )
         return self._tokenizer
 
-    @tokenizer.setter
-    def tokenizer(self, value: Tokenizer) -> None:
-        """A checkpoint's tokenizer replaces training a new one."""
-        self._tokenizer = value
-
-    @cached_property
-    def _splits(self) -> dict[str, dict[str, datasets.Dataset]]:
-        return {
-            name: load_source(source, self.tasks[name].fields, f"data.sources.{name}")
-            for name, source in self.sources.items()
-        }
-
     def _tokenized(self, name: str, split: str) -> datasets.Dataset:
         """Run the task's tokenizer over one split through datasets.map, cached on disk by content key."""
-        task, dataset = self.tasks[name], self._splits[name][split]
+        task = self.tasks[name]
+        dataset = load_split(self.sources[name], task.fields, split, f"data.sources.{name}")
+        if dataset is None:
+            raise UserError(
+                f"this command needs {split} data: set data.sources.{name}.{split}_path (a local file) "
+                f"or {split}_split (a hub split)"
+            )
         key = hashlib.sha256(
             json.dumps(
                 [
@@ -181,11 +182,6 @@ class MultiTaskDataModule(pl.LightningDataModule):
             for split in needed:
                 if name in self.examples[split]:
                     continue
-                if split not in self._splits[name]:
-                    raise UserError(
-                        f"polyhead {stage} needs test data: set data.sources.{name}.test_path (a local file) "
-                        "or test_split (a hub split)"
-                    )
                 seed = self.seed + ("train", "validation", "test").index(split)
                 tokenized = self._tokenized(name, split)
                 self.examples[split][name] = task.build_examples(tokenized, self.tokenizer, split, seed)

@@ -220,27 +220,28 @@ def _load_split(source: DataSource, split: str, where: str) -> tuple[datasets.Da
     )
 
 
-def load_source(source: DataSource, fields: tuple[str, ...], where: str) -> dict[str, datasets.Dataset]:
-    """-> {"train", "validation"[, "test"]} datasets with the task's field names. `where` is the config key."""
+def load_split(
+    source: DataSource, fields: tuple[str, ...], split: str, where: str
+) -> datasets.Dataset | None:
+    """One split ("train", "validation" or "test") with the task's field names, or None when the
+    source has no such split. `where` is the source's config key, for messages."""
     unknown_fields = sorted(set(source.columns) - set(fields))
     if unknown_fields:
         raise UserError(
             f"{where}.columns: {unknown_fields} are not fields of this task; its fields are {list(fields)}"
         )
     mapping = {task_field: source.columns.get(task_field, task_field) for task_field in fields}
-    renames = {col: f for f, col in mapping.items() if col != f}
-    splits, names = {}, {}
-    for split in ("train", "validation", "test"):
-        loaded = _load_split(source, split, where)
-        if loaded is not None:
-            raw, names[split] = loaded
-            splits[split] = _documents(
-                raw, source, list(mapping.values()), names[split], where
-            ).rename_columns(renames)
-    if _uses_holdout(source):
-        splits["train"], splits["validation"] = _holdout(splits["train"], source.holdout_every, where)
-        names["validation"] = names["train"] + " (held out)"
-    return {split: _clean(data, fields, names[split]) for split, data in splits.items()}
+    held_out = split != "test" and _uses_holdout(source)
+    loaded = _load_split(source, "train" if held_out else split, where)
+    if loaded is None:
+        return None
+    raw, name = loaded
+    documents = _documents(raw, source, list(mapping.values()), name, where)
+    documents = documents.rename_columns({col: f for f, col in mapping.items() if col != f})
+    if held_out:
+        train, validation = _holdout(documents, source.holdout_every, where)
+        documents, name = (train, name) if split == "train" else (validation, f"{name} (held out)")
+    return _clean(documents, fields, name)
 
 
 def read_text_lines(source: DataSource, where: str) -> list[str]:

@@ -11,11 +11,11 @@ import dataclasses
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from torch import Tensor, nn
 
 from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone, init_weights
+from modules.checkpoint import read_checkpoint
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.optim import OptimizerConfig, build_optimizer
@@ -142,18 +142,8 @@ class MultiTaskModel(pl.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> MultiTaskModel:
         """Rebuild a trained model from its checkpoint file alone (weights_only: no code runs on load)."""
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"checkpoint not found: {str(path)!r}")
-        try:
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as error:
-            raise UserError(
-                f"{path}: not a readable checkpoint ({type(error).__name__}); it may be truncated or not a polyhead file"
-            ) from None
-        saved = checkpoint.get("polyhead") if isinstance(checkpoint, dict) else None
-        if not saved:
-            raise UserError(f"{path}: not a polyhead checkpoint (no 'polyhead' section)")
+        checkpoint = read_checkpoint(path, map_location)
+        saved = checkpoint["polyhead"]
         tasks = {
             name: task_class(spec["class"])(**spec["init_args"]) for name, spec in saved["tasks"].items()
         }

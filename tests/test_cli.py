@@ -90,8 +90,11 @@ def test_quickstart_fast_mode_trains_logs_offline_and_checkpoints(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test/mlm_nsp/nsp_accuracy" in result.stdout and "baseline" not in result.stdout
     predictions = tmp_path / "out" / "predictions.jsonl"
+    # a run from a checkpoint uses the checkpoint's own tokenizer, whatever the data settings would train
+    other_vocab = ["--data.tokenizer.vocab_size", "1000"]
     result = polyhead(
-        ["predict", *from_checkpoint, *test_data, "--predictions.path", str(predictions)], tmp_path
+        ["predict", *from_checkpoint, *test_data, *other_vocab, "--predictions.path", str(predictions)],
+        tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in predictions.read_text().splitlines()]

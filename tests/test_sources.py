@@ -7,7 +7,7 @@ import json
 import pytest
 
 from datamodules.datamodule import MultiTaskDataModule
-from datamodules.sources import DataSource, load_source
+from datamodules.sources import DataSource, load_split
 from datamodules.tokenizer import TokenizerConfig
 from modules.errors import UserError
 
@@ -27,7 +27,11 @@ def test_heading_documents_skip_lines_and_holdout(tmp_path):
         ]
     corpus.write_text("\n".join(lines) + "\n")
     source = DataSource(path=str(corpus), documents="heading", skip_lines="^ = = ", holdout_every=5)
-    splits = load_source(source, ("text",), "data.sources.t")
+    splits = {
+        split: load_split(source, ("text",), split, "data.sources.t")
+        for split in ("train", "validation", "test")
+    }
+    assert splits.pop("test") is None
     assert len(splits["train"]) == 8 and len(splits["validation"]) == 2
     assert splits["validation"][0]["text"] == "Text of article 4 . More text 4 .\nSecond paragraph 4 ."
     assert all("Section" not in t for t in splits["train"]["text"])
@@ -36,18 +40,20 @@ def test_heading_documents_skip_lines_and_holdout(tmp_path):
 def test_column_mapping_and_errors(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"body": f"doc {i}. It goes on."}) + "\n" for i in range(6)))
-    splits = load_source(
-        DataSource(path=str(data), columns={"text": "body"}, holdout_every=3), ("text",), "data.sources.t"
-    )
-    assert splits["train"].column_names == ["text"] and len(splits["validation"]) == 2
+    mapped = DataSource(path=str(data), columns={"text": "body"}, holdout_every=3)
+    train = load_split(mapped, ("text",), "train", "data.sources.t")
+    assert train.column_names == ["text"] and len(train) == 4
+    assert len(load_split(mapped, ("text",), "validation", "data.sources.t")) == 2
     with pytest.raises(UserError, match=r"missing column\(s\) \['text'\].*'body'"):
-        load_source(DataSource(path=str(data), holdout_every=3), ("text",), "data.sources.t")
+        load_split(DataSource(path=str(data), holdout_every=3), ("text",), "train", "data.sources.t")
     with pytest.raises(UserError, match="not fields of this task"):
-        load_source(
-            DataSource(path=str(data), columns={"txt": "body"}, holdout_every=3), ("text",), "data.sources.t"
+        load_split(
+            DataSource(path=str(data), columns={"txt": "body"}, holdout_every=3), ("text",), "train", "t"
         )
     with pytest.raises(UserError, match="no validation data"):
-        load_source(DataSource(path=str(data), columns={"text": "body"}), ("text",), "data.sources.t")
+        load_split(
+            DataSource(path=str(data), columns={"text": "body"}), ("text",), "validation", "data.sources.t"
+        )
 
 
 def test_tokenizer_never_sees_held_out_documents(tmp_path):
@@ -78,7 +84,10 @@ def test_wikitext_articles_split_like_the_peer():
         skip_lines="^ = = ",
         holdout_every=10,
     )
-    splits = load_source(source, ("text",), "data.sources.mlm_nsp")
+    splits = {
+        split: load_split(source, ("text",), split, "data.sources.mlm_nsp")
+        for split in ("train", "validation")
+    }
     assert (len(splits["train"]), len(splits["validation"])) == (54, 6)
     words = sum(len(t.split()) for t in splits["validation"]["text"])
     assert 14_000 < words < 16_000  # the peer reports 14,923 validation words
