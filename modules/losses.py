@@ -205,7 +205,7 @@ def triplet_margin_loss(
 
     Per triplet: max(0, d(a,p) - d(a,n) + margin), or with `soft_margin` log(1 + exp(d(a,p) - d(a,n)))
     which has no margin and keeps pulling already-separated triplets; `margin` then only bounds
-    batch_all's selection. The loss is the mean over the mined triplets (for batch_all those are
+    batch_all's selection and the active_fraction statistic. The loss is the mean over the mined triplets (for batch_all those are
     exactly the triplets with a positive hinge, the paper's average). A batch with no valid triplet
     (a single label, or no label seen twice) gives a zero loss still attached to the graph, so
     every process in DDP runs the same backward. Needs P x K batches: P labels, K >= 2 examples each.

@@ -53,7 +53,9 @@ def ref_pairs(labels: list[int]) -> list[tuple[int, int]]:
     """(a, p) pairs whose anchor also has a negative: the only pairs that can form a triplet."""
     b = len(labels)
     has_negative = [any(labels[n] != labels[a] for n in range(b)) for a in range(b)]
-    return [(a, p) for a in range(b) for p in range(b) if a != p and labels[a] == labels[p] and has_negative[a]]
+    return [
+        (a, p) for a in range(b) for p in range(b) if a != p and labels[a] == labels[p] and has_negative[a]
+    ]
 
 
 def ref_batch_hard(d, labels, margin) -> set[tuple[int, int, int]]:
@@ -267,7 +269,7 @@ def test_sgd_on_free_embeddings_lowers_the_batch_hard_loss(metric):
     torch.manual_seed(0)
     labels = torch.arange(4).repeat_interleave(3)
     x = torch.nn.Parameter(torch.randn(12, 8))
-    optimizer = torch.optim.SGD([x], lr=0.1)
+    optimizer = torch.optim.SGD([x], lr=0.3)
     losses = []
     for _ in range(30):
         loss, _ = triplet_margin_loss(x, labels, "batch_hard", MARGINS[metric], metric)
