@@ -16,6 +16,7 @@ from typing import Any
 
 import datasets
 import lightning.pytorch as pl
+from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.mixture import MixtureBatchSampler, MixtureConfig, mix_seed, mixing_rates
@@ -196,8 +197,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
             collate_fn=TaskCollator(self.tasks, self.tokenizer),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=self.trainer is not None
-            and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator",
+            pin_memory=self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -92,6 +92,7 @@ def task_class(name: str) -> type[Task]:
 
 
 def batch_examples(batch: dict) -> int:
+    """Examples in a batch: the leading size of its first tensor (every task's tensors share it)."""
     return len(next(v for v in batch.values() if isinstance(v, Tensor)))
 
 
