@@ -110,9 +110,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.tokenizer_checkpoint = tokenizer_checkpoint
         self.examples: dict[str, dict[str, Any]] = {
-            "train": {},
-            "validation": {},
-            "test": {},
+            split: {} for split in ("train", "validation", "test", "predict")
         }  # split -> task -> examples
         self.tasks: dict = {}
         self._tokenizer: Tokenizer | None = None
@@ -134,8 +132,16 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     def _tokenized(self, name: str, split: str) -> datasets.Dataset:
         """Run the task's tokenizer over one split through datasets.map, cached on disk by content key."""
-        task = self.tasks[name]
-        dataset = load_split(self.sources[name], task.fields, split, f"data.sources.{name}")
+        task, source, where = self.tasks[name], self.sources[name], f"data.sources.{name}"
+        if split == "predict" and source.predict_path:
+            source = DataSource(
+                path=source.predict_path, test_path=source.predict_path, encoding=source.encoding
+            )
+            dataset = load_split(source, task.predict_fields, "test", f"{where}.predict_path")
+        elif split == "predict":
+            dataset = load_split(source, task.fields, "test", where, task.value_fields)
+        else:
+            dataset = load_split(source, task.fields, split, where, task.value_fields)
         if dataset is None:
             raise UserError(
                 f"this command needs {split} data: set data.sources.{name}.{split}_path (a local file) "
@@ -144,7 +150,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         key = hashlib.sha256(
             json.dumps(
                 [
-                    source_identity(self.sources[name]),
+                    source_identity(source),
                     split,
                     type(task).__name__,
                     task.init_args(),
@@ -178,12 +184,14 @@ class MultiTaskDataModule(pl.LightningDataModule):
             )
         self.tasks = dict(model_tasks)
         stage = str(getattr(stage, "value", stage))
-        needed = {"fit": ("train", "validation"), "validate": ("validation",)}.get(stage, ("test",))
+        needed = {"fit": ("train", "validation"), "validate": ("validation",), "predict": ("predict",)}.get(
+            stage, ("test",)
+        )
         for name, task in self.tasks.items():
             for split in needed:
                 if name in self.examples[split]:
                     continue
-                seed = self.seed + ("train", "validation", "test").index(split)
+                seed = self.seed + {"train": 0, "validation": 1, "test": 2, "predict": 2}[split]
                 tokenized = self._tokenized(name, split)
                 self.examples[split][name] = task.build_examples(tokenized, self.tokenizer, split, seed)
 
@@ -232,13 +240,13 @@ class MultiTaskDataModule(pl.LightningDataModule):
         return self._eval_loaders("test")
 
     def predict_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders("test")
+        return self._eval_loaders("predict")
 
 
 def source_identity(source: DataSource) -> dict:
     """What the cached tokenization of a source depends on: its settings and its files' size and age."""
     identity = asdict(source)
-    for key in ("path", "validation_path"):
+    for key in ("path", "validation_path", "test_path", "predict_path"):
         path = identity[key]
         if path and os.path.isfile(path):
             stat = os.stat(path)

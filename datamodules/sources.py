@@ -6,6 +6,7 @@ column mapping, and checked; anything wrong stops with one message naming the fi
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import datasets
 
 from modules.errors import UserError
 
+TEXT_DTYPES = ("string", "large_string")
 FORMATS = {".txt": "text", ".raw": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "tsv"}
 
 
@@ -27,7 +29,10 @@ class DataSource:
     validation_path: str | None = None
     """Local validation file; without it, `holdout_every` splits validation off the training data."""
     test_path: str | None = None
-    """Local test file, for `polyhead test` and `polyhead predict`."""
+    """Local test file, for `polyhead test` (and `polyhead predict` without a predict_path)."""
+    predict_path: str | None = None
+    """Local file of inputs for `polyhead predict`, read by its own extension and holding the task's
+    predict fields (for sentence embeddings: a text file, one text per line)."""
     hub: str | None = None
     """A dataset name on the HuggingFace hub, used when `path` is not set (needs the network)."""
     hub_config: str | None = None
@@ -42,6 +47,10 @@ class DataSource:
     """File format; default from the file extension (.txt/.raw text, .json/.jsonl json, .csv, .tsv)."""
     encoding: str = "utf-8"
     """Text encoding of local files (e.g. latin-1)."""
+    column_names: list[str] | None = None
+    """Names of the fields of a CSV/TSV file that has no header row; fields after these are ignored."""
+    quoting: bool = True
+    """False: quote characters in CSV/TSV are ordinary text (files like STS-B that never quote)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Task field -> source column, for columns whose names differ from the task's fields."""
     documents: Literal["row", "blank_line", "heading"] = "row"
@@ -107,6 +116,12 @@ def _load_local(path: str, source: DataSource, where: str) -> datasets.Dataset:
         kwargs.update(encoding=source.encoding)
     else:
         kwargs.update(encoding=source.encoding, sep="\t" if fmt == "tsv" else ",")
+        if source.column_names:
+            kwargs.update(
+                header=None, names=source.column_names, usecols=list(range(len(source.column_names)))
+            )
+        if not source.quoting:
+            kwargs.update(quoting=csv.QUOTE_NONE)
     try:
         return datasets.load_dataset(
             "text" if fmt == "text" else "json" if fmt == "json" else "csv", **kwargs
@@ -166,13 +181,48 @@ def _documents(
     return dataset
 
 
-def _clean(dataset: datasets.Dataset, fields: tuple[str, ...], name: str) -> datasets.Dataset:
-    """Check that every field holds text, drop examples with an empty field, refuse empty data."""
+def _line_of(source: DataSource, row: int) -> str:
+    """Where data row `row` (0-based) sits in its file, for messages."""
+    fmt = source.format or FORMATS.get(Path(source.path or "").suffix.lower())
+    if fmt in ("csv", "tsv"):
+        return f"line {row + 1 + (0 if source.column_names else 1)}"
+    return f"line {row + 1}" if fmt in ("json", "text") else f"row {row + 1}"
+
+
+def _check_fields(
+    dataset: datasets.Dataset,
+    source: DataSource,
+    fields: tuple[str, ...],
+    value_fields: tuple[str, ...],
+    name: str,
+) -> None:
+    """Text fields must hold text, value fields (scores, labels) must be present in every example.
+
+    Rows of a structured file (JSON, CSV, TSV) are examples, so an empty text there is a mistake in
+    the data and stops the run, naming the line; empty lines of plain text are just skipped later.
+    """
     for task_field in fields:
-        if dataset.features[task_field].dtype != "string":
+        if getattr(dataset.features[task_field], "dtype", None) not in TEXT_DTYPES:
             raise UserError(
                 f"{name}: field {task_field!r} must hold text, found {dataset.features[task_field]}"
             )
+    structured = source.documents == "row" and (
+        source.format or FORMATS.get(Path(source.path or "").suffix.lower())
+    ) in (
+        "json",
+        "csv",
+        "tsv",
+    )
+    for task_field in value_fields + (fields if structured else ()):
+        for row, value in enumerate(dataset[task_field]):
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise UserError(
+                    f"{name}, {_line_of(source, row)}: field {task_field!r} is empty; fill it in or remove the line"
+                )
+
+
+def _drop_empty(dataset: datasets.Dataset, fields: tuple[str, ...], name: str) -> datasets.Dataset:
+    """Skip examples with an empty text (blank lines of plain text); refuse a split with none left."""
     dataset = dataset.filter(lambda ex: all(ex[f] is not None and ex[f].strip() for f in fields))
     if len(dataset) == 0:
         raise UserError(f"{name}: no non-empty examples (field(s) {list(fields)}); the data is empty")
@@ -221,16 +271,22 @@ def _load_split(source: DataSource, split: str, where: str) -> tuple[datasets.Da
 
 
 def load_split(
-    source: DataSource, fields: tuple[str, ...], split: str, where: str
+    source: DataSource,
+    fields: tuple[str, ...],
+    split: str,
+    where: str,
+    value_fields: tuple[str, ...] = (),
 ) -> datasets.Dataset | None:
-    """One split ("train", "validation" or "test") with the task's field names, or None when the
-    source has no such split. `where` is the source's config key, for messages."""
-    unknown_fields = sorted(set(source.columns) - set(fields))
+    """One split ("train", "validation" or "test") with the task's field names, or None
+    when the source has no such split. `fields` hold text; `value_fields` hold scores or labels.
+    `where` is the source's config key, for messages."""
+    all_fields = fields + value_fields
+    unknown_fields = sorted(set(source.columns) - set(all_fields))
     if unknown_fields:
         raise UserError(
-            f"{where}.columns: {unknown_fields} are not fields of this task; its fields are {list(fields)}"
+            f"{where}.columns: {unknown_fields} are not fields of this task; its fields are {list(all_fields)}"
         )
-    mapping = {task_field: source.columns.get(task_field, task_field) for task_field in fields}
+    mapping = {task_field: source.columns.get(task_field, task_field) for task_field in all_fields}
     held_out = split != "test" and _uses_holdout(source)
     loaded = _load_split(source, "train" if held_out else split, where)
     if loaded is None:
@@ -238,23 +294,23 @@ def load_split(
     raw, name = loaded
     documents = _documents(raw, source, list(mapping.values()), name, where)
     documents = documents.rename_columns({col: f for f, col in mapping.items() if col != f})
+    _check_fields(documents, source, fields, value_fields, name)
     if held_out:
         train, validation = _holdout(documents, source.holdout_every, where)
         documents, name = (train, name) if split == "train" else (validation, f"{name} (held out)")
-    return _clean(documents, fields, name)
+    return _drop_empty(documents, fields, name)
 
 
 def read_text_lines(source: DataSource, where: str) -> list[str]:
     """Every line of text in the training split, for training the tokenizer.
 
-    Reads the mapped columns when a column mapping is given, else every text column, so it works
-    before the task (and hence its field names) is known. Held-out validation documents are left
+    Reads the mapped text columns when a column mapping is given, else every text column, so it
+    works before the task (and hence its field names) is known. Held-out validation documents are left
     out, exactly as load_source leaves them out, so the vocabulary never sees validation text.
     """
     raw, name = _load_split(source, "train", where)
-    columns = list(source.columns.values()) or [
-        column for column, feature in raw.features.items() if getattr(feature, "dtype", None) == "string"
-    ]
+    text = [c for c, feature in raw.features.items() if getattr(feature, "dtype", None) in TEXT_DTYPES]
+    columns = [c for c in source.columns.values() if c in text] or text
     documents = _documents(raw, source, columns, name, where)
     if _uses_holdout(source):
         documents, _ = _holdout(documents, source.holdout_every, where)

@@ -45,3 +45,31 @@ class PooledClassifierHead(nn.Module):
     def forward(self, pooled: Tensor) -> Tensor:
         """pooled: (B, D) -> logits (B, num_classes)"""
         return self.classifier(self.dropout(pooled))
+
+
+class EmbeddingHead(nn.Module):
+    """Sentence embedding: pool the token states, optionally project, then L2-normalise.
+
+    Pooling "mean" averages the real (non-padding) tokens, "cls" takes the first position, "max"
+    takes each feature's maximum over real tokens. Unit-length outputs make cosine similarity a dot
+    product and bound Euclidean distances to [0, 2], so one margin works across models.
+    """
+
+    def __init__(self, config: BackboneConfig, pooling: str = "mean", projection: int | None = None) -> None:
+        super().__init__()
+        self.pooling = pooling
+        self.dim = projection or config.d_model
+        self.projection = nn.Linear(config.d_model, projection) if projection else None
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """hidden: (B, T, D), attention_mask: (B, T) -> unit embeddings (B, projection or D)"""
+        real = attention_mask.bool()[..., None]  # (B, T, 1)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        elif self.pooling == "max":
+            pooled = hidden.masked_fill(~real, float("-inf")).amax(dim=1)
+        else:
+            pooled = (hidden * real).sum(dim=1) / real.sum(dim=1).clamp_min(1)
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        return F.normalize(pooled, dim=-1)

@@ -237,16 +237,22 @@ def triplet_margin_loss(
 
 
 def in_batch_negatives_loss(
-    anchors: Tensor, positives: Tensor, scale: float = 20.0, labels: Tensor | None = None
+    anchors: Tensor,
+    positives: Tensor,
+    scale: float = 20.0,
+    labels: Tensor | None = None,
+    negatives: Tensor | None = None,
+    negative_labels: Tensor | None = None,
 ) -> Tensor:
     """Multiple-negatives ranking loss (Henderson et al. 2017, "Efficient Natural Language Response
     Suggestion for Smart Reply"), the loss sentence-transformers calls MNRL.
 
-    Anchor i is scored against every positive in the batch by scale * cos(anchor_i, positive_j);
-    cross-entropy picks out its own positive i, so the other B - 1 positives are free negatives.
-    The batch needs (anchor, positive) pairs and gets better with size. If two pairs are about the
-    same thing (duplicate questions), give `labels` (B,): positives j != i sharing anchor i's label
-    are then left out of its softmax instead of being pushed away as negatives.
+    Anchor i is scored against every positive in the batch, and every extra `negative` (N, D) if
+    given (mined hard negatives), by scale * cos; cross-entropy picks out its own positive i, so
+    the other candidates are free negatives. The batch gets better with size. If two pairs are
+    about the same thing (duplicate questions), give `labels` (B,) (and `negative_labels` (N,)):
+    candidates other than its own positive that share anchor i's label are then left out of its
+    softmax instead of being pushed away.
 
     Example:
         >>> a, p = encode(questions), encode(answers)  # (B, D) each, row i a matching pair
@@ -254,9 +260,14 @@ def in_batch_negatives_loss(
     """
     if anchors.shape != positives.shape or anchors.dim() != 2:
         raise ValueError(f"want anchors and positives both (B, D), got {anchors.shape} and {positives.shape}")
-    logits = scale * F.normalize(anchors, dim=1) @ F.normalize(positives, dim=1).T  # (B, B)
+    candidates = positives if negatives is None else torch.cat([positives, negatives])  # (B + N, D)
+    logits = scale * F.normalize(anchors, dim=1) @ F.normalize(candidates, dim=1).T  # (B, B + N)
     if labels is not None:
-        duplicate, _ = _label_masks(labels)  # the diagonal (own positive) is never masked
+        duplicate, _ = _label_masks(labels)  # (B, B); the diagonal (own positive) is never masked
+        if negatives is not None:
+            if negative_labels is None:
+                raise ValueError("give negative_labels with labels when negatives are given")
+            duplicate = torch.cat([duplicate, labels[:, None] == negative_labels[None, :]], dim=1)
         logits = logits.masked_fill(duplicate, float("-inf"))
     target = torch.arange(len(anchors), device=anchors.device)
     return F.cross_entropy(logits, target)

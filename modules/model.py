@@ -111,12 +111,20 @@ class MultiTaskModel(pl.LightningModule):
         for name, metrics in self.eval_metrics.items():
             # synced across processes by torchmetrics; metrics never updated (a baseline that needs
             # training data, in a test-only run) are left out rather than logged as NaN
-            values = {key: metric.compute() for key, metric in metrics.items() if metric.update_count}
+            values = {}
+            for key, metric in metrics.items():
+                if metric.update_count:
+                    value = metric.compute()  # a metric may return several named values
+                    values.update(value if isinstance(value, dict) else {key: value})
             metrics.reset()
             for key, value in values.items():
                 self.log(f"{stage}/{name}/{key}", value, prog_bar=key == self.tasks[name].monitor[0])
             overall = overall + self.tasks[name].loss_weight * values["loss"]
         self.log(f"{stage}/loss", overall)
+
+    def on_train_epoch_start(self) -> None:
+        for name, task in self.tasks.items():
+            task.on_train_epoch_start(self, name)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_metrics("val")

@@ -3,5 +3,6 @@ names a task by its class (`class_path: MaskedLMNextSentence`)."""
 
 from tasks.base import Task
 from tasks.mlm_nsp import MaskedLMNextSentence
+from tasks.triplet import SentenceEmbedding
 
-__all__ = ["Task", "MaskedLMNextSentence"]
+__all__ = ["Task", "MaskedLMNextSentence", "SentenceEmbedding"]

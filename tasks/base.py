@@ -23,8 +23,15 @@ from modules.errors import UserError
 class Task:
     stacks: ClassVar[str] = "encoder"
     """Which backbone stacks the task needs: "encoder", "decoder" or "encoder-decoder"."""
-    fields: ClassVar[tuple[str, ...]] = ()
-    """Fields every raw example must have (after the source's column mapping)."""
+    fields: tuple[str, ...] = ()
+    """Text fields every raw example must have (after the source's column mapping)."""
+    value_fields: tuple[str, ...] = ()
+    """Non-text fields every raw example must have: scores, labels."""
+
+    @property
+    def predict_fields(self) -> tuple[str, ...]:
+        """Text fields of the inputs `polyhead predict` reads (a task may predict from less than it trains on)."""
+        return self.fields
 
     def __init__(self, loss_weight: float = 1.0) -> None:
         """loss_weight: multiplies this task's loss in the training objective."""
@@ -44,8 +51,13 @@ class Task:
         raise NotImplementedError
 
     def build_examples(self, tokenized, tokenizer: Tokenizer, split: str, seed: int) -> Sequence[Any]:
-        """Tokenized dataset -> the indexable training/validation examples of one split."""
+        """Tokenized dataset -> the indexable examples of one split ("train", "validation", "test" or
+        "predict"; predict data hold only the predict fields)."""
         return tokenized
+
+    def on_train_epoch_start(self, model, name: str) -> None:
+        """Called by the model at every training epoch start (`model` is the MultiTaskModel, `name` this
+        task's name in it): the place for work between epochs, such as mining new hard negatives."""
 
     def collate(self, examples: list[Any], seeds: list[int], tokenizer: Tokenizer) -> dict[str, Tensor]:
         """Examples -> one batch of tensors. `seeds` make per-example randomness (masking) reproducible."""

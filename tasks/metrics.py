@@ -1,0 +1,86 @@
+"""Evaluation metrics that torchmetrics does not have in the form our tasks need.
+
+`EmbeddingRetrieval` ranks a corpus of embedded texts for every query and reports recall@k and
+MRR@k. It follows the usual protocol of sentence-embedding benchmarks: the corpus is deduplicated
+by text, the rank of a query is 1 + the number of irrelevant corpus items scored strictly higher
+than its best relevant item, and a query's own text is never a candidate for itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+
+RECALL_AT = (1, 5, 10)
+MRR_AT = 10
+QUERY_BLOCK = 1024  # queries scored at once: a (QUERY_BLOCK, corpus) similarity block in memory
+
+
+class EmbeddingRetrieval(Metric):
+    """Recall@1/5/10 and MRR@10 of cosine-similarity retrieval.
+
+    Every update adds queries and corpus items, each with a `key` and an `id` (integers unique
+    across the split, so updates from different batches and processes fit together). A corpus item
+    is relevant to a query when their keys are equal and their ids differ; items sharing an id are
+    one text, kept once. Queries with no relevant item are left out.
+
+    Example, each query's own paraphrase as gold: key = id of the paraphrase, query id = -1 (no
+    text to exclude); labelled sentences: key = label, id = the sentence's own id.
+    """
+
+    full_state_update = False
+
+    def __init__(self, prefix: str = "", **kwargs) -> None:
+        """prefix: put before every result name (e.g. "baseline_")."""
+        super().__init__(**kwargs)
+        self.prefix = prefix
+        for name in ("query", "query_key", "query_id", "corpus", "corpus_key", "corpus_id"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(
+        self,
+        query: Tensor,
+        query_key: Tensor,
+        query_id: Tensor,
+        corpus: Tensor,
+        corpus_key: Tensor,
+        corpus_id: Tensor,
+    ) -> None:
+        """query (Q, D), query_key (Q,), query_id (Q,); corpus (C, D), corpus_key (C,), corpus_id (C,)."""
+        self.query.append(F.normalize(query.detach().float(), dim=-1))
+        self.corpus.append(F.normalize(corpus.detach().float(), dim=-1))
+        self.query_key.append(query_key)
+        self.query_id.append(query_id)
+        self.corpus_key.append(corpus_key)
+        self.corpus_id.append(corpus_id)
+
+    @staticmethod
+    def _cat(state) -> Tensor:
+        return torch.cat(state) if isinstance(state, list) else state
+
+    def compute(self) -> dict[str, Tensor]:
+        query, query_key, query_id = (self._cat(s) for s in (self.query, self.query_key, self.query_id))
+        corpus, corpus_key, corpus_id = (self._cat(s) for s in (self.corpus, self.corpus_key, self.corpus_id))
+        order = torch.argsort(corpus_id, stable=True)
+        first = torch.ones_like(order, dtype=torch.bool)
+        first[1:] = corpus_id[order][1:] != corpus_id[order][:-1]
+        keep = order[first]  # one corpus entry per distinct id
+        corpus, corpus_key, corpus_id = corpus[keep], corpus_key[keep], corpus_id[keep]
+        ranks = []
+        for start in range(0, len(query), QUERY_BLOCK):
+            stop = start + QUERY_BLOCK
+            scores = query[start:stop] @ corpus.T  # (q, C)
+            excluded = query_id[start:stop, None] == corpus_id[None, :]  # (q, C)
+            relevant = (query_key[start:stop, None] == corpus_key[None, :]) & ~excluded
+            best = scores.masked_fill(~relevant, float("-inf")).max(dim=1).values  # (q,)
+            beaten = (scores > best[:, None]) & ~relevant & ~excluded
+            answerable = relevant.any(dim=1)
+            ranks.append((1 + beaten.sum(dim=1))[answerable])
+        rank = torch.cat(ranks).float() if ranks else torch.zeros(0, device=self.device)
+        scores = {f"recall@{k}": (rank <= k).float().mean() for k in RECALL_AT}
+        scores[f"mrr@{MRR_AT}"] = torch.where(rank <= MRR_AT, 1 / rank, torch.zeros_like(rank)).mean()
+        if rank.numel() == 0:  # no answerable query: the mean of nothing is NaN, say so
+            scores = {name: torch.tensor(float("nan"), device=self.device) for name in scores}
+        return {self.prefix + name: value for name, value in scores.items()}

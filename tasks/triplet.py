@@ -1,0 +1,646 @@
+"""Sentence embeddings on the shared encoder: siamese / triplet training with hard-negative mining.
+
+Every text goes through the same encoder and `EmbeddingHead` (one set of weights for all towers)
+and comes out as a unit vector. Training data become *groups* of texts that mean the same thing:
+
+  input "pairs"     fields sentence1, sentence2 (+ score): pairs scoring >= threshold are positives
+                    (every pair, when threshold is None); the connected components of the graph of
+                    positive pairs are the groups (STS-B: score >= 4 of 5).
+  input "labelled"  fields text, label: texts with the same label form a group; `unit` can split
+                    each row into sentences or lines that all carry its label.
+  input "triplets"  fields anchor, positive, negative: anchor-positive components are groups and
+                    each negative is kept as a hard negative of its anchor.
+
+Training batches are P x K: the mixture sampler draws P "chunks" per batch (data.batch_size = P),
+each K members of one group, so every anchor has a positive in the batch; a chunk also brings one
+of its members' hard negatives (given in the data, or mined between epochs) when it has any.
+A pass over the chunks covers every grouped text. The loss is a triplet margin loss with a miner
+(batch_hard, semi_hard, batch_all, random), or in-batch negatives (MNRL) over the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.regression import SpearmanCorrCoef
+
+from datamodules.tokenizer import SPECIAL_TOKENS, Tokenizer
+from modules.backbone import Backbone
+from modules.config import BackboneConfig
+from modules.distributed import gather_rows, scale_gathered_loss, world_size
+from modules.errors import UserError
+from modules.heads import EmbeddingHead
+from modules.losses import MINERS, in_batch_negatives_loss, triplet_margin_loss
+from tasks.base import Task
+from tasks.metrics import EmbeddingRetrieval
+from tasks.mlm_nsp import split_sentences
+
+LOSSES = (*MINERS, "in_batch_negatives")
+INPUT_FIELDS = {
+    "pairs": ("sentence1", "sentence2"),
+    "labelled": ("text",),
+    "triplets": ("anchor", "positive", "negative"),
+}
+EMBED_BATCH = 256  # texts per forward pass when embedding a whole pool
+BAG_WIDTH = 4096  # columns of the bag-of-pieces baseline embedding
+
+
+class TextTable:
+    """The distinct texts of a split (equal token sequences are one text), as token-id arrays."""
+
+    def __init__(self) -> None:
+        self.texts: list[np.ndarray] = []
+        self._index: dict[bytes, int] = {}
+
+    def add(self, ids: list[int]) -> int:
+        """-> the text's index, adding it if new."""
+        array = np.asarray(ids, dtype=np.int32)
+        key = array.tobytes()
+        if key not in self._index:
+            self._index[key] = len(self.texts)
+            self.texts.append(array)
+        return self._index[key]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.texts[index]
+
+
+def connected_components(n: int, edges: list[tuple[int, int]]) -> np.ndarray:
+    """Union-find over n nodes -> (n,) component id per node, numbered by first appearance."""
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[ra] = rb
+    ids: dict[int, int] = {}
+    return np.array([ids.setdefault(find(x), len(ids)) for x in range(n)], dtype=np.int64)
+
+
+@dataclass
+class GroupChunks(Sequence):
+    """Training examples: chunks of K texts from one group, plus each text's hard negatives.
+
+    texts: every distinct text of the split (also those in no group, as negatives).
+    group: (n_texts,) group id, -1 for texts in no group.
+    chunks: (n_chunks, K) text indices.
+    given_negatives: text -> negatives given by the data (triplets input).
+    mined: (n_texts, m) shared-memory tensor of mined negatives (-1: none), rewritten in place between
+        epochs so that dataloader worker processes see the new negatives too.
+    """
+
+    texts: TextTable
+    group: np.ndarray
+    chunks: np.ndarray
+    given_negatives: dict[int, list[int]]
+    mined: Tensor = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.group.max()) + 1
+
+    def label(self, text: int) -> int:
+        """Group id; a text in no group is its own label (n_groups + index), a negative of everything."""
+        return int(self.group[text]) if self.group[text] >= 0 else self.n_groups + text
+
+    def negatives(self, text: int) -> list[int]:
+        mined = self.mined[text].tolist() if len(self.mined) else []
+        return self.given_negatives.get(text, []) + [n for n in mined if n >= 0]
+
+    def __getitem__(self, index: int) -> tuple[list[tuple[np.ndarray, int]], list[tuple[np.ndarray, int]]]:
+        """-> (members as (tokens, label), candidate hard negatives as (tokens, label))."""
+        members = [int(t) for t in self.chunks[index]]
+        candidates = sorted({n for t in members for n in self.negatives(t)})
+        return (
+            [(self.texts[t], self.label(t)) for t in members],
+            [(self.texts[n], self.label(n)) for n in candidates],
+        )
+
+
+@dataclass
+class EvalRows(Sequence):
+    """Validation / test / predict examples: rows of text indices in the task's input layout, plus
+    pair scores or labels. Texts are indexed into one table, so their ids are global."""
+
+    texts: TextTable
+    rows: np.ndarray  # (N, fields) text indices
+    values: np.ndarray  # (N,) scores (pairs), label ids (labelled), or zeros
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, list[np.ndarray], float]:
+        row = self.rows[index]
+        return row, [self.texts[t] for t in row], float(self.values[index])
+
+
+def pair_rows(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(R,) labels -> (anchor rows, positive rows): consecutive rows of each label paired up,
+    (1st, 2nd), (3rd, 4th), ..., in label order. Rows left unpaired become extra negatives."""
+    order = torch.argsort(labels, stable=True)
+    ordered = labels[order]
+    index = torch.arange(len(labels), device=labels.device)
+    new_run = torch.ones_like(ordered, dtype=torch.bool)
+    new_run[1:] = ordered[1:] != ordered[:-1]
+    run_start = torch.cummax(torch.where(new_run, index, 0), dim=0).values
+    has_next = torch.zeros_like(new_run)
+    has_next[:-1] = ~new_run[1:]
+    first_of_pair = ((index - run_start) % 2 == 0) & has_next
+    return order[first_of_pair], order[index[first_of_pair] + 1]
+
+
+def bag_of_pieces(input_ids: Tensor, vocab_size: int) -> Tensor:
+    """(R, T) ids -> (R, min(V, BAG_WIDTH)) counts of non-special pieces, the model-free embedding the
+    baselines score (pieces beyond BAG_WIDTH share columns by id modulo, to bound the memory)."""
+    width = min(vocab_size, BAG_WIDTH)
+    counts = torch.zeros(len(input_ids), width, device=input_ids.device)
+    real = (input_ids >= len(SPECIAL_TOKENS)).to(counts.dtype)
+    counts.scatter_add_(1, input_ids % width, real)
+    return counts
+
+
+class SentenceEmbedding(Task):
+    """Siamese / triplet sentence embeddings (see the module docstring for inputs and batches)."""
+
+    stacks = "encoder"
+
+    def __init__(
+        self,
+        input: Literal["pairs", "labelled", "triplets"] = "pairs",
+        threshold: float | None = 4.0,
+        score_range: tuple[float, float] | None = None,
+        unit: Literal["row", "sentence", "line"] = "row",
+        samples_per_group: int = 2,
+        pooling: Literal["mean", "cls", "max"] = "mean",
+        projection: int | None = None,
+        loss: str = "batch_hard",
+        margin: float = 0.2,
+        distance: Literal["cosine", "euclidean"] = "cosine",
+        soft_margin: bool = False,
+        scale: float = 20.0,
+        gather_across_ranks: bool = False,
+        mined_negatives: int = 0,
+        mining_skip: int = 0,
+        mine_every_n_epochs: int = 1,
+        max_length: int = 128,
+        loss_weight: float = 1.0,
+    ) -> None:
+        """
+        input: how the data describe similarity: "pairs", "labelled" or "triplets" (module docstring).
+        threshold: pairs input: the score from which a pair counts as positive; None: every pair does.
+        score_range: pairs input: the valid (low, high) scores; a score outside stops the run.
+        unit: labelled input: embed each row whole, or each of its sentences or lines (same label).
+        samples_per_group: K of the P x K batches (groups smaller than K repeat members).
+        pooling: how token states become one vector: mean over real tokens, [CLS], or max.
+        projection: width of a linear projection after pooling; None: no projection.
+        loss: "batch_hard", "semi_hard", "batch_all", "random" (triplet margin loss with that miner)
+            or "in_batch_negatives" (MNRL: each anchor against every other candidate in the batch).
+        margin: triplet margin, in units of `distance`.
+        distance: "cosine" (1 - cos) or "euclidean" between the unit embeddings.
+        soft_margin: log(1 + exp(d_ap - d_an)) instead of the hinge.
+        scale: in_batch_negatives: cosine similarities are multiplied by this before the softmax.
+        gather_across_ranks: under DDP, mine and rank over the global batch of every process, each
+            process back-propagating through its own slice (equal to one process on that batch).
+        mined_negatives: offline mining: every mine_every_n_epochs epochs, embed the training pool
+            with the current model and attach each grouped text's nearest non-positives, this many.
+        mining_skip: the nearest non-positives to skip first (likely unlabelled paraphrases).
+        mine_every_n_epochs: how often to mine (from the end of the first such interval on).
+        max_length: tokens per text, [CLS] and [SEP] included; longer texts are cut.
+        """
+        super().__init__(loss_weight)
+        checks = {
+            "input": (input in INPUT_FIELDS, f"one of {sorted(INPUT_FIELDS)}"),
+            "unit": (unit in ("row", "sentence", "line"), "row, sentence or line"),
+            "pooling": (pooling in ("mean", "cls", "max"), "mean, cls or max"),
+            "loss": (loss in LOSSES, f"one of {', '.join(LOSSES)}"),
+            "distance": (distance in ("cosine", "euclidean"), "cosine or euclidean"),
+            "samples_per_group": (samples_per_group >= 2, "at least 2 (an anchor and a positive)"),
+            "margin": (margin >= 0, ">= 0"),
+            "mined_negatives": (mined_negatives >= 0, ">= 0"),
+            "mining_skip": (mining_skip >= 0, ">= 0"),
+            "mine_every_n_epochs": (mine_every_n_epochs >= 1, ">= 1"),
+            "max_length": (max_length >= 3, ">= 3"),
+            "projection": (projection is None or projection > 0, "positive or null"),
+            "score_range": (
+                score_range is None or score_range[0] < score_range[1],
+                "(low, high), low < high",
+            ),
+        }
+        for key, (ok, want) in checks.items():
+            if not ok:
+                raise UserError(f"SentenceEmbedding.{key} must be {want}, got {locals()[key]!r}")
+        if input == "pairs" and threshold is not None and score_range is not None:
+            if not score_range[0] <= threshold <= score_range[1]:
+                raise UserError(
+                    f"SentenceEmbedding.threshold {threshold} lies outside score_range {score_range}"
+                )
+        self.input, self.threshold, self.score_range, self.unit = input, threshold, score_range, unit
+        self.samples_per_group, self.pooling, self.projection = samples_per_group, pooling, projection
+        self.loss_name, self.margin, self.distance = loss, margin, distance
+        self.soft_margin, self.scale, self.gather_across_ranks = soft_margin, scale, gather_across_ranks
+        self.mined_negatives, self.mining_skip = mined_negatives, mining_skip
+        self.mine_every_n_epochs, self.max_length = mine_every_n_epochs, max_length
+        self.fields = INPUT_FIELDS[input]
+        self.value_fields = {
+            "pairs": ("score",) if threshold is not None else (),
+            "labelled": ("label",),
+        }.get(input, ())
+        self.train_pool: GroupChunks | None = None
+
+    def init_args(self) -> dict:
+        return {
+            "input": self.input,
+            "threshold": self.threshold,
+            "score_range": self.score_range,
+            "unit": self.unit,
+            "samples_per_group": self.samples_per_group,
+            "pooling": self.pooling,
+            "projection": self.projection,
+            "loss": self.loss_name,
+            "margin": self.margin,
+            "distance": self.distance,
+            "soft_margin": self.soft_margin,
+            "scale": self.scale,
+            "gather_across_ranks": self.gather_across_ranks,
+            "mined_negatives": self.mined_negatives,
+            "mining_skip": self.mining_skip,
+            "mine_every_n_epochs": self.mine_every_n_epochs,
+            "max_length": self.max_length,
+            "loss_weight": self.loss_weight,
+        }
+
+    @property
+    def predict_fields(self) -> tuple[str, ...]:
+        return ("text",)
+
+    @property
+    def monitor(self) -> tuple[str, str]:
+        return ("spearman", "max") if self.value_fields == ("score",) else ("mrr@10", "max")
+
+    def build_head(self, config: BackboneConfig) -> nn.Module:
+        return EmbeddingHead(config, self.pooling, self.projection)
+
+    # ----- data -----
+
+    def tokenize(self, batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
+        out: dict[str, list] = {}
+        for name in batch:
+            if name in ("score", "label"):
+                out[name] = [str(v) if name == "label" else float(v) for v in batch[name]]
+            elif name == "text" and self.unit != "row":
+                units = [self._units(text) for text in batch[name]]
+                flat = tokenizer.encode([u for text in units for u in text])
+                out[name], k = [], 0
+                for text in units:
+                    out[name].append(flat[k : k + len(text)])
+                    k += len(text)
+            else:
+                out[name] = tokenizer.encode(list(batch[name]))
+        return out
+
+    def _units(self, text: str) -> list[str]:
+        if self.unit == "sentence":
+            return split_sentences(text)
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    def _check_scores(self, scores: list[float], split: str) -> None:
+        if self.score_range is None:
+            return
+        low, high = self.score_range
+        for row, score in enumerate(scores):
+            if not low <= score <= high:
+                raise UserError(
+                    f"the {split} data of task SentenceEmbedding, row {row + 1}: score {score} is outside "
+                    f"score_range [{low}, {high}]; fix the row or the task's score_range"
+                )
+
+    def build_examples(self, tokenized, tokenizer: Tokenizer, split: str, seed: int):
+        columns = {name: tokenized[name] for name in tokenized.column_names}
+        if "score" in columns:
+            self._check_scores(columns["score"], split)
+        if split == "predict":
+            return self._predict_rows(columns)
+        if split == "train":
+            self.train_pool = self._groups(columns, np.random.default_rng(seed))
+            return self.train_pool
+        return self._eval_rows(columns)
+
+    def _predict_rows(self, columns: dict[str, list]) -> EvalRows:
+        texts = TextTable()
+        units = [u for name in self.predict_fields if name in columns for u in columns[name]]
+        indices = [texts.add(u) for u in _flatten_units(units)]
+        return EvalRows(texts, np.asarray(indices, dtype=np.int64)[:, None], np.zeros(len(indices)))
+
+    def _groups(self, columns: dict[str, list], rng: np.random.Generator) -> GroupChunks:
+        texts, edges, given_negatives = TextTable(), [], {}
+        labelled: dict[str, list[int]] = {}
+        if self.input == "labelled":
+            for units, label in zip(columns["text"], columns["label"], strict=True):
+                for u in _flatten_units([units]):
+                    labelled.setdefault(label, []).append(texts.add(u))
+            for label, members in labelled.items():
+                if len(set(members)) < 2:
+                    raise UserError(
+                        f"the training data of task SentenceEmbedding: label {label!r} has a single distinct text, "
+                        "so it has no positive; give every label at least 2 texts or remove it"
+                    )
+                edges.extend((members[0], m) for m in members[1:])
+        else:
+            first, second = self.fields[0], self.fields[1]
+            scores = columns.get("score", [None] * len(columns[first]))
+            self_pairs = 0
+            for row in range(len(columns[first])):
+                a, b = texts.add(columns[first][row]), texts.add(columns[second][row])
+                if self.input == "triplets":
+                    given_negatives.setdefault(a, []).append(texts.add(columns["negative"][row]))
+                if scores[row] is None or scores[row] >= self.threshold:
+                    if a == b:
+                        self_pairs += 1
+                    else:
+                        edges.append((a, b))
+            if self_pairs:
+                rank_zero_info(
+                    f"SentenceEmbedding: {self_pairs} positive pair(s) join a text to itself and teach nothing; skipped"
+                )
+        component = connected_components(len(texts), edges)
+        grouped = np.zeros(len(texts), dtype=bool)
+        for a, b in edges:
+            grouped[a] = grouped[b] = True
+        group = np.full(len(texts), -1, dtype=np.int64)
+        roots = {c: i for i, c in enumerate(dict.fromkeys(component[grouped].tolist()))}
+        group[grouped] = [roots[c] for c in component[grouped].tolist()]
+        if not roots:
+            raise UserError(
+                "the training data of task SentenceEmbedding has no positive pair; "
+                + ("lower the task's threshold" if self.input == "pairs" else "check the data")
+            )
+        chunks = []
+        for members in _members_by_group(group, len(roots)):
+            members = rng.permutation(members)
+            n_chunks = -(-len(members) // self.samples_per_group)
+            cycle = np.resize(members, n_chunks * self.samples_per_group)  # wraps around: small groups repeat
+            chunks.extend(cycle.reshape(n_chunks, self.samples_per_group))
+        pool = GroupChunks(texts, group, np.stack(chunks), given_negatives)
+        if self.mined_negatives:
+            pool.mined = torch.full((len(texts), self.mined_negatives), -1, dtype=torch.long).share_memory_()
+        return pool
+
+    def _eval_rows(self, columns: dict[str, list]) -> EvalRows:
+        texts = TextTable()
+        if self.input == "labelled":
+            label_ids: dict[str, int] = {}
+            rows, values = [], []
+            for units, label in zip(columns["text"], columns["label"], strict=True):
+                for u in _flatten_units([units]):
+                    rows.append([texts.add(u)])
+                    values.append(label_ids.setdefault(label, len(label_ids)))
+            return EvalRows(texts, np.asarray(rows, dtype=np.int64), np.asarray(values, dtype=np.float64))
+        n = len(columns[self.fields[0]])
+        rows = [[texts.add(columns[f][r]) for f in self.fields] for r in range(n)]
+        values = columns.get("score", [0.0] * n)
+        return EvalRows(texts, np.asarray(rows, dtype=np.int64), np.asarray(values, dtype=np.float64))
+
+    # ----- batches -----
+
+    def _pad(self, token_lists: list[np.ndarray], tokenizer: Tokenizer) -> tuple[Tensor, Tensor]:
+        """Texts -> input_ids, attention_mask (R, T) as [CLS] text [SEP], cut to max_length."""
+        body = self.max_length - 2
+        length = max(min(len(t), body) for t in token_lists) + 2
+        input_ids = torch.full((len(token_lists), length), tokenizer.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, tokens in enumerate(token_lists):
+            ids = [tokenizer.cls_id, *tokens[:body].tolist(), tokenizer.sep_id]
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        return input_ids, attention_mask
+
+    def collate(self, examples: list, seeds: list[int], tokenizer: Tokenizer) -> dict[str, Tensor]:
+        if isinstance(examples[0][0], list):
+            return self._collate_train(examples, seeds, tokenizer)
+        return self._collate_eval(examples, tokenizer)
+
+    def _collate_train(self, chunks: list, seeds: list[int], tokenizer: Tokenizer) -> dict[str, Tensor]:
+        tokens, labels = [], []
+        for (members, negatives), seed in zip(chunks, seeds, strict=True):
+            for text, label in members:
+                tokens.append(text)
+                labels.append(label)
+            if negatives:
+                text, label = negatives[np.random.default_rng(seed).integers(len(negatives))]
+                tokens.append(text)
+                labels.append(label)
+        input_ids, attention_mask = self._pad(tokens, tokenizer)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(labels)}
+
+    def _collate_eval(self, examples: list, tokenizer: Tokenizer) -> dict[str, Tensor]:
+        """Rows of F fields -> F blocks of B texts: input (F * B, T), field f of row i at f * B + i."""
+        ids = torch.tensor(np.stack([row for row, _, _ in examples]))  # (B, F)
+        tokens = [texts[f] for f in range(ids.shape[1]) for _, texts, _ in examples]
+        input_ids, attention_mask = self._pad(tokens, tokenizer)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "text_ids": ids,
+            "values": torch.tensor([v for _, _, v in examples], dtype=torch.float64),
+        }
+
+    def _eval_labels(self, batch: dict[str, Tensor]) -> Tensor:
+        """Labels of an evaluation batch's texts, so the training loss can be scored on it too."""
+        ids, values = batch["text_ids"], batch["values"]
+        n = len(ids)
+        if self.input == "labelled":
+            return values.long()
+        row = torch.arange(n, device=ids.device)
+        if self.input == "triplets":
+            return torch.cat([row, row, n + row])  # anchor and positive share a label
+        positive = (
+            values >= self.threshold if self.threshold is not None else torch.ones_like(row, dtype=torch.bool)
+        )
+        return torch.cat([row, torch.where(positive, row, n + row)])
+
+    # ----- model -----
+
+    def forward(self, backbone: Backbone, head: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        hidden = backbone.encode(batch["input_ids"], batch["attention_mask"])  # (R, T, D)
+        return {"embeddings": head(hidden, batch["attention_mask"])}  # (R, E)
+
+    def loss(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        embeddings = outputs["embeddings"]
+        labels = batch["labels"] if "labels" in batch else self._eval_labels(batch)
+        gathered = self.gather_across_ranks and world_size() > 1 and "labels" in batch
+        if gathered:
+            embeddings, _ = gather_rows(embeddings)
+            labels, _ = gather_rows(labels)
+        if self.loss_name == "in_batch_negatives":
+            anchors, positives = pair_rows(labels)
+            if len(anchors) == 0:  # no positive pair in this batch: nothing to rank
+                return {"loss": embeddings.sum() * 0}
+            others = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
+            others[anchors] = others[positives] = False
+            loss = in_batch_negatives_loss(
+                embeddings[anchors],
+                embeddings[positives],
+                self.scale,
+                labels[anchors],
+                embeddings[others],
+                labels[others],
+            )
+            stats = {}
+        else:
+            loss, stats = triplet_margin_loss(
+                embeddings, labels, self.loss_name, self.margin, self.distance, self.soft_margin
+            )
+        return {"loss": scale_gathered_loss(loss) if gathered else loss, **stats}
+
+    # ----- evaluation -----
+
+    def metrics(self, vocab_size: int) -> MetricCollection:
+        self.vocab_size = vocab_size
+        metrics = {
+            "loss": MeanMetric(),
+            "retrieval": EmbeddingRetrieval(),
+            "baseline_retrieval": EmbeddingRetrieval(prefix="baseline_"),
+        }
+        if "score" in self.value_fields:
+            metrics |= {"spearman": SpearmanCorrCoef(), "baseline_spearman": SpearmanCorrCoef()}
+        if self.input == "triplets":
+            metrics |= {"triplet_accuracy": MeanMetric(), "baseline_triplet_accuracy": MeanMetric()}
+        return MetricCollection(metrics)
+
+    def update_metrics(
+        self, metrics: MetricCollection, outputs: dict[str, Tensor], batch: dict[str, Tensor]
+    ) -> None:
+        if "text_ids" not in batch:
+            return
+        n = len(batch["text_ids"])
+        metrics["loss"].update(self.loss(outputs, batch)["loss"], weight=n)
+        baseline = bag_of_pieces(batch["input_ids"], self.vocab_size)
+        for prefix, vectors in (("", outputs["embeddings"].float()), ("baseline_", baseline)):
+            unit = torch.nn.functional.normalize(vectors, dim=-1)
+            blocks = unit.view(-1, n, unit.shape[-1])  # (F, B, E): field f of every row
+            self._update_retrieval(metrics[f"{prefix}retrieval"], blocks, batch)
+            if f"{prefix}spearman" in metrics:
+                metrics[f"{prefix}spearman"].update((blocks[0] * blocks[1]).sum(-1), batch["values"].float())
+            if f"{prefix}triplet_accuracy" in metrics:
+                closer = (blocks[0] * blocks[1]).sum(-1) > (blocks[0] * blocks[2]).sum(-1)
+                metrics[f"{prefix}triplet_accuracy"].update(closer.float().mean(), weight=n)
+
+    def _update_retrieval(self, metric: EmbeddingRetrieval, blocks: Tensor, batch: dict[str, Tensor]) -> None:
+        """Pairs: the first text of each positive pair retrieves its second among all second texts.
+        Triplets: the anchor retrieves its positive among all positives and negatives. Labelled:
+        each text retrieves any other text of its label."""
+        ids, values = batch["text_ids"], batch["values"]
+        none = torch.full_like(ids[:, 0], -1)
+        if self.input == "labelled":
+            metric.update(blocks[0], values.long(), ids[:, 0], blocks[0], values.long(), ids[:, 0])
+        elif self.input == "triplets":
+            corpus = torch.cat([blocks[1], blocks[2]])
+            corpus_ids = torch.cat([ids[:, 1], ids[:, 2]])
+            metric.update(blocks[0], ids[:, 1], ids[:, 0], corpus, corpus_ids, corpus_ids)
+        else:
+            query = (
+                values >= self.threshold
+                if self.threshold is not None
+                else torch.ones_like(none, dtype=torch.bool)
+            )
+            metric.update(blocks[0][query], ids[query, 1], none[query], blocks[1], ids[:, 1], ids[:, 1])
+
+    def predict(
+        self, outputs: dict[str, Tensor], batch: dict[str, Tensor], tokenizer: Tokenizer
+    ) -> list[dict]:
+        """One record per text: the text (as the model read it, after truncation) and its embedding."""
+        texts = [
+            tokenizer.decode(row[mask.bool()][1:-1].tolist())
+            for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        ]
+        vectors = outputs["embeddings"].float().tolist()
+        return [
+            {"text": t, "embedding": [round(x, 6) for x in v]} for t, v in zip(texts, vectors, strict=True)
+        ]
+
+    # ----- offline hard-negative mining -----
+
+    def on_train_epoch_start(self, model, name: str) -> None:
+        epoch = model.current_epoch
+        if (
+            not self.mined_negatives
+            or self.train_pool is None
+            or epoch == 0
+            or epoch % self.mine_every_n_epochs
+        ):
+            return
+        pool = self.train_pool
+        embeddings = self.embed_texts(model, name, pool.texts)  # (n_texts, E), the same on every process
+        queries = np.flatnonzero(pool.group >= 0)
+        group = torch.as_tensor(pool.group, device=embeddings.device)
+        wanted = self.mining_skip + self.mined_negatives
+        for start in range(0, len(queries), EMBED_BATCH):
+            rows = torch.as_tensor(queries[start : start + EMBED_BATCH], device=embeddings.device)
+            scores = embeddings[rows] @ embeddings.T  # (q, n_texts)
+            same_group = group[rows, None] == group[None, :]  # includes the text itself
+            scores = scores.masked_fill(same_group, float("-inf"))
+            top = scores.topk(min(wanted, scores.shape[1]), dim=1)
+            nearest = torch.where(torch.isfinite(top.values), top.indices, -1)[:, self.mining_skip :]
+            pool.mined[rows.cpu()] = -1
+            pool.mined[rows.cpu(), : nearest.shape[1]] = nearest.cpu()
+        rank_zero_info(
+            f"{name}: mined {self.mined_negatives} hard negative(s) for {len(queries)} texts at epoch {epoch}"
+        )
+
+    @torch.no_grad()
+    def embed_texts(self, model, name: str, texts: TextTable) -> Tensor:
+        """Embed every text with the current weights, each process a share, gathered in order."""
+        was_training = model.training
+        model.eval()
+        ranks, rank = world_size(), model.global_rank
+        mine = list(range(rank, len(texts), ranks))
+        parts = []
+        for start in range(0, len(mine), EMBED_BATCH):
+            input_ids, attention_mask = self._pad(
+                [texts[i] for i in mine[start : start + EMBED_BATCH]], model.tokenizer
+            )
+            hidden = model.backbone.encode(input_ids.to(model.device), attention_mask.to(model.device))
+            parts.append(model.heads[name](hidden, attention_mask.to(model.device)))
+        local = torch.cat(parts) if parts else torch.zeros(0, model.heads[name].dim, device=model.device)
+        gathered, _ = gather_rows(local)
+        index, _ = gather_rows(torch.as_tensor(mine, dtype=torch.long, device=model.device))
+        embeddings = torch.empty_like(gathered)
+        embeddings[index] = gathered
+        model.train(was_training)
+        return embeddings
+
+
+def _flatten_units(values: list) -> list[list[int]]:
+    """A column of tokenized texts, each either one id list or (unit != row) a list of id lists."""
+    out = []
+    for value in values:
+        if value and isinstance(value[0], list):
+            out.extend(u for u in value if u)
+        elif value:
+            out.append(value)
+    return out
+
+
+def _members_by_group(group: np.ndarray, n_groups: int) -> list[np.ndarray]:
+    order = np.argsort(group, kind="stable")
+    starts = np.searchsorted(group[order], np.arange(n_groups + 1))  # texts in no group (-1) sort first
+    return [order[starts[g] : starts[g + 1]] for g in range(n_groups)]
