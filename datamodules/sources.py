@@ -304,13 +304,12 @@ def load_split(
 def read_text_lines(source: DataSource, where: str) -> list[str]:
     """Every line of text in the training split, for training the tokenizer.
 
-    Reads the mapped text columns when a column mapping is given, else every text column, so it
-    works before the task (and hence its field names) is known. Held-out validation documents are left
+    Reads every text column of the source (titles and other metadata text too), so it works before
+    the tasks, and hence their field names, are known. Held-out validation documents are left
     out, exactly as load_source leaves them out, so the vocabulary never sees validation text.
     """
     raw, name = _load_split(source, "train", where)
-    text = [c for c, feature in raw.features.items() if getattr(feature, "dtype", None) in TEXT_DTYPES]
-    columns = [c for c in source.columns.values() if c in text] or text
+    columns = [c for c, feature in raw.features.items() if getattr(feature, "dtype", None) in TEXT_DTYPES]
     documents = _documents(raw, source, columns, name, where)
     if _uses_holdout(source):
         documents, _ = _holdout(documents, source.holdout_every, where)

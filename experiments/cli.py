@@ -100,20 +100,27 @@ TRAINER_DEFAULTS = {
 }
 
 
-def main(args: list[str] | None = None) -> None:
+def run(args: list[str] | None = None) -> PolyheadCLI:
+    """Parse `args` (default: the command line), build everything and run the subcommand; user
+    mistakes raise UserError or ArgumentError. -> the CLI, whose trainer holds the final metrics."""
     configure_offline_defaults()
     datasets.logging.set_verbosity_error()  # our own messages name the bad file and line
+    return PolyheadCLI(
+        MultiTaskModel,
+        MultiTaskDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=ConfigToRun,
+        save_config_kwargs={"save_to_log_dir": False},
+        parser_kwargs={"exit_on_error": False, "default_env": False},
+        args=args,
+        auto_configure_optimizers=False,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """The `polyhead` command: `run`, with user mistakes reported in one line and a non-zero exit."""
     try:
-        PolyheadCLI(
-            MultiTaskModel,
-            MultiTaskDataModule,
-            trainer_defaults=TRAINER_DEFAULTS,
-            save_config_callback=ConfigToRun,
-            save_config_kwargs={"save_to_log_dir": False},
-            parser_kwargs={"exit_on_error": False, "default_env": False},
-            args=args,
-            auto_configure_optimizers=False,
-        )
+        run(args)
     except UserError as error:
         sys.exit(f"polyhead: error: {error}")
     except ArgumentError as error:

@@ -297,6 +297,11 @@ class SentenceEmbedding(Task):
         return ("spearman", "max") if self.value_fields == ("score",) else ("mrr@10", "max")
 
     def build_head(self, config: BackboneConfig) -> nn.Module:
+        if self.max_length > config.max_len and config.position != "relative":
+            raise UserError(
+                f"SentenceEmbedding.max_length={self.max_length} exceeds model.backbone.max_len={config.max_len}; "
+                "lower the task's max_length or raise max_len"
+            )
         return EmbeddingHead(config, self.pooling, self.projection)
 
     # ----- data -----
@@ -582,12 +587,19 @@ class SentenceEmbedding(Task):
     def on_train_epoch_start(self, model, name: str) -> None:
         epoch = model.current_epoch
         if (
-            not self.mined_negatives
-            or self.train_pool is None
-            or epoch == 0
-            or epoch % self.mine_every_n_epochs
+            self.mined_negatives
+            and self.train_pool is not None
+            and epoch
+            and epoch % self.mine_every_n_epochs == 0
         ):
-            return
+            self.mine_negatives(model, name)
+            rank_zero_info(
+                f"{name}: mined {self.mined_negatives} hard negative(s) per grouped text at epoch {epoch}"
+            )
+
+    def mine_negatives(self, model, name: str) -> None:
+        """Embed the training pool with the current weights and attach to every grouped text its
+        nearest texts of other groups, ranks mining_skip + 1 ... mining_skip + mined_negatives."""
         pool = self.train_pool
         embeddings = self.embed_texts(model, name, pool.texts)  # (n_texts, E), the same on every process
         queries = np.flatnonzero(pool.group >= 0)
@@ -602,9 +614,6 @@ class SentenceEmbedding(Task):
             nearest = torch.where(torch.isfinite(top.values), top.indices, -1)[:, self.mining_skip :]
             pool.mined[rows.cpu()] = -1
             pool.mined[rows.cpu(), : nearest.shape[1]] = nearest.cpu()
-        rank_zero_info(
-            f"{name}: mined {self.mined_negatives} hard negative(s) for {len(queries)} texts at epoch {epoch}"
-        )
 
     @torch.no_grad()
     def embed_texts(self, model, name: str, texts: TextTable) -> Tensor:
