@@ -65,7 +65,11 @@ class ConfigToRun(SaveConfigCallback):
 class PolyheadCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list):
         """Add the learning-rate monitor only when there is a logger, and the checkpoint callback
-        only when checkpointing is on: either would stop the run otherwise."""
+        only when checkpointing is on: either would stop the run otherwise. Plain "ddp" gets DDP's
+        unused-parameter detection: a step trains one task, so the other tasks' heads (and e.g. the
+        pooler) get no gradient in it, which DDP otherwise refuses."""
+        if config.get("strategy") == "ddp":
+            config["strategy"] = "ddp_find_unused_parameters_true"
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         if config.get("logger") is not False:

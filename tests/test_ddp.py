@@ -1,4 +1,5 @@
-"""Two CPU processes under DDP follow the same loss curve as one process at the same global batch."""
+"""Two CPU processes under DDP follow the same loss curve as one process at the same global batch;
+with cross-rank gathering, sentence-embedding training is exactly the one-process run."""
 
 from __future__ import annotations
 
@@ -6,13 +7,27 @@ import json
 import subprocess
 import sys
 
-from .conftest import ROOT, offline_env
+import pytest
+import torch
+
+from .conftest import ROOT, SEED_CORPUS, offline_env
+
+QUICKSTART = str(ROOT / "experiments" / "configs" / "quickstart.yaml")
 
 
-def curve(devices: int, tmp_path) -> list[float]:
-    out = tmp_path / f"losses-{devices}.json"
+def train(devices: int, global_batch: int, config: str, tmp_path, *extra: str) -> tuple[list[float], dict]:
+    prefix = tmp_path / f"run-{devices}-{abs(hash(extra))}"
     result = subprocess.run(
-        [sys.executable, "-m", "tests.ddp_curve", str(devices), "16", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "tests.ddp_curve",
+            str(devices),
+            str(global_batch),
+            str(prefix),
+            config,
+            *extra,
+        ],
         cwd=ROOT,
         env=offline_env(tmp_path) | {"OMP_NUM_THREADS": "1"},
         capture_output=True,
@@ -20,14 +35,54 @@ def curve(devices: int, tmp_path) -> list[float]:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(out.read_text())
+    return json.loads(prefix.with_suffix(".json").read_text()), torch.load(prefix.with_suffix(".pt"))
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
-    one, two = curve(1, tmp_path), curve(2, tmp_path)
+    gather = ("--model.tasks.triplet.init_args.gather_across_ranks", "true")
+    (one, _), (two, _) = (
+        train(1, 16, QUICKSTART, tmp_path, *gather),
+        train(2, 16, QUICKSTART, tmp_path, *gather),
+    )
     assert len(one) == len(two) == 8
     # Same examples, masks and initial weights; the only difference is that each rank averages the
     # MLM loss over its own masked tokens before gradients are averaged, so allow 2% per step.
     for step, (a, b) in enumerate(zip(one, two, strict=True)):
         assert abs(a - b) <= 0.02 * a, f"step {step}: 1 process {a:.4f} vs 2 processes {b:.4f}"
+
+
+@pytest.fixture
+def embedding_config(tmp_path) -> str:
+    config = tmp_path / "embeddings.yaml"
+    config.write_text(
+        f"""
+seed_everything: 0
+model:
+  tasks:
+    t:
+      class_path: SentenceEmbedding
+      init_args: {{input: labelled, unit: sentence, loss: batch_hard, max_length: 48, samples_per_group: 2}}
+  backbone: {{d_model: 64, n_heads: 2, d_ff: 128, encoder_layers: 2, max_len: 48, pooler: false}}
+  optimizer: {{lr: 1.0e-3, warmup: 0.0}}
+data:
+  sources:
+    t: {{path: {SEED_CORPUS}, holdout_every: 8, columns: {{label: title}}}}
+  tokenizer: {{vocab_size: 1000}}
+trainer: {{accelerator: cpu}}
+"""
+    )
+    return str(config)
+
+
+def test_gathered_embeddings_under_ddp_equal_one_process(embedding_config, tmp_path):
+    gather = ["--model.tasks.t.init_args.gather_across_ranks", "true"]
+    one, one_weights = train(1, 16, embedding_config, tmp_path, *gather)
+    two, two_weights = train(2, 16, embedding_config, tmp_path, *gather)
     assert one[-1] < one[0], "the curve should move (training happens)"
+    # every rank mines over the whole global batch and the gradient scale is restored: the same
+    # losses and the same final weights as one process, up to float summation order
+    assert two == pytest.approx(one, rel=1e-4)
+    for name, weight in one_weights.items():
+        assert torch.allclose(weight, two_weights[name], atol=1e-5), name
+    local, _ = train(2, 16, embedding_config, tmp_path)
+    assert local != pytest.approx(one, rel=1e-4), "without gathering each rank mines only its half"
