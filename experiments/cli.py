@@ -77,11 +77,15 @@ class PolyheadCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:
-        """A run from a checkpoint file uses the checkpoint's tokenizer, never a newly trained one."""
+        """A run from a checkpoint file (--ckpt_path, or --model.init_from to fine-tune) uses the
+        checkpoint's tokenizer, never a newly trained one."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc") and not config.data.tokenizer_checkpoint:
-            config.data.tokenizer_checkpoint = ckpt_path
+        if ckpt_path in ("last", "best", "hpc"):
+            ckpt_path = None
+        source = ckpt_path or config.model.get("init_from")
+        if source and not config.data.tokenizer_checkpoint:
+            config.data.tokenizer_checkpoint = source
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

@@ -11,11 +11,12 @@ import dataclasses
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone, init_weights
-from modules.checkpoint import read_checkpoint
+from modules.checkpoint import load_matching, load_report_table, read_checkpoint
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.optim import OptimizerConfig, build_optimizer
@@ -31,12 +32,17 @@ class MultiTaskModel(pl.LightningModule):
         backbone: BackboneConfig = BackboneConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         tokenizer: Tokenizer | None = None,
+        init_from: str | None = None,
     ) -> None:
         """
         tasks: task name -> task (its class and settings); names also key data.sources and the logs.
         backbone: the shared transformer's architecture.
         optimizer: AdamW and learning-rate schedule.
         tokenizer: the run's tokenizer; the CLI passes the data module's, which fixes vocab_size.
+        init_from: a polyhead checkpoint to start from (pretraining -> fine-tuning): the backbone and
+            every head whose names and shapes match are loaded, the rest start fresh, and a report
+            of loaded / new / unexpected / mismatched tensors is printed. The CLI also takes the
+            checkpoint's tokenizer, so token ids mean what they meant in pretraining.
         """
         super().__init__()
         if not tasks:
@@ -76,6 +82,10 @@ class MultiTaskModel(pl.LightningModule):
         self.eval_metrics = nn.ModuleDict(
             {name: task.metrics(backbone.vocab_size) for name, task in self.tasks.items()}
         )
+        self.init_from = init_from
+        if init_from:
+            report = load_matching(self, read_checkpoint(init_from)["state_dict"])
+            rank_zero_info(load_report_table(report, init_from))
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """A batch tagged with its task -> that task's outputs."""

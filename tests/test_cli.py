@@ -57,6 +57,8 @@ def test_quickstart_fast_mode_trains_logs_offline_and_checkpoints(tmp_path):
     summary = run["summary"]
     for metric in ("loss", "mlm_loss", "mlm_accuracy", "perplexity", "nsp_accuracy", "baseline_mlm_loss"):
         assert f"val/mlm_nsp/{metric}" in summary, f"val/mlm_nsp/{metric} missing from the W&B summary"
+    for metric in ("loss", "recall@1", "mrr@10", "baseline_mrr@10"):
+        assert f"val/triplet/{metric}" in summary, f"val/triplet/{metric} missing from the W&B summary"
     assert summary["val/mlm_nsp/perplexity"] == pytest.approx(
         torch.tensor(summary["val/mlm_nsp/mlm_loss"]).exp().item(), rel=1e-3
     )
@@ -85,20 +87,37 @@ def test_quickstart_fast_mode_trains_logs_offline_and_checkpoints(tmp_path):
     result = polyhead(["validate", *from_checkpoint], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "val/mlm_nsp/mlm_loss" in result.stdout
-    test_data = ["--data.sources.mlm_nsp.test_path", str(ROOT / "seeds" / "quickstart" / "documents.jsonl")]
+    documents = str(ROOT / "seeds" / "quickstart" / "documents.jsonl")
+    test_data = ["--data.sources.mlm_nsp.test_path", documents, "--data.sources.triplet.test_path", documents]
     result = polyhead(["test", *from_checkpoint, *test_data], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "test/mlm_nsp/nsp_accuracy" in result.stdout and "baseline" not in result.stdout
+    assert "test/mlm_nsp/nsp_accuracy" in result.stdout and "test/triplet/recall@1" in result.stdout
+    assert "test/mlm_nsp/baseline" not in result.stdout, "the unigram baseline needs training data"
     predictions = tmp_path / "out" / "predictions.jsonl"
     # a run from a checkpoint uses the checkpoint's own tokenizer, whatever the data settings would train
     other_vocab = ["--data.tokenizer.vocab_size", "1000"]
+    texts = tmp_path / "texts.txt"
+    texts.write_text("The bees returned to the hive.\nA river ran through the town.\n")
+    embed_texts = ["--data.sources.triplet.predict_path", str(texts)]
     result = polyhead(
-        ["predict", *from_checkpoint, *test_data, *other_vocab, "--predictions.path", str(predictions)],
+        [
+            "predict",
+            *from_checkpoint,
+            *test_data,
+            *embed_texts,
+            *other_vocab,
+            "--predictions.path",
+            str(predictions),
+        ],
         tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(records) > 100 and not list(predictions.parent.glob("*.tmp*"))
+    embedded = [r for r in records if r["task"] == "triplet"]
+    assert [r["text"] for r in embedded] == texts.read_text().splitlines()
+    assert all(len(r["embedding"]) == 128 for r in embedded)
+    assert abs(sum(x * x for x in embedded[0]["embedding"]) - 1) < 1e-3, "embeddings are unit vectors"
     first = records[0]
     assert first["task"] == "mlm_nsp" and first["segment_a"] and first["segment_b"]
     assert 0.0 <= first["is_next_probability"] <= 1.0

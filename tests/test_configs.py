@@ -10,10 +10,17 @@ from .conftest import ROOT, SHARED_DATA
 
 CONFIGS = ROOT / "experiments" / "configs"
 WIKITEXT = SHARED_DATA / "wikitext2" / "wiki.test.raw"
+STSB = SHARED_DATA / "stsb"
 LOCAL_DATA = {
     "quickstart.yaml": [],
     "pretrain_mlm_nsp.yaml": ["--data.sources.mlm_nsp.path", str(WIKITEXT)],
-}
+    "siamese_stsb.yaml": [
+        "--config", str(CONFIGS / "local" / "stsb.yaml"),
+        "--data.sources.triplet.path", str(STSB / "sts-train.csv"),
+        "--data.sources.triplet.validation_path", str(STSB / "sts-dev.csv"),
+    ],
+}  # fmt: skip
+NEEDS = {"pretrain_mlm_nsp.yaml": WIKITEXT, "siamese_stsb.yaml": STSB}
 
 
 def test_every_config_is_covered():
@@ -22,8 +29,8 @@ def test_every_config_is_covered():
 
 @pytest.mark.parametrize("name", sorted(LOCAL_DATA))
 def test_config_runs_a_fast_dev_run(name, tmp_path):
-    if LOCAL_DATA[name] and not WIKITEXT.exists():
-        pytest.skip("needs ../shared/data/wikitext2 (real data)")
+    if name in NEEDS and not NEEDS[name].exists():
+        pytest.skip(f"needs {NEEDS[name]} (real data)")
     main(
         ["fit", "--config", str(CONFIGS / name), *LOCAL_DATA[name], "--trainer.fast_dev_run", "true",
          "--trainer.logger", "false", "--checkpoint.dirpath", str(tmp_path / "ckpt")]
