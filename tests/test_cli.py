@@ -24,7 +24,7 @@ def polyhead(args: list[str], tmp: Path, timeout: int = 600) -> subprocess.Compl
     return subprocess.run(
         [sys.executable, "-m", "experiments.cli", *args],
         cwd=ROOT,
-        env=offline_env(tmp),
+        env=offline_env(tmp) | {"COLUMNS": "200"},  # wide enough for Lightning's metric table
         capture_output=True,
         text=True,
         timeout=timeout,
