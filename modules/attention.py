@@ -5,6 +5,10 @@ self-attention (decoder) and encoder-decoder cross-attention. Masks are additive
 attention logits: 0 where a query may look, a very negative number where it may not, so after the
 softmax those weights are exactly 0. The causal mask is the upper triangle (j > i) blocked, the
 diagonal and below open.
+
+Decoding one token at a time reuses what earlier steps computed through a `KVCache`: each decoder
+layer keeps its self-attention keys/values (appended to, step by step) and the keys/values of the
+encoder memory (projected once, on the first step). See `KVCache` for the contract.
 """
 
 from __future__ import annotations
@@ -61,6 +65,94 @@ def attention_bias(
     return bias
 
 
+class LayerKV:
+    """One decoder layer's share of a `KVCache`.
+
+    Self-attention keys/values are written into buffers allocated once for `capacity` columns, so a
+    decoding step copies only its own new column instead of the whole history. Cross-attention
+    keys/values (the encoder memory projected by this layer) are stored on first use and reused.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.length = 0  # columns of keys/values filled so far
+        self.keys: Tensor | None = None  # (B, H, capacity, Dh), allocated on the first append
+        self.values: Tensor | None = None  # (B, H, capacity, Dh)
+        self.memory_kv: tuple[Tensor, Tensor] | None = None  # (B, H, S, Dh) keys and values
+
+    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's keys/values (B, H, T, Dh); return every one so far, (B, H, length, Dh) each."""
+        end = self.length + keys.size(2)
+        if end > self.capacity:
+            raise ValueError(
+                f"KVCache capacity {self.capacity} exceeded: {end} positions; make a larger cache"
+            )
+        if self.keys is None or self.values is None:
+            b, h, _, dh = keys.shape
+            self.keys = keys.new_empty(b, h, self.capacity, dh)
+            self.values = values.new_empty(b, h, self.capacity, dh)
+        self.keys[:, :, self.length : end] = keys
+        self.values[:, :, self.length : end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def reorder(self, index: Tensor) -> None:
+        """Row i becomes old row index[i] (self-attention only; see `KVCache.reorder`)."""
+        if self.keys is not None and self.values is not None:
+            self.keys = self.keys.index_select(0, index)
+            self.values = self.values.index_select(0, index)
+
+
+class KVCache:
+    """What the decoder stack keeps between decoding steps, for inference (use under `torch.no_grad`).
+
+    Make one per generation with `Backbone.decoder_cache(capacity)`, where capacity is the most
+    positions it will hold (prompt + new tokens), and pass it to every `Backbone.decode` call:
+
+        cache = backbone.decoder_cache(prompt_len + max_new_tokens)
+        hidden = backbone.decode(prompt, prompt_mask, cache=cache, positions=positions)  # prefill
+        hidden = backbone.decode(next_ids[:, None], cache=cache, positions=next_positions)  # one step
+
+    With a cache, `decode` sees only the new tokens; their keys/values are appended, and attention
+    runs over everything cached. The attention mask given with new tokens covers only them; the
+    cache accumulates it in `key_mask`, so padding inside a prompt stays hidden on later steps.
+    `reorder` moves rows (beam search keeps the cache of the beams it continues).
+    """
+
+    def __init__(self, n_layers: int, capacity: int) -> None:
+        self.layers = [LayerKV(capacity) for _ in range(n_layers)]
+        self.capacity = capacity
+        self.key_mask: Tensor | None = None  # (B, capacity) True at real keys; None while all are real
+
+    @property
+    def length(self) -> int:
+        """Positions already cached: the column where the next tokens go."""
+        return self.layers[0].length
+
+    def extend_key_mask(
+        self, new_mask: Tensor | None, new_len: int, batch: int, device: torch.device
+    ) -> Tensor | None:
+        """Record which of `new_len` new keys are real; -> (B, length + new_len) mask or None if all are."""
+        if new_mask is None and self.key_mask is None:
+            return None
+        start, end = self.length, self.length + new_len
+        if self.key_mask is None:
+            self.key_mask = torch.ones(batch, self.capacity, dtype=torch.bool, device=device)
+        self.key_mask[:, start:end] = True if new_mask is None else new_mask.bool()
+        return self.key_mask[:, :end]
+
+    def reorder(self, index: Tensor) -> None:
+        """Row i of the batch becomes old row index[i] (index: (B,) long).
+
+        Cross-attention keys/values are left alone: beam search only moves a row among the beams of
+        the same source, which share one encoder memory, so reordering them would copy for nothing.
+        """
+        for layer in self.layers:
+            layer.reorder(index)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, index)
+
+
 class MultiHeadAttention(nn.Module):
     """Self- or cross-attention with fused projections.
 
@@ -101,16 +193,21 @@ class MultiHeadAttention(nn.Module):
         memory: Tensor | None = None,
         bias: Tensor | None = None,
         is_causal: bool = False,
+        cache: LayerKV | None = None,
     ) -> Tensor:
         """x: (B, T, D); memory: (B, S, D) for cross-attention; bias: broadcastable to (B, H, T, S).
 
         is_causal asks SDPA for its built-in causal mask; it is only used when no bias is given.
+        With a cache, self-attention attends over the cached keys plus this call's, and
+        cross-attention projects `memory` only the first time.
         """
         if self.cross:
             q = self._heads(self.q(x))
-            k, v = (self._heads(t) for t in self.kv(memory).chunk(2, dim=-1))
+            k, v = self._memory_keys_values(memory, cache)  # (B, H, S, Dh) each
         else:
             q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+            if cache is not None:
+                k, v = cache.append(k, v)  # (B, H, past + T, Dh)
         y = F.scaled_dot_product_attention(  # (B, H, T, Dh)
             q,
             k,
@@ -122,6 +219,17 @@ class MultiHeadAttention(nn.Module):
         )
         b, _, t, _ = y.shape
         return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def _memory_keys_values(self, memory: Tensor | None, cache: LayerKV | None) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values (B, H, S, Dh), projected once per cache."""
+        if cache is not None and cache.memory_kv is not None:
+            return cache.memory_kv
+        if memory is None:
+            raise ValueError("cross-attention needs the encoder memory")
+        k, v = (self._heads(t) for t in self.kv(memory).chunk(2, dim=-1))
+        if cache is not None:
+            cache.memory_kv = (k, v)
+        return k, v
 
 
 class RelativePositionBias(nn.Module):

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from modules.attention import RelativePositionBias, attention_bias
+from modules.attention import KVCache, RelativePositionBias, attention_bias
 from modules.config import BackboneConfig
 from modules.layers import TransformerBlock, make_norm
 
@@ -47,24 +47,33 @@ class Embeddings(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.position_kind, self.max_len = config.position, config.max_len
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, offset: int = 0) -> Tensor:
-        """input_ids: (B, T) -> (B, T, D); offset shifts positions (decoding with a cache)."""
-        t = input_ids.size(1)
-        if offset + t > self.max_len and self.position_kind != "relative":
-            raise ValueError(
-                f"sequence of {offset + t} tokens exceeds model.backbone.max_len={self.max_len}; "
-                "truncate the input or raise max_len"
-            )
+    def forward(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, positions: Tensor | None = None
+    ) -> Tensor:
+        """input_ids: (B, T) -> (B, T, D).
+
+        positions: (T,) or (B, T) position ids, 0..T-1 when None. Decoding with a cache passes where
+        the new tokens sit; a left-padded row passes its own ids, so it is embedded as if unpadded.
+        """
         x = self.tokens(input_ids)
-        if self.positions is not None:
-            x = x + self.positions.weight[offset : offset + t]
-        elif self.position_kind == "sinusoidal":
-            x = x + self.sinusoid[offset : offset + t]
+        if self.position_kind != "relative":
+            x = x + self._position_vectors(input_ids.size(1), positions)
         if self.segments is not None:
             x = x + (self.segments(token_type_ids) if token_type_ids is not None else self.segments.weight[0])
         if self.norm is not None:
             x = self.norm(x)
         return self.dropout(x)
+
+    def _position_vectors(self, length: int, positions: Tensor | None) -> Tensor:
+        """(T, D) or (B, T, D) rows of the learned or sinusoidal table."""
+        last = length - 1 if positions is None else int(positions.max())
+        if last >= self.max_len:
+            raise ValueError(
+                f"position {last} is beyond model.backbone.max_len={self.max_len}; "
+                "truncate the input or raise max_len"
+            )
+        table = self.positions.weight if self.positions is not None else self.sinusoid  # (max_len, D)
+        return table[:length] if positions is None else table[positions]
 
 
 class Stack(nn.Module):
@@ -94,21 +103,43 @@ class Stack(nn.Module):
         padding_mask: Tensor | None = None,
         memory: Tensor | None = None,
         memory_padding_mask: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
-        """x: (B, T, D); padding_mask: (B, T) True at real tokens; memory: (B, S, D) -> (B, T, D)"""
-        t = x.size(1)
-        position_bias = self.relative_bias(t, t, x.device) if self.relative_bias is not None else None
-        self_bias = attention_bias(t, t, padding_mask, self.causal, position_bias, x.dtype)
-        # with no mask at all SDPA's own causal path avoids materialising the (T, T) bias
-        is_causal = self.causal and self_bias is None
+        """x: (B, T, D); padding_mask: (B, T) True at real tokens; memory: (B, S, D) -> (B, T, D)
+
+        With a cache, x holds only the new positions, which follow the cached ones.
+        """
+        b, t, _ = x.shape
+        key_mask = padding_mask
+        if cache is not None:
+            key_mask = cache.extend_key_mask(padding_mask, t, b, x.device)  # (B, past + T) or None
+        past = cache.length if cache is not None else 0
+        self_bias, is_causal = self._self_attention_bias(t, past + t, key_mask, x)
         memory_bias = None
         if memory is not None:
             memory_bias = attention_bias(t, memory.size(1), memory_padding_mask, dtype=x.dtype)
-        for layer in self.layers:
-            x = layer(x, self_bias, is_causal, memory, memory_bias)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self_bias, is_causal, memory, memory_bias, cache.layers[i] if cache else None)
         if self.final_norm is not None:
             x = self.dropout(self.final_norm(x))
         return x
+
+    def _self_attention_bias(
+        self, query_len: int, key_len: int, key_mask: Tensor | None, x: Tensor
+    ) -> tuple[Tensor | None, bool]:
+        """-> (additive bias or None, whether SDPA should apply its own causal mask).
+
+        Queries are the last query_len of key_len positions. A single query (one decoding step) is the
+        latest position, so it may see every key and needs no causal mask. With no padding, no relative
+        bias and no cached keys, SDPA's built-in causal path avoids materialising a (T, T) bias.
+        """
+        position_bias = None
+        if self.relative_bias is not None:
+            position_bias = self.relative_bias(query_len, key_len, x.device)  # (1, H, T, S)
+        causal = self.causal and query_len > 1
+        if causal and key_mask is None and position_bias is None and query_len == key_len:
+            return None, True
+        return attention_bias(query_len, key_len, key_mask, causal, position_bias, x.dtype), False
 
 
 def init_weights(root: nn.Module, std: float) -> None:
@@ -172,12 +203,30 @@ class Backbone(nn.Module):
         attention_mask: Tensor | None = None,
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
-        """Causal decoding, cross-attending to `memory` (B, S, D) when given. input_ids: (B, T) -> (B, T, D)"""
+        """Causal decoding, cross-attending to `memory` (B, S, D) when given. input_ids: (B, T) -> (B, T, D)
+
+        Without memory, cross-attention layers are skipped: an encoder-decoder backbone's decoder then
+        runs as a decoder-only LM. With a `cache` (see `KVCache`), input_ids and attention_mask cover
+        only the new tokens, which follow the cached ones. positions: (T,) or (B, T) absolute position
+        ids of input_ids, by default cache.length + 0..T-1; left-padded rows pass their own so their
+        real tokens get the positions they would have unpadded. The relative bias needs no ids: it
+        depends on distances between columns, which left padding leaves unchanged between real tokens.
+        """
         if self.decoder is None:
             raise ValueError("this backbone has no decoder (model.backbone.decoder_layers is 0)")
-        x = self.embeddings(input_ids)
-        return self.decoder(x, _real_tokens(attention_mask), memory, _real_tokens(memory_mask))
+        if positions is None and cache is not None and cache.length:
+            positions = torch.arange(cache.length, cache.length + input_ids.size(1), device=input_ids.device)
+        x = self.embeddings(input_ids, positions=positions)
+        return self.decoder(x, _real_tokens(attention_mask), memory, _real_tokens(memory_mask), cache)
+
+    def decoder_cache(self, capacity: int) -> KVCache:
+        """An empty `KVCache` for this decoder, holding up to `capacity` positions (prompt + new tokens)."""
+        if self.decoder is None:
+            raise ValueError("this backbone has no decoder (model.backbone.decoder_layers is 0)")
+        return KVCache(len(self.decoder.layers), capacity)
 
     def pool(self, hidden: Tensor) -> Tensor:
         """BERT's pooler: tanh(W h_0 + b) on the first ([CLS]) position. (B, T, D) -> (B, D)"""

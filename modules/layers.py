@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modules.attention import MultiHeadAttention
+from modules.attention import LayerKV, MultiHeadAttention
 from modules.config import BackboneConfig
 
 ACTIVATIONS = {
@@ -53,6 +53,8 @@ class TransformerBlock(nn.Module):
     """Self-attention, optional cross-attention, feed-forward; each a residual sub-layer.
 
     post-norm (BERT): x = norm(x + sublayer(x)); pre-norm (T5): x = x + sublayer(norm(x)).
+    Cross-attention runs only when a memory is given, so a decoder built for an encoder can also
+    serve as a plain decoder-only LM (a prefix LM on the same weights).
     """
 
     def __init__(self, config: BackboneConfig, cross: bool) -> None:
@@ -90,13 +92,18 @@ class TransformerBlock(nn.Module):
         is_causal: bool = False,
         memory: Tensor | None = None,
         memory_bias: Tensor | None = None,
+        cache: LayerKV | None = None,
     ) -> Tensor:
         """x: (B, T, D); memory: (B, S, D) encoder output for cross-attention -> (B, T, D)"""
         x = self._residual(
-            x, self.self_attn_norm, lambda h: self.self_attn(h, bias=self_bias, is_causal=is_causal)
+            x,
+            self.self_attn_norm,
+            lambda h: self.self_attn(h, bias=self_bias, is_causal=is_causal, cache=cache),
         )
-        if self.cross_attn is not None:
+        if self.cross_attn is not None and memory is not None:
             x = self._residual(
-                x, self.cross_attn_norm, lambda h: self.cross_attn(h, memory=memory, bias=memory_bias)
+                x,
+                self.cross_attn_norm,
+                lambda h: self.cross_attn(h, memory=memory, bias=memory_bias, cache=cache),
             )
         return self._residual(x, self.ff_norm, self.ff)
