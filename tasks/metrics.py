@@ -1,5 +1,8 @@
 """Evaluation metrics that torchmetrics does not have in the form our tasks need.
 
+`RougeScore` is ROUGE through Google's `rouge-score` package, the reference implementation
+(torchmetrics' copy fetches an NLTK model for ROUGE-Lsum at run time, which fails offline).
+
 `EmbeddingRetrieval` ranks a corpus of embedded texts for every query and reports recall@k and
 MRR@k. It follows the usual protocol of sentence-embedding benchmarks: the corpus is deduplicated
 by text, the rank of a query is 1 + the number of irrelevant corpus items scored strictly higher
@@ -8,14 +11,21 @@ than its best relevant item, and a query's own text is never a candidate for its
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+from rouge_score import rouge_scorer
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from tasks.sentences import split_sentences
 
 RECALL_AT = (1, 5, 10)
 MRR_AT = 10
 QUERY_BLOCK = 1024  # queries scored at once: a (QUERY_BLOCK, corpus) similarity block in memory
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
 class EmbeddingRetrieval(Metric):
@@ -56,13 +66,11 @@ class EmbeddingRetrieval(Metric):
         self.corpus_key.append(corpus_key)
         self.corpus_id.append(corpus_id)
 
-    @staticmethod
-    def _cat(state) -> Tensor:
-        return torch.cat(state) if isinstance(state, list) else state
-
     def compute(self) -> dict[str, Tensor]:
-        query, query_key, query_id = (self._cat(s) for s in (self.query, self.query_key, self.query_id))
-        corpus, corpus_key, corpus_id = (self._cat(s) for s in (self.corpus, self.corpus_key, self.corpus_id))
+        query, query_key, query_id = (dim_zero_cat(s) for s in (self.query, self.query_key, self.query_id))
+        corpus, corpus_key, corpus_id = (
+            dim_zero_cat(s) for s in (self.corpus, self.corpus_key, self.corpus_id)
+        )
         order = torch.argsort(corpus_id, stable=True)
         first = torch.ones_like(order, dtype=torch.bool)
         first[1:] = corpus_id[order][1:] != corpus_id[order][:-1]
@@ -84,3 +92,47 @@ class EmbeddingRetrieval(Metric):
         if rank.numel() == 0:  # no answerable query: the mean of nothing is NaN, say so
             scores = {name: torch.tensor(float("nan"), device=self.device) for name in scores}
         return {self.prefix + name: value for name, value in scores.items()}
+
+
+class RougeScore(Metric):
+    """ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F-measures with Porter stemming, averaged over
+    examples, each example scored against its best reference (per ROUGE type, as rouge-score's
+    `score_multi` does: summarization sets such as SciTLDR have several references).
+
+    ROUGE-Lsum is the summary-level LCS over sentences, which rouge-score reads from newlines:
+    predictions and references are split with `split_sentences` and joined by newlines first.
+    Per-example scores are the states, so processes under DDP combine to the exact mean.
+    """
+
+    full_state_update = False
+
+    def __init__(self, prefix: str = "", **kwargs) -> None:
+        """prefix: put before every result name (e.g. "baseline_")."""
+        super().__init__(**kwargs)
+        self.prefix = prefix
+        self.scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+        for name in ROUGE_TYPES:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+        """predictions: one text per example; references: one or more texts per example."""
+        if len(predictions) != len(references):
+            raise ValueError(f"{len(predictions)} predictions for {len(references)} reference sets")
+        for prediction, options in zip(predictions, references, strict=True):
+            if not options:
+                raise ValueError("every example needs at least one reference")
+            best = self.scorer.score_multi([_lines(r) for r in options], _lines(prediction))
+            for name in ROUGE_TYPES:
+                getattr(self, name).append(torch.tensor([float(best[name].fmeasure)], device=self.device))
+
+    def compute(self) -> dict[str, Tensor]:
+        if not self.rouge1:  # nothing scored: the mean of nothing is NaN, say so
+            return {
+                self.prefix + name: torch.tensor(float("nan"), device=self.device) for name in ROUGE_TYPES
+            }
+        return {self.prefix + name: dim_zero_cat(getattr(self, name)).mean() for name in ROUGE_TYPES}
+
+
+def _lines(text: str) -> str:
+    """One sentence per line, the form rouge-score needs for ROUGE-Lsum."""
+    return "\n".join(split_sentences(text))

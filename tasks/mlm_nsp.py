@@ -9,7 +9,6 @@ predicts the original token at every selected position.
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,15 +26,10 @@ from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.heads import MaskedLMHead, PooledClassifierHead
 from tasks.base import Task
+from tasks.sentences import split_sentences
 
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)|\n+")
 IS_NEXT, RANDOM_NEXT = 0, 1
 IGNORE = -100
-
-
-def split_sentences(document: str) -> list[str]:
-    """Sentences end at . ! ? followed by whitespace; line breaks (paragraphs) always end one."""
-    return [s.strip() for s in SENTENCE_END.split(document) if s.strip()]
 
 
 @dataclass
@@ -290,7 +284,11 @@ class MaskedLMNextSentence(Task):
         )
 
     def update_metrics(
-        self, metrics: MetricCollection, outputs: dict[str, Tensor], batch: dict[str, Tensor]
+        self,
+        metrics: MetricCollection,
+        outputs: dict[str, Tensor],
+        batch: dict[str, Tensor],
+        tokenizer: Tokenizer,
     ) -> None:
         losses = self.loss(outputs, batch)
         targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE]

@@ -40,7 +40,7 @@ from modules.heads import EmbeddingHead
 from modules.losses import MINERS, in_batch_negatives_loss, triplet_margin_loss
 from tasks.base import Task
 from tasks.metrics import EmbeddingRetrieval
-from tasks.mlm_nsp import split_sentences
+from tasks.sentences import split_sentences
 
 LOSSES = (*MINERS, "in_batch_negatives")
 INPUT_FIELDS = {
@@ -532,7 +532,11 @@ class SentenceEmbedding(Task):
         return MetricCollection(metrics)
 
     def update_metrics(
-        self, metrics: MetricCollection, outputs: dict[str, Tensor], batch: dict[str, Tensor]
+        self,
+        metrics: MetricCollection,
+        outputs: dict[str, Tensor],
+        batch: dict[str, Tensor],
+        tokenizer: Tokenizer,
     ) -> None:
         if "text_ids" not in batch:
             return

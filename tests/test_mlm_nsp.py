@@ -11,7 +11,8 @@ import torch
 from datamodules.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerConfig
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
-from tasks.mlm_nsp import IGNORE, IS_NEXT, RANDOM_NEXT, MaskedLMNextSentence, split_sentences
+from tasks.mlm_nsp import IGNORE, IS_NEXT, RANDOM_NEXT, MaskedLMNextSentence
+from tasks.sentences import split_sentences
 
 from .conftest import SEED_CORPUS
 

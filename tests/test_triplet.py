@@ -20,7 +20,7 @@ from modules.errors import UserError
 from modules.losses import MINERS, triplet_margin_loss
 from modules.model import MultiTaskModel
 from tasks.metrics import EmbeddingRetrieval
-from tasks.mlm_nsp import split_sentences
+from tasks.sentences import split_sentences
 from tasks.triplet import SentenceEmbedding, pair_rows
 
 from .conftest import ROOT, SEED_CORPUS, SHARED_DATA
