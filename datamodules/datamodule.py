@@ -137,11 +137,13 @@ class MultiTaskDataModule(pl.LightningDataModule):
             source = DataSource(
                 path=source.predict_path, test_path=source.predict_path, encoding=source.encoding
             )
-            dataset = load_split(source, task.predict_fields, "test", f"{where}.predict_path")
+            dataset = load_split(
+                source, task.predict_fields, "test", f"{where}.predict_path", list_fields=task.list_fields
+            )
         elif split == "predict":
-            dataset = load_split(source, task.fields, "test", where, task.value_fields)
+            dataset = load_split(source, task.fields, "test", where, task.value_fields, task.list_fields)
         else:
-            dataset = load_split(source, task.fields, split, where, task.value_fields)
+            dataset = load_split(source, task.fields, split, where, task.value_fields, task.list_fields)
         if dataset is None:
             raise UserError(
                 f"this command needs {split} data: set data.sources.{name}.{split}_path (a local file) "

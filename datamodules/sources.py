@@ -66,6 +66,24 @@ class DataSource:
     """Use only the first n examples of each split (quick experiments)."""
 
 
+def is_text_feature(feature) -> bool:
+    """A column of text, or of lists of texts (SciTLDR's abstract sentences, several references)."""
+    inner = getattr(feature, "feature", feature)  # datasets' List / Sequence keep the item type here
+    return getattr(inner, "dtype", None) in TEXT_DTYPES
+
+
+def has_text(value) -> bool:
+    """A non-empty text, or a list holding at least one."""
+    if isinstance(value, list):
+        return any(has_text(item) for item in value)
+    return isinstance(value, str) and bool(value.strip())
+
+
+def texts_of(value) -> list[str]:
+    """A text field's value as a list of texts (one for a plain text field)."""
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else [value] if value else []
+
+
 def _files_format(source: DataSource, where: str, path: str) -> str:
     if source.format:
         return source.format
@@ -176,7 +194,7 @@ def _documents(
         dataset = _group_by_heading(dataset, source, columns[0])
     if source.max_examples is not None:
         dataset = dataset.select(range(min(source.max_examples, len(dataset))))
-    if not any(isinstance(v, str) and v.strip() for column in columns for v in dataset[column]):
+    if not any(has_text(v) for column in columns for v in dataset[column]):
         raise UserError(f"{name}: no non-empty text in column(s) {columns}; the data is empty")
     return dataset
 
@@ -195,17 +213,21 @@ def _check_fields(
     fields: tuple[str, ...],
     value_fields: tuple[str, ...],
     name: str,
+    list_fields: tuple[str, ...] = (),
 ) -> None:
-    """Text fields must hold text, value fields (scores, labels) must be present in every example.
+    """Text fields must hold text (`list_fields` may hold lists of texts), value fields (scores,
+    labels) must be present in every example.
 
     Rows of a structured file (JSON, CSV, TSV) are examples, so an empty text there is a mistake in
     the data and stops the run, naming the line; empty lines of plain text are just skipped later.
     """
     for task_field in fields:
-        if getattr(dataset.features[task_field], "dtype", None) not in TEXT_DTYPES:
-            raise UserError(
-                f"{name}: field {task_field!r} must hold text, found {dataset.features[task_field]}"
-            )
+        feature = dataset.features[task_field]
+        if task_field in list_fields and is_text_feature(feature):
+            continue
+        if getattr(feature, "dtype", None) not in TEXT_DTYPES:
+            allowed = "text or a list of texts" if task_field in list_fields else "text"
+            raise UserError(f"{name}: field {task_field!r} must hold {allowed}, found {feature}")
     structured = source.documents == "row" and (
         source.format or FORMATS.get(Path(source.path or "").suffix.lower())
     ) in (
@@ -215,7 +237,7 @@ def _check_fields(
     )
     for task_field in value_fields + (fields if structured else ()):
         for row, value in enumerate(dataset[task_field]):
-            if value is None or (isinstance(value, str) and not value.strip()):
+            if value is None or (task_field in fields and not has_text(value)):
                 raise UserError(
                     f"{name}, {_line_of(source, row)}: field {task_field!r} is empty; fill it in or remove the line"
                 )
@@ -223,7 +245,7 @@ def _check_fields(
 
 def _drop_empty(dataset: datasets.Dataset, fields: tuple[str, ...], name: str) -> datasets.Dataset:
     """Skip examples with an empty text (blank lines of plain text); refuse a split with none left."""
-    dataset = dataset.filter(lambda ex: all(ex[f] is not None and ex[f].strip() for f in fields))
+    dataset = dataset.filter(lambda ex: all(has_text(ex[f]) for f in fields))
     if len(dataset) == 0:
         raise UserError(f"{name}: no non-empty examples (field(s) {list(fields)}); the data is empty")
     return dataset
@@ -276,10 +298,11 @@ def load_split(
     split: str,
     where: str,
     value_fields: tuple[str, ...] = (),
+    list_fields: tuple[str, ...] = (),
 ) -> datasets.Dataset | None:
     """One split ("train", "validation" or "test") with the task's field names, or None
-    when the source has no such split. `fields` hold text; `value_fields` hold scores or labels.
-    `where` is the source's config key, for messages."""
+    when the source has no such split. `fields` hold text (those in `list_fields` may hold lists
+    of texts); `value_fields` hold scores or labels. `where` is the source's config key, for messages."""
     all_fields = fields + value_fields
     unknown_fields = sorted(set(source.columns) - set(all_fields))
     if unknown_fields:
@@ -294,7 +317,7 @@ def load_split(
     raw, name = loaded
     documents = _documents(raw, source, list(mapping.values()), name, where)
     documents = documents.rename_columns({col: f for f, col in mapping.items() if col != f})
-    _check_fields(documents, source, fields, value_fields, name)
+    _check_fields(documents, source, fields, value_fields, name, list_fields)
     if held_out:
         train, validation = _holdout(documents, source.holdout_every, where)
         documents, name = (train, name) if split == "train" else (validation, f"{name} (held out)")
@@ -309,8 +332,14 @@ def read_text_lines(source: DataSource, where: str) -> list[str]:
     out, exactly as load_source leaves them out, so the vocabulary never sees validation text.
     """
     raw, name = _load_split(source, "train", where)
-    columns = [c for c, feature in raw.features.items() if getattr(feature, "dtype", None) in TEXT_DTYPES]
+    columns = [c for c, feature in raw.features.items() if is_text_feature(feature)]
     documents = _documents(raw, source, columns, name, where)
     if _uses_holdout(source):
         documents, _ = _holdout(documents, source.holdout_every, where)
-    return [line for column in columns for value in documents[column] if value for line in value.splitlines()]
+    return [
+        line
+        for column in columns
+        for value in documents[column]
+        for text in texts_of(value)
+        for line in text.splitlines()
+    ]

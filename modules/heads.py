@@ -34,6 +34,27 @@ class MaskedLMHead(nn.Module):
         return F.linear(h, weight, self.bias)
 
 
+class LanguageModelHead(nn.Module):
+    """Next-token logits for generation: hidden states projected onto the vocabulary.
+
+    Tied (the default), the projection is the token embedding matrix, scaled by d_model ** -0.5
+    when `scale_tied_output` is set (T5 ties this way); untied, the head owns its (V, D) matrix
+    (where an imported untied T5 `lm_head` lands). No bias, as in T5 and GPT-2.
+    """
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.scale = config.d_model**-0.5 if config.tie_embeddings and config.scale_tied_output else 1.0
+        self.decoder = (
+            None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        )
+
+    def forward(self, hidden: Tensor, token_embedding: Tensor) -> Tensor:
+        """hidden: (N, D); token_embedding: (V, D) -> logits (N, V)"""
+        weight = token_embedding if self.decoder is None else self.decoder.weight
+        return F.linear(hidden * self.scale, weight)
+
+
 class PooledClassifierHead(nn.Module):
     """A linear classifier on the pooled sentence vector (BERT's NSP head is this with 2 classes)."""
 

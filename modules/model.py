@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
@@ -105,7 +106,7 @@ class MultiTaskModel(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         name = batch["task"]
-        self.tasks[name].update_metrics(self.eval_metrics[name], self(batch), batch)
+        self.tasks[name].update_metrics(self.eval_metrics[name], self(batch), batch, self.tokenizer)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.validation_step(batch, batch_idx, dataloader_idx)
@@ -130,7 +131,17 @@ class MultiTaskModel(pl.LightningModule):
             for key, value in values.items():
                 self.log(f"{stage}/{name}/{key}", value, prog_bar=key == self.tasks[name].monitor[0])
             overall = overall + self.tasks[name].loss_weight * values["loss"]
+            self._log_samples(f"{stage}/{name}/samples", self.tasks[name].take_samples())
         self.log(f"{stage}/loss", overall)
+
+    def _log_samples(self, key: str, samples: tuple[list[str], list[list[str]]] | None) -> None:
+        """A task's example outputs as a W&B table (other loggers have no tables)."""
+        if samples is None or not self.trainer.is_global_zero:
+            return
+        columns, rows = samples
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key=key, columns=columns, data=rows, step=self.global_step)
 
     def on_train_epoch_start(self) -> None:
         for name, task in self.tasks.items():

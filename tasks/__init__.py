@@ -3,6 +3,8 @@ names a task by its class (`class_path: MaskedLMNextSentence`)."""
 
 from tasks.base import Task
 from tasks.mlm_nsp import MaskedLMNextSentence
+from tasks.prefix_lm import PrefixLM
+from tasks.seq2seq import Seq2Seq
 from tasks.triplet import SentenceEmbedding
 
-__all__ = ["Task", "MaskedLMNextSentence", "SentenceEmbedding"]
+__all__ = ["Task", "MaskedLMNextSentence", "PrefixLM", "Seq2Seq", "SentenceEmbedding"]

@@ -27,6 +27,9 @@ class Task:
     """Text fields every raw example must have (after the source's column mapping)."""
     value_fields: tuple[str, ...] = ()
     """Non-text fields every raw example must have: scores, labels."""
+    list_fields: tuple[str, ...] = ()
+    """Text fields that may hold a list of texts instead of one (sentences of a document, several
+    references); the task's tokenize receives them as lists."""
 
     @property
     def predict_fields(self) -> tuple[str, ...]:
@@ -75,9 +78,20 @@ class Task:
         raise NotImplementedError
 
     def update_metrics(
-        self, metrics: MetricCollection, outputs: dict[str, Tensor], batch: dict[str, Tensor]
+        self,
+        metrics: MetricCollection,
+        outputs: dict[str, Tensor],
+        batch: dict[str, Tensor],
+        tokenizer: Tokenizer,
     ) -> None:
+        """Add one evaluation batch to the metrics (`tokenizer` turns generated ids into text)."""
         raise NotImplementedError
+
+    def take_samples(self) -> tuple[list[str], list[list[str]]] | None:
+        """(column names, rows) of a few examples from the last evaluation, shown as a W&B table
+        (generated text beside its input and reference); None when the task keeps none. Taking
+        them empties the buffer for the next evaluation."""
+        return None
 
     def predict(
         self, outputs: dict[str, Tensor], batch: dict[str, Tensor], tokenizer: Tokenizer

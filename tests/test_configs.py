@@ -11,6 +11,12 @@ from .conftest import ROOT, SHARED_DATA
 CONFIGS = ROOT / "experiments" / "configs"
 WIKITEXT = SHARED_DATA / "wikitext2" / "wiki.test.raw"
 STSB = SHARED_DATA / "stsb"
+SCITLDR = SHARED_DATA / "scitldr"
+SCITLDR_LOCAL = [
+    "--config", str(CONFIGS / "local" / "scitldr.yaml"),
+    "--data.sources.summarize.path", str(SCITLDR / "train.jsonl"),
+    "--data.sources.summarize.validation_path", str(SCITLDR / "dev.jsonl"),
+]  # fmt: skip
 LOCAL_DATA = {
     "quickstart.yaml": [],
     "pretrain_mlm_nsp.yaml": ["--data.sources.mlm_nsp.path", str(WIKITEXT)],
@@ -19,8 +25,15 @@ LOCAL_DATA = {
         "--data.sources.triplet.path", str(STSB / "sts-train.csv"),
         "--data.sources.triplet.validation_path", str(STSB / "sts-dev.csv"),
     ],
+    "summarize_seq2seq.yaml": SCITLDR_LOCAL,
+    "summarize_prefix_lm.yaml": SCITLDR_LOCAL,
 }  # fmt: skip
-NEEDS = {"pretrain_mlm_nsp.yaml": WIKITEXT, "siamese_stsb.yaml": STSB}
+NEEDS = {
+    "pretrain_mlm_nsp.yaml": WIKITEXT,
+    "siamese_stsb.yaml": STSB,
+    "summarize_seq2seq.yaml": SCITLDR,
+    "summarize_prefix_lm.yaml": SCITLDR,
+}
 
 
 def test_every_config_is_covered():

@@ -1,0 +1,288 @@
+"""What text-to-text tasks share: prompts from templates, targets, generation, ROUGE / BLEU.
+
+A generative task reads one or more input fields and a `target` field, writes the input as a
+prompt through a template (T5's task prefixes: "summarize: {source}"), and learns to produce the
+target. Two architectures implement it on the shared backbone: `Seq2Seq` (encoder-decoder) and
+`PrefixLM` (decoder only, `ARTICLE </s> SUMMARY </s>`). Validation generates with the task's
+decoding settings and scores the outputs against every reference with ROUGE (and BLEU for
+translation), next to the lead-1 baseline: the first sentence of the input text as the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.text import SacreBLEUScore
+
+from datamodules.sources import texts_of
+from datamodules.tokenizer import SPECIAL_TOKENS, Tokenizer
+from modules.config import BackboneConfig
+from modules.errors import UserError
+from modules.generation import GenerationConfig
+from modules.heads import LanguageModelHead
+from tasks.base import Task
+from tasks.metrics import RougeScore
+from tasks.sentences import split_sentences
+
+IGNORE = -100
+PAD_ID, START_ID, EOS_ID = (SPECIAL_TOKENS.index(token) for token in ("<pad>", "<s>", "</s>"))
+PREFIXES = {
+    "summarize": "summarize: {source}",
+    "translate English to German": "translate English to German: {source}",
+    "translate English to French": "translate English to French: {source}",
+    "translate English to Romanian": "translate English to Romanian: {source}",
+    "question": "question: {question}",
+    "question with context": "question: {question} context: {context}",
+    "none": "{source}",
+}
+"""T5's task prefixes by name; `template` takes any other."""
+SAMPLE_ROWS = 8  # (input, reference, output) rows kept per evaluation for the W&B table
+
+
+def template_fields(template: str) -> tuple[str, ...]:
+    """The `{field}` names a template fills in, in order of first use."""
+    names = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    bad = [n for n in names if not re.fullmatch(r"[A-Za-z_]\w*", n)]
+    if bad or not names:
+        raise UserError(
+            f"template {template!r} needs at least one {{field}} and plain field names, got {names or 'none'}"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def pad_rows(rows: list[np.ndarray | list[int]], pad: int, left: bool = False) -> tuple[Tensor, Tensor]:
+    """Token rows -> (ids (B, L), attention mask (B, L)), padded on the right (or the left)."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row)
+        span = slice(length - n, length) if left else slice(0, n)
+        ids[i, span], mask[i, span] = torch.as_tensor(row, dtype=torch.long), 1
+    return ids, mask
+
+
+@dataclass
+class Truncations:
+    """How many inputs and targets of a split were cut to fit, reported once per split."""
+
+    inputs: int = 0
+    targets: int = 0
+    examples: int = 0
+
+
+class GenerativeTask(Task):
+    """Shared by Seq2Seq and PrefixLM: templates, tokenization of targets, evaluation by generation."""
+
+    def __init__(
+        self,
+        prefix: str = "summarize",
+        template: str | None = None,
+        max_source_length: int = 512,
+        max_target_length: int = 128,
+        label_smoothing: float = 0.0,
+        metrics: Sequence[Literal["rouge", "bleu"]] = ("rouge",),
+        generation: GenerationConfig = GenerationConfig(),
+        loss_weight: float = 1.0,
+    ) -> None:
+        """
+        prefix: the task prefix by name, one of PREFIXES ("summarize", "translate English to German",
+            "question", "question with context", "none", ...); its template fills the input fields.
+        template: your own prompt template instead, e.g. "headline: {body}"; its {fields} are read
+            from the source (map columns onto them with the source's `columns`).
+        max_source_length: tokens of the input (with </s>); longer inputs are cut and counted.
+        max_target_length: tokens of the target (with </s>); longer targets are cut and counted.
+        label_smoothing: cross-entropy label smoothing (0: none).
+        metrics: what validation reports beside the loss: "rouge" (1, 2, L, Lsum) and/or "bleu".
+        generation: decoding for validation, test and predict (greedy, beam, sampling).
+        """
+        super().__init__(loss_weight)
+        if template is None:
+            if prefix not in PREFIXES:
+                raise UserError(
+                    f"unknown task prefix {prefix!r}; known prefixes: {', '.join(map(repr, PREFIXES))} "
+                    "(or set `template` to your own, e.g. 'headline: {{body}}')"
+                )
+            template = PREFIXES[prefix]
+        self.prefix, self.template = prefix, template
+        self.input_fields = template_fields(template)
+        if "target" in self.input_fields:
+            raise UserError(f"template {template!r} uses {{target}}, the field the model must produce")
+        unknown = sorted(set(metrics) - {"rouge", "bleu"})
+        if unknown or not metrics:
+            raise UserError(f"metrics must be a non-empty list of 'rouge' and 'bleu', got {list(metrics)}")
+        if not 0 <= label_smoothing < 1:
+            raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if max_target_length < 2 or max_source_length < 2:
+            raise UserError("max_source_length and max_target_length must be at least 2 (a token and </s>)")
+        if isinstance(generation, dict):  # rebuilt from a checkpoint's plain settings
+            generation = GenerationConfig(**generation)
+        if generation.eos_id is not None or generation.pad_id != PAD_ID:
+            raise UserError(
+                "generation.eos_id and generation.pad_id come from the tokenizer; leave them unset"
+            )
+        self.max_source_length, self.max_target_length = max_source_length, max_target_length
+        self.label_smoothing, self.metric_names = label_smoothing, tuple(metrics)
+        self.generation = generation
+        self.decoding = dataclasses.replace(generation, eos_id=EOS_ID, pad_id=PAD_ID)
+        self.fields = (*self.input_fields, "target")
+        self.list_fields = (
+            self.fields
+        )  # inputs given as lists of sentences are joined; targets are references
+        self.samples: list[list[str]] = []
+
+    def init_args(self) -> dict:
+        return {
+            "prefix": self.prefix,
+            "template": self.template if self.template != PREFIXES.get(self.prefix) else None,
+            "max_source_length": self.max_source_length,
+            "max_target_length": self.max_target_length,
+            "label_smoothing": self.label_smoothing,
+            "metrics": list(self.metric_names),
+            "generation": dataclasses.asdict(self.generation),  # eos_id / pad_id unset: the tokenizer's
+            "loss_weight": self.loss_weight,
+        }
+
+    @property
+    def predict_fields(self) -> tuple[str, ...]:
+        return self.input_fields
+
+    @property
+    def monitor(self) -> tuple[str, str]:
+        return ("rougeL", "max") if "rouge" in self.metric_names else ("bleu", "max")
+
+    def build_head(self, config: BackboneConfig) -> nn.Module:
+        return LanguageModelHead(config)
+
+    # ----- data -----
+
+    def prompt(self, example: dict) -> str:
+        """The input fields of one example written through the template (lists of texts joined)."""
+        return self.template.format(**{f: " ".join(texts_of(example[f])) for f in self.input_fields})
+
+    def tokenize(self, batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        prompts = [self.prompt(row) for row in rows]
+        out = {"prompt": prompts, "source_ids": tokenizer.encode(prompts)}
+        lead = self.input_fields[-1]  # the main text: source, or the context of a question
+        out["lead"] = [next(iter(split_sentences(" ".join(texts_of(row[lead])))), "") for row in rows]
+        if "target" in batch:
+            references = [[t.strip() for t in texts_of(value) if t.strip()] for value in batch["target"]]
+            out["references"] = references
+            out["target_ids"] = [tokenizer.encode(refs) for refs in references]
+        return out
+
+    def cut(self, ids: Sequence[int], limit: int, eos_id: int) -> tuple[list[int], bool]:
+        """ids -> (at most `limit` tokens ending in </s>, whether anything was cut)."""
+        return [*ids[: limit - 1], eos_id], len(ids) > limit - 1
+
+    def build_examples(self, tokenized, tokenizer: Tokenizer, split: str, seed: int) -> list[dict[str, Any]]:
+        """Prompts and targets cut to their lengths (the cuts counted and reported). Training: one
+        example per reference (each is a correct output); evaluation: one per input, scored
+        against all its references; predict: prompts alone."""
+        counts, examples = Truncations(), []
+        for row in tokenized:
+            prompt, cut_prompt = self.cut(row["source_ids"], self.max_source_length, tokenizer.eos_id)
+            counts.examples += 1
+            counts.inputs += cut_prompt
+            example = {
+                "prompt_ids": np.asarray(prompt, np.int32),
+                "prompt": row["prompt"],
+                "lead": row["lead"],
+            }
+            if "target_ids" not in row:
+                examples.append(example)
+                continue
+            targets = []
+            for ids in row["target_ids"]:
+                target, cut_target = self.cut(ids, self.max_target_length, tokenizer.eos_id)
+                counts.targets += cut_target
+                targets.append(np.asarray(target, np.int32))
+            if split == "train":
+                examples.extend(example | {"target": t} for t in targets)
+            else:
+                examples.append(example | {"target": targets[0], "references": row["references"]})
+        if counts.inputs or counts.targets:
+            rank_zero_info(
+                f"{type(self).__name__} {split}: cut {counts.inputs} of {counts.examples} inputs to "
+                f"max_source_length={self.max_source_length} and {counts.targets} targets to "
+                f"max_target_length={self.max_target_length} tokens"
+            )
+        return examples
+
+    # ----- evaluation -----
+
+    def token_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """(N, V) logits at the target positions, (N,) target ids -> mean cross-entropy."""
+        return nn.functional.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+
+    def loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+        return {"loss": self.token_loss(outputs["logits"], batch["labels"][batch["labels"] != IGNORE])}
+
+    def update_metrics(
+        self, metrics: MetricCollection, outputs: dict[str, Tensor], batch: dict, tokenizer: Tokenizer
+    ) -> None:
+        if "labels" not in batch:
+            return
+        n_tokens = int((batch["labels"] != IGNORE).sum())
+        metrics["loss"].update(self.loss(outputs, batch)["loss"], weight=n_tokens)
+        n = self.generation.num_return_sequences
+        self.score_outputs(metrics, self.decode_rows(outputs["generated"][::n], tokenizer), batch)
+
+    def metrics(self, vocab_size: int) -> MetricCollection:
+        metrics: dict[str, nn.Module] = {"loss": MeanMetric()}
+        if "rouge" in self.metric_names:
+            metrics |= {"rouge": RougeScore(), "baseline_rouge": RougeScore(prefix="baseline_")}
+        if "bleu" in self.metric_names:
+            metrics |= {"bleu": SacreBLEUScore(), "baseline_bleu": SacreBLEUScore()}
+        return MetricCollection(metrics)
+
+    def score_outputs(self, metrics: MetricCollection, outputs: list[str], batch: dict) -> None:
+        """Generated texts of one evaluation batch -> ROUGE / BLEU against every reference, the
+        lead-1 baseline likewise, and the first rows kept for the W&B samples table."""
+        references, lead = batch["references"], batch["lead"]
+        if "rouge" in metrics:
+            metrics["rouge"].update(outputs, references)
+            metrics["baseline_rouge"].update(lead, references)
+        if "bleu" in metrics:
+            metrics["bleu"].update(outputs, references)
+            metrics["baseline_bleu"].update(lead, references)
+        room = SAMPLE_ROWS - len(self.samples)
+        for prompt, refs, output in list(zip(batch["prompt"], references, outputs, strict=True))[:room]:
+            self.samples.append([prompt, refs[0], output])
+
+    def take_samples(self) -> tuple[list[str], list[list[str]]] | None:
+        rows, self.samples = self.samples, []
+        return (["input", "reference", "generated"], rows) if rows else None
+
+    def decode_rows(self, tokens: Tensor, tokenizer: Tokenizer) -> list[str]:
+        """(N, L) generated ids, padded after </s> -> N texts."""
+        texts = []
+        for row in tokens.tolist():
+            if tokenizer.eos_id in row:
+                row = row[: row.index(tokenizer.eos_id)]
+            texts.append(tokenizer.decode([t for t in row if t != tokenizer.pad_id]))
+        return texts
+
+    def predict(self, outputs: dict[str, Tensor], batch: dict, tokenizer: Tokenizer) -> list[dict]:
+        """One record per input: the prompt and its generation(s) (n-best when num_return_sequences > 1)."""
+        texts = self.decode_rows(outputs["generated"], tokenizer)
+        n = self.generation.num_return_sequences
+        records = []
+        for row, prompt in enumerate(batch["prompt"]):
+            mine = texts[row * n : (row + 1) * n]
+            record = {"input": prompt, "generated": mine[0] if n == 1 else mine}
+            if "scores" in outputs and n > 1:
+                record["scores"] = [round(s, 4) for s in outputs["scores"][row * n : (row + 1) * n].tolist()]
+            records.append(record)
+        return records

@@ -1,0 +1,117 @@
+"""A decoder-only summarizer: `ARTICLE </s> SUMMARY </s>` through the causal decoder stack.
+
+One sequence holds the prompt, a </s> separator and the summary; the decoder predicts every next
+token under the causal mask. By default only the summary's predictions (its tokens and its final
+</s>) count in the loss, so the model is taught to summarize rather than to write articles;
+`loss_on: all` trains on every next token (the full language-model loss). To summarize, the
+prompt and its </s> are fed alone, left-padded so every row's next token lands in the same
+column, and the continuation up to </s> is the summary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from torch import Tensor, nn
+
+from datamodules.tokenizer import Tokenizer
+from modules.backbone import Backbone
+from modules.config import BackboneConfig
+from modules.errors import UserError
+from modules.generation import GenerationConfig, generate
+from tasks.generative import IGNORE, GenerativeTask, pad_rows
+
+
+class PrefixLM(GenerativeTask):
+    """Decoder-only text-to-text with the loss on the target (see the module docstring)."""
+
+    stacks = "decoder"
+
+    def __init__(
+        self,
+        prefix: str = "summarize",
+        template: str | None = None,
+        max_source_length: int = 384,
+        max_target_length: int = 128,
+        label_smoothing: float = 0.0,
+        metrics: Sequence[Literal["rouge", "bleu"]] = ("rouge",),
+        generation: GenerationConfig = GenerationConfig(),
+        loss_on: Literal["target", "all"] = "target",
+        loss_weight: float = 1.0,
+    ) -> None:
+        """
+        loss_on: "target" (the summary's tokens only) or "all" (every next token, article included).
+        max_source_length + max_target_length must fit the backbone's max_len (one sequence holds
+        both). The other arguments are those of every generative task (tasks/generative.py).
+        """
+        super().__init__(
+            prefix,
+            template,
+            max_source_length,
+            max_target_length,
+            label_smoothing,
+            metrics,
+            generation,
+            loss_weight,
+        )
+        if loss_on not in ("target", "all"):
+            raise UserError(f"PrefixLM.loss_on must be 'target' or 'all', got {loss_on!r}")
+        self.loss_on = loss_on
+
+    def init_args(self) -> dict:
+        return super().init_args() | {"loss_on": self.loss_on}
+
+    def build_head(self, config: BackboneConfig) -> nn.Module:
+        longest = self.max_source_length + self.max_target_length
+        if longest > config.max_len and config.position != "relative":
+            raise UserError(
+                f"PrefixLM: max_source_length + max_target_length = {longest} exceeds "
+                f"model.backbone.max_len={config.max_len}; lower them or raise max_len"
+            )
+        return super().build_head(config)
+
+    def collate(self, examples: list[dict], seeds: list[int], tokenizer: Tokenizer) -> dict[str, Any]:
+        batch: dict[str, Any] = {
+            "prompt": [e["prompt"] for e in examples],
+            "lead": [e["lead"] for e in examples],
+        }
+        if "target" in examples[0]:
+            sequences, labels = [], []
+            for e in examples:
+                sequence = np.concatenate([e["prompt_ids"], e["target"]])  # ARTICLE </s> SUMMARY </s>
+                next_tokens = sequence[1:].astype(np.int64)  # position t predicts token t + 1
+                if self.loss_on == "target":
+                    next_tokens[: len(e["prompt_ids"]) - 1] = IGNORE  # predictions of the article itself
+                sequences.append(sequence[:-1])
+                labels.append(next_tokens)
+            batch["input_ids"], batch["attention_mask"] = pad_rows(sequences, tokenizer.pad_id)  # (B, T)
+            padded, real = pad_rows(labels, tokenizer.pad_id)
+            batch["labels"] = padded.masked_fill(real == 0, IGNORE)  # (B, T)
+        if "target" not in examples[0] or "references" in examples[0]:  # it will generate
+            batch["prompt_ids"], batch["prompt_mask"] = pad_rows(
+                [e["prompt_ids"] for e in examples], tokenizer.pad_id, left=True
+            )  # (B, P)
+        if "references" in examples[0]:
+            batch["references"] = [e["references"] for e in examples]
+        return batch
+
+    def forward(self, backbone: Backbone, head: nn.Module, batch: dict) -> dict[str, Tensor]:
+        outputs: dict[str, Tensor] = {}
+        if "labels" in batch:
+            hidden = backbone.decode(batch["input_ids"], batch["attention_mask"])  # (B, T, D)
+            selected = batch["labels"] != IGNORE
+            outputs["logits"] = head(hidden[selected], backbone.token_embedding)  # (N, V)
+        if not backbone.training and "prompt_ids" in batch:  # evaluation or predict data
+            result = generate(
+                backbone,
+                lambda h: head(h, backbone.token_embedding),
+                batch["prompt_ids"],
+                batch["prompt_mask"],
+                self.decoding,
+            )
+            outputs["generated"] = result.tokens
+            if result.scores is not None:
+                outputs["scores"] = result.scores
+        return outputs
