@@ -1,4 +1,5 @@
-"""ROUGE through polyhead equals Google's rouge-score on the same strings, for every variant."""
+"""Text-generation metrics equal their reference implementations on the same strings: ROUGE
+(every variant) Google's rouge-score, BLEU the sacrebleu package."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import math
 import random
 
 import pytest
+import sacrebleu
 from rouge_score import rouge_scorer
+from torchmetrics.text import SacreBLEUScore
 
 from tasks.metrics import ROUGE_TYPES, RougeScore
 
@@ -69,3 +72,22 @@ def test_rouge_rejects_missing_references_and_reports_nothing_as_nan():
     with pytest.raises(ValueError, match="2 predictions for 1"):
         metric.update(["a", "b"], [["a"]])
     assert all(math.isnan(float(v)) for v in RougeScore().compute().values())
+
+
+def test_bleu_equals_sacrebleu_on_single_reference_translations():
+    """The BLEU that seq2seq validation logs (torchmetrics' SacreBLEUScore, 13a tokenisation, DDP-
+    summable n-gram counts) is sacrebleu's corpus BLEU for one reference per sentence."""
+    rng = random.Random(1)
+    references = [sentence(rng) + " " + sentence(rng) for _ in range(60)]
+    outputs = []
+    for reference in references:
+        words = reference.split()
+        for _ in range(2):
+            words[rng.randrange(len(words))] = rng.choice(WORDS)
+        outputs.append(" ".join(words[: len(words) - rng.randint(0, 2)]))
+    metric = SacreBLEUScore()
+    metric.update(outputs[:30], [[r] for r in references[:30]])
+    metric.update(outputs[30:], [[r] for r in references[30:]])
+    expected = sacrebleu.corpus_bleu(outputs, [references]).score
+    assert 20 < expected < 90  # a regime where every n-gram order matches
+    assert 100 * float(metric.compute()) == pytest.approx(expected, abs=1e-3)
