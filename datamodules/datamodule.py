@@ -246,11 +246,20 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
 
 def source_identity(source: DataSource) -> dict:
-    """What the cached tokenization of a source depends on: its settings and its files' size and age."""
+    """What the cached tokenization of a source depends on: its settings and its files' size and age
+    (each file of a mapping of aligned files)."""
+
+    def file_identity(path: str) -> str | list:
+        if not os.path.isfile(path):
+            return path  # a glob, or a file that loading will report missing
+        stat = os.stat(path)
+        return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+
     identity = asdict(source)
     for key in ("path", "validation_path", "test_path", "predict_path"):
         path = identity[key]
-        if path and os.path.isfile(path):
-            stat = os.stat(path)
-            identity[key] = [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+        if isinstance(path, dict):
+            identity[key] = {column: file_identity(file) for column, file in path.items()}
+        elif path:
+            identity[key] = file_identity(path)
     return identity

@@ -1,15 +1,20 @@
-"""Data sources: a hub dataset or local text / JSON(L) / CSV / TSV files -> `datasets.Dataset`.
+"""Data sources: a hub dataset or local text / JSON(L) / CSV / TSV / SQuAD files, or aligned line
+files (parallel corpora) -> `datasets.Dataset`.
 
-Every source is read through `datasets.load_dataset`, renamed to the task's field names by the
-column mapping, and checked; anything wrong stops with one message naming the file and the fix.
+Hub data and single local files are read through `datasets.load_dataset`; aligned line files and
+SQuAD JSON, whose rows are not the rows of one file, are built here. Every source is renamed to the
+task's field names by the column mapping, and checked; anything wrong stops with one message naming
+the file and the fix.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 import re
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,19 +25,36 @@ from modules.errors import UserError
 
 TEXT_DTYPES = ("string", "large_string")
 FORMATS = {".txt": "text", ".raw": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "tsv"}
+SQUAD_FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "title": datasets.Value("string"),
+        "context": datasets.Value("string"),
+        "question": datasets.Value("string"),
+        "answers": datasets.Sequence(datasets.Value("string")),
+        "answer_starts": datasets.Sequence(datasets.Value("int64")),
+    }
+)
+JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
 
 
 @dataclass
 class DataSource:
-    path: str | None = None
-    """Local training file (or glob). Format from the extension unless `format` is set."""
-    validation_path: str | None = None
-    """Local validation file; without it, `holdout_every` splits validation off the training data."""
-    test_path: str | None = None
-    """Local test file, for `polyhead test` (and `polyhead predict` without a predict_path)."""
-    predict_path: str | None = None
-    """Local file of inputs for `polyhead predict`, read by its own extension and holding the task's
-    predict fields (for sentence embeddings: a text file, one text per line)."""
+    path: str | dict[str, str] | None = None
+    """Local training file (or glob). Format from the extension unless `format` is set.
+    Or aligned line files (a parallel corpus) as a mapping column -> file, e.g.
+    `{source: data/train.en.gz, target: data/train.de.gz}`: line i of every file is example i; the
+    files are read as text lines (gunzipped when the name ends in .gz) and must have equal line counts."""
+    validation_path: str | dict[str, str] | None = None
+    """Local validation file (or aligned files, as for `path`); without it, `holdout_every` splits
+    validation off the training data."""
+    test_path: str | dict[str, str] | None = None
+    """Local test file (or aligned files, as for `path`), for `polyhead test` (and `polyhead predict`
+    without a predict_path)."""
+    predict_path: str | dict[str, str] | None = None
+    """Local file of inputs for `polyhead predict` (or aligned files, as for `path`), read by its own
+    extension and holding the task's predict fields (for sentence embeddings: a text file, one text
+    per line)."""
     hub: str | None = None
     """A dataset name on the HuggingFace hub, used when `path` is not set (needs the network)."""
     hub_config: str | None = None
@@ -43,8 +65,10 @@ class DataSource:
     """Hub split for validation (None: use holdout_every)."""
     test_split: str | None = None
     """Hub split for `polyhead test` and `polyhead predict`, e.g. test."""
-    format: Literal["text", "json", "csv", "tsv"] | None = None
-    """File format; default from the file extension (.txt/.raw text, .json/.jsonl json, .csv, .tsv)."""
+    format: Literal["text", "json", "csv", "tsv", "squad"] | None = None
+    """File format; default from the file extension (.txt/.raw text, .json/.jsonl json, .csv, .tsv).
+    squad (never from the extension): SQuAD v1.1 JSON, one row per question with columns id, title,
+    context, question, answers (the answer texts, in order) and answer_starts (their offsets)."""
     encoding: str = "utf-8"
     """Text encoding of local files (e.g. latin-1)."""
     column_names: list[str] | None = None
@@ -52,7 +76,8 @@ class DataSource:
     quoting: bool = True
     """False: quote characters in CSV/TSV are ordinary text (files like STS-B that never quote)."""
     columns: dict[str, str] = field(default_factory=dict)
-    """Task field -> source column, for columns whose names differ from the task's fields."""
+    """Task field -> source column, for columns whose names differ from the task's fields; a
+    nested field is `parent.child` (e.g. target: answers.text)."""
     documents: Literal["row", "blank_line", "heading"] = "row"
     """How text becomes examples: each row/line (row), blank-line separated blocks, or sections that
     start at a line matching `heading_pattern` (WikiText articles)."""
@@ -61,7 +86,13 @@ class DataSource:
     skip_lines: str | None = None
     """Regex of text lines to drop (e.g. sub-headings) when documents is "heading"."""
     holdout_every: int | None = None
-    """Without a validation file or split: example i goes to validation when i % n == n - 1."""
+    """Without a validation file or split: example i goes to validation when i % n == n - 1 (with
+    `holdout_key`: group i)."""
+    holdout_key: str | None = None
+    """A source column that keeps rows together when `holdout_every` holds out validation: rows with
+    the same value form a group (groups numbered in order of first appearance) and group i goes to
+    validation when i % n == n - 1, e.g. `title` keeps every question of a SQuAD article on one side.
+    The column need not be one the task uses. Only with documents: row."""
     max_examples: int | None = None
     """Use only the first n examples of each split (quick experiments)."""
 
@@ -95,14 +126,19 @@ def _files_format(source: DataSource, where: str, path: str) -> str:
     return FORMATS[suffix]
 
 
+def _decode_error(path: str, raw: bytes, error: UnicodeDecodeError, encoding: str) -> str:
+    """The message for bytes of `path` that are not valid `encoding`, naming their line."""
+    line = raw[: error.start].count(b"\n") + 1
+    return f"{path}, line {line}: not valid {encoding} (byte 0x{raw[error.start]:02x}); set the source's encoding (e.g. latin-1)"
+
+
 def _diagnose(path: str, fmt: str, encoding: str) -> str | None:
     """Find the first line of a local file that cannot be read, for a precise error message."""
     raw = Path(path).read_bytes()
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        return f"{path}, line {line}: not valid {encoding} (byte 0x{raw[error.start]:02x}); set the source's encoding (e.g. latin-1)"
+        return _decode_error(path, raw, error, encoding)
     if fmt == "json" and not text.lstrip().startswith("["):
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -117,14 +153,135 @@ def _diagnose(path: str, fmt: str, encoding: str) -> str | None:
     return None
 
 
-def _load_local(path: str, source: DataSource, where: str) -> datasets.Dataset:
-    if not any(ch in path for ch in "*?[") and not os.path.isfile(path):
+def _check_file(path: str, where: str, globs: bool) -> None:
+    """Stop on a missing or empty file, naming its config key (a glob is left to `datasets`)."""
+    if not (globs and any(ch in path for ch in "*?[")) and not os.path.isfile(path):
         raise UserError(
             f"{where}: file not found: {path!r}; fix the path (relative paths start at {os.getcwd()})"
         )
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise UserError(f"{where}: {path!r} is empty; point it at a file with data")
+
+
+def _read_text(path: str, encoding: str, where: str) -> str:
+    """A whole local file as text, gunzipped when its name ends in .gz."""
+    raw = Path(path).read_bytes()
+    if path.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as error:
+            raise UserError(
+                f"{where}: {path!r} is not a readable gzip file ({error}); re-create it"
+            ) from None
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise UserError(_decode_error(path, raw, error, encoding)) from None
+
+
+def _read_lines(path: str, encoding: str, where: str) -> list[str]:
+    """The lines of a text file, split on newlines only: str.splitlines also breaks at characters
+    such as \\x0c or \\u2028 inside a sentence, which would shift one side of an aligned corpus."""
+    lines = _read_text(path, encoding, where).split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def _load_aligned(files: dict[str, str], source: DataSource, where: str) -> datasets.Dataset:
+    """Aligned line files (a parallel corpus) -> one example per line, one column per file."""
+    if not files:
+        raise UserError(
+            f"{where}: no files; map each column to a file, e.g. {{source: train.en, target: train.de}}"
+        )
+    for setting, allowed in (("format", (None, "text")), ("documents", ("row",))):
+        if getattr(source, setting) not in allowed:
+            raise UserError(
+                f"{where}: aligned files are read as text lines, one example per line; remove "
+                f"{setting}: {getattr(source, setting)} from this source, or give a single file"
+            )
+    columns = {}
+    for column, path in files.items():
+        _check_file(path, f"{where}.{column}", globs=False)
+        columns[column] = _read_lines(path, source.encoding, f"{where}.{column}")
+    (first, first_lines), *others = zip(files.values(), columns.values(), strict=True)
+    for path, lines in others:
+        if len(lines) != len(first_lines):
+            raise UserError(
+                f"{where}: aligned files differ in length: {first!r} has {len(first_lines)} lines, "
+                f"{path!r} has {len(lines)}; every file needs one line per example"
+            )
+    return datasets.Dataset.from_dict(columns)
+
+
+def _member(obj, key: str, kind: type, file: str, at: str):
+    """`obj[key]` of parsed SQuAD JSON, checked to be a `kind`; a malformed file stops naming the
+    path inside it (data[3].paragraphs[0].qas[5]), so the user can find the entry."""
+    fix = "the file must be SQuAD v1.1 JSON (data[].paragraphs[].qas[].answers[])"
+    if type(obj) is not dict:
+        found = JSON_TYPES.get(type(obj), json.dumps(obj))
+        raise UserError(f"{file}: {at or 'top level'}: expected an object, found {found}; {fix}")
+    if key not in obj:
+        raise UserError(f"{file}: {at + ': ' if at else ''}missing {key!r}; {fix}")
+    value = obj[key]
+    if type(value) is not kind:
+        found = JSON_TYPES.get(type(value), json.dumps(value))
+        raise UserError(
+            f"{file}: {at + '.' if at else ''}{key}: expected {JSON_TYPES[kind]}, found {found}; {fix}"
+        )
+    return value
+
+
+def _squad_question(qa, title: str, context: str, file: str, at: str) -> tuple:
+    """One SQuAD question as a row of SQUAD_FEATURES (all answers kept, duplicates too)."""
+    answers = [
+        (
+            _member(a, "text", str, file, f"{at}.answers[{i}]"),
+            _member(a, "answer_start", int, file, f"{at}.answers[{i}]"),
+        )
+        for i, a in enumerate(_member(qa, "answers", list, file, at))
+    ]
+    return (
+        _member(qa, "id", str, file, at),
+        title,
+        context,
+        _member(qa, "question", str, file, at),
+        [t for t, _ in answers],
+        [s for _, s in answers],
+    )
+
+
+def _squad_rows(data, file: str) -> Iterator[tuple]:
+    """Flatten data[].paragraphs[].qas[] into one row per question, in file order."""
+    for a, article in enumerate(_member(data, "data", list, file, "")):
+        title = _member(article, "title", str, file, f"data[{a}]")
+        for p, paragraph in enumerate(_member(article, "paragraphs", list, file, f"data[{a}]")):
+            at = f"data[{a}].paragraphs[{p}]"
+            context = _member(paragraph, "context", str, file, at)
+            for q, qa in enumerate(_member(paragraph, "qas", list, file, at)):
+                yield _squad_question(qa, title, context, file, f"{at}.qas[{q}]")
+
+
+def _load_squad(path: str, source: DataSource, where: str) -> datasets.Dataset:
+    """SQuAD v1.1 JSON -> one row per question. Built here in one pass (datasets' json loader would
+    give one row per file), then handed to Dataset.from_dict with fixed features."""
+    try:
+        data = json.loads(_read_text(path, source.encoding, where))
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}, line {error.lineno}: malformed JSON ({error.msg}); fix the file") from None
+    rows = list(_squad_rows(data, path))
+    columns = {name: [row[i] for row in rows] for i, name in enumerate(SQUAD_FEATURES)}
+    return datasets.Dataset.from_dict(columns, features=SQUAD_FEATURES)
+
+
+def _load_local(path: str | dict[str, str], source: DataSource, where: str) -> tuple[datasets.Dataset, str]:
+    """One local split and the format it was read in."""
+    if isinstance(path, dict):
+        return _load_aligned(path, source, where), "text"
+    _check_file(path, where, globs=source.format != "squad")
     fmt = _files_format(source, where, path)
+    if fmt == "squad":
+        return _load_squad(path, source, where), fmt
     kwargs: dict = {"data_files": path, "split": "train"}
     if fmt == "text":
         kwargs.update(
@@ -143,7 +300,7 @@ def _load_local(path: str, source: DataSource, where: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(
             "text" if fmt == "text" else "json" if fmt == "json" else "csv", **kwargs
-        )
+        ), fmt
     except Exception as error:  # datasets wraps parser errors; find the line ourselves
         problem = _diagnose(path, fmt, source.encoding) if os.path.isfile(path) else None
         detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
@@ -182,7 +339,10 @@ def _group_by_heading(dataset: datasets.Dataset, source: DataSource, column: str
 def _documents(
     dataset: datasets.Dataset, source: DataSource, columns: list[str], name: str, where: str
 ) -> datasets.Dataset:
-    """Keep `columns`, group lines into documents when asked, and keep the first max_examples."""
+    """Keep `columns`, group lines into documents when asked, and keep the first max_examples.
+    A column named `parent.child` reaches into a nested record (the hub's SQuAD `answers.text`)."""
+    if any("." in col and col not in dataset.column_names for col in columns):
+        dataset = dataset.flatten()  # {"answers": {"text": ...}} -> column "answers.text"
     missing = [col for col in columns if col not in dataset.column_names]
     if missing:
         raise UserError(
@@ -199,17 +359,19 @@ def _documents(
     return dataset
 
 
-def _line_of(source: DataSource, row: int) -> str:
-    """Where data row `row` (0-based) sits in its file, for messages."""
-    fmt = source.format or FORMATS.get(Path(source.path or "").suffix.lower())
+def _line_of(source: DataSource, fmt: str | None, row: int) -> str:
+    """Where data row `row` (0-based) sits in its file(s) of format `fmt`, for messages."""
     if fmt in ("csv", "tsv"):
         return f"line {row + 1 + (0 if source.column_names else 1)}"
+    if fmt == "squad":
+        return f"question {row + 1}"
     return f"line {row + 1}" if fmt in ("json", "text") else f"row {row + 1}"
 
 
 def _check_fields(
     dataset: datasets.Dataset,
     source: DataSource,
+    fmt: str | None,
     fields: tuple[str, ...],
     value_fields: tuple[str, ...],
     name: str,
@@ -218,7 +380,7 @@ def _check_fields(
     """Text fields must hold text (`list_fields` may hold lists of texts), value fields (scores,
     labels) must be present in every example.
 
-    Rows of a structured file (JSON, CSV, TSV) are examples, so an empty text there is a mistake in
+    Rows of a structured file (JSON, CSV, TSV, SQuAD) are examples, so an empty text there is a mistake in
     the data and stops the run, naming the line; empty lines of plain text are just skipped later.
     """
     for task_field in fields:
@@ -228,18 +390,12 @@ def _check_fields(
         if getattr(feature, "dtype", None) not in TEXT_DTYPES:
             allowed = "text or a list of texts" if task_field in list_fields else "text"
             raise UserError(f"{name}: field {task_field!r} must hold {allowed}, found {feature}")
-    structured = source.documents == "row" and (
-        source.format or FORMATS.get(Path(source.path or "").suffix.lower())
-    ) in (
-        "json",
-        "csv",
-        "tsv",
-    )
+    structured = source.documents == "row" and fmt in ("json", "csv", "tsv", "squad")
     for task_field in value_fields + (fields if structured else ()):
         for row, value in enumerate(dataset[task_field]):
             if value is None or (task_field in fields and not has_text(value)):
                 raise UserError(
-                    f"{name}, {_line_of(source, row)}: field {task_field!r} is empty; fill it in or remove the line"
+                    f"{name}, {_line_of(source, fmt, row)}: field {task_field!r} is empty; fill it in or remove the line"
                 )
 
 
@@ -255,41 +411,73 @@ def _uses_holdout(source: DataSource) -> bool:
     return (source.validation_path if source.path is not None else source.validation_split) is None
 
 
+def _holdout_groups(raw: datasets.Dataset, source: DataSource, name: str, where: str) -> list[int] | None:
+    """The group of every raw row by the holdout_key column, numbered in order of first appearance,
+    so that held-out validation takes whole groups (articles, not their questions); None without a key.
+
+    Read from the raw rows, before the task's columns are selected, so the key may be any column."""
+    key = source.holdout_key
+    if key is None:
+        return None
+    if key not in raw.column_names:
+        raise UserError(
+            f"{where}.holdout_key: {key!r} is not a column of {name}; its columns are {raw.column_names}"
+        )
+    if source.documents != "row":
+        raise UserError(
+            f"{where}.holdout_key: documents: {source.documents} holds out whole documents already; remove holdout_key"
+        )
+    numbers: dict = {}
+    return [numbers.setdefault(v if isinstance(v, Hashable) else repr(v), len(numbers)) for v in raw[key]]
+
+
 def _holdout(
-    dataset: datasets.Dataset, every: int | None, where: str
+    dataset: datasets.Dataset, every: int | None, where: str, groups: list[int] | None = None
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Example i goes to validation when i % every == every - 1, the rest to training."""
+    """Example i (with `groups`: every example of group i) goes to validation when i % every == every - 1,
+    the rest to training."""
     if not every or every < 2:
         raise UserError(
             f"{where}: no validation data; set validation_path (or validation_split) or holdout_every >= 2"
         )
-    indices = range(len(dataset))
-    validation = dataset.select([i for i in indices if i % every == every - 1])
+    group = groups or range(len(dataset))
+    held = [group[i] % every == every - 1 for i in range(len(dataset))]
+    validation = dataset.select([i for i, h in enumerate(held) if h])
     if len(validation) == 0:
+        among = f"{len(set(group[: len(dataset)]))} groups of holdout_key" if groups else len(dataset)
         raise UserError(
-            f"{where}.holdout_every={every} leaves no validation examples among {len(indices)}; lower it"
+            f"{where}.holdout_every={every} leaves no validation examples among {among}; lower it"
         )
-    return dataset.select([i for i in indices if i % every != every - 1]), validation
+    return dataset.select([i for i, h in enumerate(held) if not h]), validation
 
 
-def _load_split(source: DataSource, split: str, where: str) -> tuple[datasets.Dataset, str] | None:
-    """Raw rows of one split (None if the source has none) and a name for messages."""
+def _load_split(
+    source: DataSource, split: str, where: str
+) -> tuple[datasets.Dataset, str, str | None] | None:
+    """Raw rows of one split (None if the source has none), a name for messages and the format read."""
     if source.path is None and source.hub is None:
         raise UserError(f"{where}: set `path` (a local file) or `hub` (a hub dataset name)")
+    if source.holdout_key is not None and not _uses_holdout(source):
+        raise UserError(
+            f"{where}.holdout_key: validation comes from validation_path / validation_split, so nothing "
+            "is held out; remove holdout_key"
+        )
     if source.path is not None:
         path = {"train": source.path, "validation": source.validation_path, "test": source.test_path}[split]
+        if path is None:
+            return None
         key = "path" if split == "train" else f"{split}_path"
-        return None if path is None else (_load_local(path, source, f"{where}.{key}"), path)
+        name = path if isinstance(path, str) else "{" + ", ".join(f"{c}: {p}" for c, p in path.items()) + "}"
+        dataset, fmt = _load_local(path, source, f"{where}.{key}")
+        return dataset, name, fmt
     hub_split = {
         "train": source.train_split,
         "validation": source.validation_split,
         "test": source.test_split,
     }[split]
-    return (
-        None
-        if hub_split is None
-        else (_load_hub(source, hub_split, where), f"hub dataset {source.hub} ({hub_split})")
-    )
+    if hub_split is None:
+        return None
+    return _load_hub(source, hub_split, where), f"hub dataset {source.hub} ({hub_split})", source.format
 
 
 def load_split(
@@ -314,12 +502,13 @@ def load_split(
     loaded = _load_split(source, "train" if held_out else split, where)
     if loaded is None:
         return None
-    raw, name = loaded
+    raw, name, fmt = loaded
+    groups = _holdout_groups(raw, source, name, where) if held_out else None
     documents = _documents(raw, source, list(mapping.values()), name, where)
     documents = documents.rename_columns({col: f for f, col in mapping.items() if col != f})
-    _check_fields(documents, source, fields, value_fields, name, list_fields)
+    _check_fields(documents, source, fmt, fields, value_fields, name, list_fields)
     if held_out:
-        train, validation = _holdout(documents, source.holdout_every, where)
+        train, validation = _holdout(documents, source.holdout_every, where, groups)
         documents, name = (train, name) if split == "train" else (validation, f"{name} (held out)")
     return _drop_empty(documents, fields, name)
 
@@ -331,11 +520,12 @@ def read_text_lines(source: DataSource, where: str) -> list[str]:
     the tasks, and hence their field names, are known. Held-out validation documents are left
     out, exactly as load_source leaves them out, so the vocabulary never sees validation text.
     """
-    raw, name = _load_split(source, "train", where)
+    raw, name, _ = _load_split(source, "train", where)
     columns = [c for c, feature in raw.features.items() if is_text_feature(feature)]
     documents = _documents(raw, source, columns, name, where)
     if _uses_holdout(source):
-        documents, _ = _holdout(documents, source.holdout_every, where)
+        groups = _holdout_groups(raw, source, name, where)
+        documents, _ = _holdout(documents, source.holdout_every, where, groups)
     return [
         line
         for column in columns

@@ -59,6 +59,9 @@ def test_quickstart_fast_mode_trains_logs_offline_and_checkpoints(tmp_path):
         assert f"val/mlm_nsp/{metric}" in summary, f"val/mlm_nsp/{metric} missing from the W&B summary"
     for metric in ("loss", "recall@1", "mrr@10", "baseline_mrr@10"):
         assert f"val/triplet/{metric}" in summary, f"val/triplet/{metric} missing from the W&B summary"
+    for metric in ("loss", "rouge1", "rouge2", "rougeL", "rougeLsum", "baseline_rouge1"):
+        assert f"val/summarize/{metric}" in summary, f"val/summarize/{metric} missing from the W&B summary"
+    assert summary["val/summarize/samples"]["_type"] == "table-file", "generated examples are a W&B table"
     assert summary["val/mlm_nsp/perplexity"] == pytest.approx(
         torch.tensor(summary["val/mlm_nsp/mlm_loss"]).exp().item(), rel=1e-3
     )
@@ -88,23 +91,44 @@ def test_quickstart_fast_mode_trains_logs_offline_and_checkpoints(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "val/mlm_nsp/mlm_loss" in result.stdout
     documents = str(ROOT / "seeds" / "quickstart" / "documents.jsonl")
-    test_data = ["--data.sources.mlm_nsp.test_path", documents, "--data.sources.triplet.test_path", documents]
+    test_data = [
+        *("--data.sources.mlm_nsp.test_path", documents),
+        *("--data.sources.triplet.test_path", documents),
+        *("--data.sources.summarize.test_path", documents),
+    ]
     result = polyhead(["test", *from_checkpoint, *test_data], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "test/mlm_nsp/nsp_accuracy" in result.stdout and "test/triplet/recall@1" in result.stdout
+    for metric in (
+        "mlm_nsp/nsp_accuracy",
+        "triplet/recall@1",
+        "summarize/rougeL",
+        "summarize/baseline_rougeL",
+    ):
+        assert f"test/{metric}" in result.stdout
     assert "test/mlm_nsp/baseline" not in result.stdout, "the unigram baseline needs training data"
     predictions = tmp_path / "out" / "predictions.jsonl"
     # a run from a checkpoint uses the checkpoint's own tokenizer, whatever the data settings would train
     other_vocab = ["--data.tokenizer.vocab_size", "1000"]
     texts = tmp_path / "texts.txt"
     texts.write_text("The bees returned to the hive.\nA river ran through the town.\n")
+    articles = tmp_path / "articles.jsonl"
+    articles.write_text(
+        '{"source": "The bees returned to the hive."}\n{"source": "A river ran through the town."}\n'
+    )
     embed_texts = ["--data.sources.triplet.predict_path", str(texts)]
+    summarize = [
+        "--data.sources.summarize.predict_path",
+        str(articles),
+        "--model.tasks.summarize.init_args.generation.max_new_tokens",
+        "5",
+    ]
     result = polyhead(
         [
             "predict",
             *from_checkpoint,
             *test_data,
             *embed_texts,
+            *summarize,
             *other_vocab,
             "--predictions.path",
             str(predictions),
@@ -118,6 +142,12 @@ def test_quickstart_fast_mode_trains_logs_offline_and_checkpoints(tmp_path):
     assert [r["text"] for r in embedded] == texts.read_text().splitlines()
     assert all(len(r["embedding"]) == 128 for r in embedded)
     assert abs(sum(x * x for x in embedded[0]["embedding"]) - 1) < 1e-3, "embeddings are unit vectors"
+    summaries = [r for r in records if r["task"] == "summarize"]
+    assert [r["input"] for r in summaries] == [
+        "summarize: The bees returned to the hive.",
+        "summarize: A river ran through the town.",
+    ]
+    assert all(isinstance(r["generated"], str) for r in summaries)
     first = records[0]
     assert first["task"] == "mlm_nsp" and first["segment_a"] and first["segment_b"]
     assert 0.0 <= first["is_next_probability"] <= 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from experiments.cli import main
@@ -17,6 +19,13 @@ SCITLDR_LOCAL = [
     "--data.sources.summarize.path", str(SCITLDR / "train.jsonl"),
     "--data.sources.summarize.validation_path", str(SCITLDR / "dev.jsonl"),
 ]  # fmt: skip
+MULTI30K, SQUAD = SHARED_DATA / "multi30k", SHARED_DATA / "squad" / "dev-v1.1.json"
+
+
+def aligned(split: str) -> str:
+    return json.dumps({lang: str(MULTI30K / f"{split}.{lang}.gz") for lang in ("en", "de")})
+
+
 LOCAL_DATA = {
     "quickstart.yaml": [],
     "pretrain_mlm_nsp.yaml": ["--data.sources.mlm_nsp.path", str(WIKITEXT)],
@@ -27,12 +36,21 @@ LOCAL_DATA = {
     ],
     "summarize_seq2seq.yaml": SCITLDR_LOCAL,
     "summarize_prefix_lm.yaml": SCITLDR_LOCAL,
+    "t5_multitask.yaml": [
+        "--config", str(CONFIGS / "local" / "t5_multitask.yaml"),
+        "--data.sources.summarize.path", str(SCITLDR / "train.jsonl"),
+        "--data.sources.summarize.validation_path", str(SCITLDR / "dev.jsonl"),
+        "--data.sources.translate.path", aligned("train"),
+        "--data.sources.translate.validation_path", aligned("val"),
+        "--data.sources.question.path", str(SQUAD),
+    ],
 }  # fmt: skip
 NEEDS = {
     "pretrain_mlm_nsp.yaml": WIKITEXT,
     "siamese_stsb.yaml": STSB,
     "summarize_seq2seq.yaml": SCITLDR,
     "summarize_prefix_lm.yaml": SCITLDR,
+    "t5_multitask.yaml": SHARED_DATA,
 }
 
 
