@@ -18,6 +18,8 @@ SCITLDR_LOCAL = [
     "--config", str(CONFIGS / "local" / "scitldr.yaml"),
     "--data.sources.summarize.path", str(SCITLDR / "train.jsonl"),
     "--data.sources.summarize.validation_path", str(SCITLDR / "dev.jsonl"),
+    "--data.sources.summarize.max_examples", "300",
+    "--data.tokenizer.vocab_size", "4000",
 ]  # fmt: skip
 MULTI30K, SQUAD = SHARED_DATA / "multi30k", SHARED_DATA / "squad" / "dev-v1.1.json"
 
@@ -43,6 +45,10 @@ LOCAL_DATA = {
         "--data.sources.translate.path", aligned("train"),
         "--data.sources.translate.validation_path", aligned("val"),
         "--data.sources.question.path", str(SQUAD),
+        "--data.sources.summarize.max_examples", "300",
+        "--data.sources.translate.max_examples", "300",
+        "--data.sources.question.max_examples", "3000",  # whole articles: enough for a held-out one
+        "--data.tokenizer.vocab_size", "4000",
     ],
 }  # fmt: skip
 NEEDS = {
