@@ -126,6 +126,7 @@ class MaskedLMNextSentence(Task):
 
     stacks = "encoder"
     fields = ("text",)
+    list_fields = ("text",)  # a document given as its list of sentences (SciTLDR's abstracts) is used as is
 
     def __init__(
         self,
@@ -176,7 +177,10 @@ class MaskedLMNextSentence(Task):
         )
 
     def tokenize(self, batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
-        documents = [split_sentences(text) for text in batch["text"]]
+        documents = [
+            [s.strip() for s in text if s.strip()] if isinstance(text, list) else split_sentences(text)
+            for text in batch["text"]
+        ]
         flat = tokenizer.encode([s for doc in documents for s in doc])
         out, k = [], 0
         for doc in documents:

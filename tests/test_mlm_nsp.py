@@ -41,6 +41,14 @@ def test_sentences_split_at_end_punctuation_and_lines():
     assert split_sentences("One. Two? Three!\nFour five") == ["One.", "Two?", "Three!", "Four five"]
 
 
+def test_a_document_given_as_a_list_of_sentences_keeps_its_sentences(tokenizer):
+    task = MaskedLMNextSentence()
+    out = task.tokenize({"text": [["First one. Still first.", " ", "Second one"], "A. B."]}, tokenizer)
+    first, second = out["sentences"]
+    assert first == tokenizer.encode(["First one. Still first.", "Second one"])
+    assert second == tokenizer.encode(["A.", "B."])
+
+
 def test_masking_statistics_over_many_draws(tokenizer):
     task = MaskedLMNextSentence(max_length=128)
     specials = torch.tensor([tokenizer.cls_id, tokenizer.sep_id])
