@@ -1,0 +1,215 @@
+"""Summarizing SciTLDR: polyhead's encoder-decoder and decoder-only summarizers, with and without
+MLM+NSP pretraining, side by side with HuggingFace T5 (../shared/peers/c_t5_scitldr.py).
+
+The peer's protocol: "summarize: " + the abstract's sentences joined by spaces, cut to 255 pieces +
+</s>; the first TLDR as the training target, cut to 63 + </s>; an 8k unigram sentencepiece
+vocabulary from the training text; 4 + 4 layers of width 256, ReLU, relative positions (T5's
+layout); AdamW 5e-4, 10% warmup, linear decay, weight decay 0.01, clip 1.0, batch 32, seed 0, the
+same number of steps; greedy decoding of at most 64 tokens on the first 200 test papers; ROUGE-1/2/L
+F x 100 with stemming, each output against its best reference. polyhead runs
+experiments/configs/summarize_seq2seq.yaml and summarize_prefix_lm.yaml at that protocol; the
+pretrained variant first trains MLM+NSP on the training abstracts (the same backbone, its encoder
+only) and starts the summarizer from that checkpoint (--model.init_from). Beside ROUGE: how many of
+the 200 outputs are distinct, and how many repeat a word trigram (a decoder stuck in a loop).
+
+    python benchmarks/summarize_scitldr.py                       # everything (~1 h on 2 cores)
+    python benchmarks/summarize_scitldr.py --no-peer --runs seq2seq
+
+Writes benchmarks/results/summarize_scitldr.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from experiments.cli import run
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CONFIGS = ROOT / "experiments" / "configs"
+RESULTS = ROOT / "benchmarks" / "results"
+PEER = SHARED / "peers" / "c_t5_scitldr.py"
+RUNS = {  # name -> (config, starts from the MLM+NSP checkpoint)
+    "seq2seq": ("summarize_seq2seq.yaml", False),
+    "prefix_lm": ("summarize_prefix_lm.yaml", False),
+    "seq2seq after MLM+NSP": ("summarize_seq2seq.yaml", True),
+}
+METRICS = ("rouge1", "rouge2", "rougeL")
+
+
+def data_args(data: Path, test_file: Path) -> list[str]:
+    scitldr = data / "scitldr"
+    return [
+        "--config", str(CONFIGS / "local" / "scitldr.yaml"),
+        "--data.sources.summarize.path", str(scitldr / "train.jsonl"),
+        "--data.sources.summarize.validation_path", str(scitldr / "dev.jsonl"),
+        "--data.sources.summarize.test_path", str(test_file),
+        "--data.sources.summarize.predict_path", str(test_file),
+        "--model.tasks.summarize.init_args.max_source_length", "256",
+        "--model.tasks.summarize.init_args.max_target_length", "64",
+        "--model.tasks.summarize.init_args.generation.max_new_tokens", "64",
+        "--data.eval_batch_size", "32",
+        "--trainer.logger", "false",
+        "--trainer.accelerator", "cpu",
+    ]  # fmt: skip
+
+
+def first_rows(source: Path, n: int, out: Path) -> Path:
+    """The first n papers of the test file, as the peer scores them (a copy under the work dir)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        "".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[:n]), encoding="utf-8"
+    )
+    return out
+
+
+def loops(text: str) -> bool:
+    """Whether a word trigram occurs twice: the mark of a decoder stuck repeating itself."""
+    words = text.lower().split()
+    trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return len(trigrams) != len(set(trigrams))
+
+
+def output_stats(outputs: list[str]) -> dict:
+    return {"distinct": len(set(outputs)), "looping": sum(map(loops, outputs)), "n": len(outputs)}
+
+
+def pretrain(data: Path, steps: int, work: Path) -> Path:
+    """MLM+NSP on the training abstracts with the summarizer's backbone (its encoder) -> checkpoint."""
+    config = yaml.safe_load((CONFIGS / "summarize_seq2seq.yaml").read_text())
+    config["model"]["tasks"] = {
+        "mlm_nsp": {"class_path": "MaskedLMNextSentence", "init_args": {"max_length": 256}}
+    }
+    config["model"]["backbone"]["pooler"] = True  # NSP reads the pooled [CLS]
+    scitldr = data / "scitldr"
+    config["data"]["sources"] = {
+        "mlm_nsp": {
+            "path": str(scitldr / "train.jsonl"),
+            "validation_path": str(scitldr / "dev.jsonl"),
+            "columns": {"text": "source"},
+        }
+    }
+    config["trainer"] |= {
+        "max_steps": steps,
+        "val_check_interval": steps,
+        "logger": False,
+        "accelerator": "cpu",
+    }
+    path = work / "pretrain.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    run(["fit", "--config", str(path), "--checkpoint.dirpath", str(work / "pretrain")])
+    return work / "pretrain" / "last.ckpt"
+
+
+def polyhead_run(
+    name: str, data: Path, test_file: Path, steps: int, init_from: Path | None, work: Path
+) -> dict:
+    config, _ = RUNS[name]
+    where = work / name.replace(" ", "_").replace("+", "")
+    args = [
+        "--config",
+        str(CONFIGS / config),
+        *data_args(data, test_file),
+        "--checkpoint.dirpath",
+        str(where),
+    ]
+    start = ["--model.init_from", str(init_from)] if init_from else []
+    began = time.time()
+    run(["fit", *args, *start, "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+         "--trainer.limit_val_batches", "1"])  # fmt: skip
+    wall = time.time() - began
+    checkpoint = ["--ckpt_path", str(where / "last.ckpt")]
+    metrics = run(["test", *args, *checkpoint]).trainer.callback_metrics
+    scores = {m: round(100 * float(metrics[f"test/summarize/{m}"]), 2) for m in METRICS}
+    lead = {m: round(100 * float(metrics[f"test/summarize/baseline_{m}"]), 2) for m in METRICS}
+    predictions = where / "predictions.jsonl"
+    run(["predict", *args, *checkpoint, "--predictions.path", str(predictions)])
+    outputs = [json.loads(line)["generated"] for line in predictions.read_text().splitlines()]
+    return {**scores, **output_stats(outputs), "train_wall_s": round(wall, 1), "lead1": lead}
+
+
+def peer_run(steps: int, n_test: int, python: str, work: Path) -> dict:
+    out = work / "peer"
+    env = os.environ | {"OMP_NUM_THREADS": "2"}
+    result = subprocess.run(
+        [python, str(PEER), "--steps", str(steps), "--n_test", str(n_test), "--out", str(out)],
+        capture_output=True, text=True, check=True, env=env,
+    )  # fmt: skip
+    line = next(x for x in result.stdout.splitlines() if x.startswith("SUMMARY "))
+    summary = json.loads(line[len("SUMMARY ") :])
+    outputs = [json.loads(x)["pred"] for x in (out / "preds.jsonl").read_text().splitlines()]
+    return {
+        **{m: summary["model"][m] for m in METRICS},
+        **output_stats(outputs),
+        "train_wall_s": summary["train_wall_s"],
+        "lead1": {m: summary["lead1"][m] for m in METRICS},
+        "title": {m: summary["title"][m] for m in METRICS},
+    }
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | distinct outputs | looping outputs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results["runs"].items():
+        who = "HF T5 (peer)" if name == "peer" else f"polyhead {name}"
+        lines.append(
+            f"| {who} | {r['rouge1']:.1f} | {r['rouge2']:.1f} | {r['rougeL']:.1f} | {r['distinct']} of {r['n']} | {r['looping']} |"
+        )
+    lead = next(iter(results["runs"].values()))["lead1"]
+    lines.append(
+        f"| lead-1 (first sentence) | {lead['rouge1']:.1f} | {lead['rouge2']:.1f} | {lead['rougeL']:.1f} | | |"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--pretrain-steps", type=int, default=200)
+    parser.add_argument("--n-test", type=int, default=200)
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from: {', '.join(RUNS)}")
+    parser.add_argument("--data", type=Path, default=SHARED / "data")
+    parser.add_argument("--no-peer", action="store_true", help="skip the HF T5 peer")
+    parser.add_argument(
+        "--peer-python", default=sys.executable, help="a Python with transformers and sentencepiece"
+    )
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "summarize_scitldr")
+    args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # the CLI runs below get their arguments explicitly
+    os.environ.setdefault("WANDB_MODE", "offline")
+    test_file = first_rows(args.data / "scitldr" / "test.jsonl", args.n_test, args.work / "test_first.jsonl")
+    target = RESULTS / "summarize_scitldr.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = json.loads(target.read_text()) if target.exists() else {}
+    results["protocol"] = {"steps": args.steps, "pretrain_steps": args.pretrain_steps, "n_test": args.n_test}
+    results.setdefault("runs", {})
+    checkpoint = None
+    for name in [n.strip() for n in args.runs.split(",")]:
+        if RUNS[name][1] and checkpoint is None:
+            checkpoint = pretrain(args.data, args.pretrain_steps, args.work)
+        results["runs"][name] = polyhead_run(
+            name, args.data, test_file, args.steps, checkpoint if RUNS[name][1] else None, args.work
+        )
+        print(f"  {name}: {results['runs'][name]}", flush=True)
+        target.write_text(json.dumps(results, indent=1))
+    if not args.no_peer:
+        results["runs"]["peer"] = peer_run(args.steps, args.n_test, args.peer_python, args.work)
+        target.write_text(json.dumps(results, indent=1))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
