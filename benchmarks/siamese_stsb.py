@@ -6,7 +6,7 @@ pooling, lower-cased 8k vocabulary from the training sentences, training pairs =
 with score >= 4 grouped into connected components, P x K = 32 groups x 2 sentences per step (the
 64 sentences per step of the peer's 32-pair MNRL batches), AdamW 5e-4, 10% warmup, linear decay,
 clip 1.0, seed 0, the same number of steps. Losses: triplet margin loss (cosine distance, margin
-0.2) with random / semi-hard / batch-hard / batch-all mining, batch-hard plus offline-mined hard
+0.5) with random / semi-hard / batch-hard / batch-all mining, batch-hard plus offline-mined hard
 negatives, and in-batch negatives (MNRL). Each once from random initialisation and once from an
 MLM+NSP pretraining on WikiText-2 (experiments/configs/pretrain_mlm_nsp.yaml; the tokenizer is
 then the pretraining one). Scored on sts-test exactly as the peer scores: Spearman x 100 of cosine
@@ -14,8 +14,10 @@ vs gold over all pairs; queries = s1 of pairs scoring >= 4, corpus = distinct s2
 
     python benchmarks/siamese_stsb.py                 # everything (~1.5 h on 2 cores)
     python benchmarks/siamese_stsb.py --no-pretrain --no-peer --losses batch_hard
+    python benchmarks/siamese_stsb.py --init-from runs/siamese_stsb/pretrain/last.ckpt  # reuse MLM+NSP
 
-Writes benchmarks/results/siamese_stsb.json, prints a markdown table, draws siamese_stsb.png.
+Updates benchmarks/results/siamese_stsb.json (the runs asked for replace their earlier figures, the
+others stay), prints a markdown table, draws siamese_stsb.png.
 """
 
 from __future__ import annotations
@@ -82,8 +84,12 @@ def pretrain(data: Path, steps: int, out: Path) -> Path:
     return out / "last.ckpt"
 
 
-def polyhead_suite(data: Path, steps: int, runs: list[str], init_from: Path | None, out: Path) -> dict:
+def polyhead_suite(
+    data: Path, steps: int, runs: list[str], init_from: Path | None, out: Path, margin: float | None
+) -> dict:
     start = ["--model.init_from", str(init_from)] if init_from else []
+    if margin is not None:
+        start += ["--model.tasks.triplet.init_args.margin", str(margin)]
     results = {"untrained": test_scores([*polyhead_args(data, out / "untrained"), *start])}
     print(f"  untrained: {results['untrained']}", flush=True)
     for name in runs:
@@ -161,33 +167,46 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--losses", default=",".join(RUNS), help=f"comma-separated, from: {', '.join(RUNS)}")
     parser.add_argument("--data", type=Path, default=SHARED / "data")
+    parser.add_argument("--no-scratch", action="store_true", help="skip the suite from random initialisation")
     parser.add_argument("--no-pretrain", action="store_true", help="skip the MLM+NSP-first suite")
+    parser.add_argument(
+        "--init-from", type=Path, help="an MLM+NSP checkpoint to start from instead of pretraining"
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip the sentence-transformers peer")
     parser.add_argument("--peer-python", default=sys.executable, help="a Python with sentence-transformers")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "siamese_stsb")
+    parser.add_argument(
+        "--margin", type=float, help="triplet margin instead of the config's (results in their own file)"
+    )
     args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # the CLI runs below get their arguments explicitly
     os.environ.setdefault("WANDB_MODE", "offline")
     runs = [name.strip() for name in args.losses.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    target = RESULTS / "siamese_stsb.json"
+    target = RESULTS / (
+        "siamese_stsb.json" if args.margin is None else f"siamese_stsb_margin{args.margin}.json"
+    )
     results = json.loads(target.read_text()) if target.exists() else {}
     results["protocol"] = {"steps": args.steps, "pretrain_steps": args.pretrain_steps}
-    print("polyhead from random initialisation", flush=True)
-    results["scratch"] = polyhead_suite(args.data, args.steps, runs, None, args.work / "scratch")
-    target.write_text(json.dumps(results, indent=1))
+    if not args.no_scratch:
+        print("polyhead from random initialisation", flush=True)
+        scratch = polyhead_suite(args.data, args.steps, runs, None, args.work / "scratch", args.margin)
+        results["scratch"] = results.get("scratch", {}) | scratch
+        target.write_text(json.dumps(results, indent=1))
     if not args.no_pretrain:
         print("polyhead after MLM+NSP pretraining", flush=True)
-        checkpoint = pretrain(args.data, args.pretrain_steps, args.work / "pretrain")
-        results["pretrained"] = polyhead_suite(
-            args.data, args.steps, runs, checkpoint, args.work / "pretrained"
+        checkpoint = args.init_from or pretrain(args.data, args.pretrain_steps, args.work / "pretrain")
+        pretrained = polyhead_suite(
+            args.data, args.steps, runs, checkpoint, args.work / "pretrained", args.margin
         )
+        results["pretrained"] = results.get("pretrained", {}) | pretrained
         target.write_text(json.dumps(results, indent=1))
     if not args.no_peer:
         print("sentence-transformers peer", flush=True)
         results["peer"] = peer_suite(args.steps, args.peer_python, args.work / "peer")
         target.write_text(json.dumps(results, indent=1))
     print(markdown(results))
-    plot(results, RESULTS / "siamese_stsb.png")
+    plot(results, target.with_suffix(".png"))
 
 
 if __name__ == "__main__":
