@@ -127,12 +127,15 @@ def generate(
     attention_mask: Tensor | None = None,
     config: GenerationConfig = GenerationConfig(),
     start_id: int | None = None,
+    memory: Tensor | None = None,
 ) -> Generation:
     """Continue each row of input_ids (B, T) by up to config.max_new_tokens tokens.
 
     With start_id, input_ids is the (right-padded) source of an encoder-decoder: it is encoded once and
     the decoder starts from start_id. Without it, input_ids is a LEFT-padded decoder prompt (mask 0 on
-    the left). attention_mask: (B, T), 1 at real tokens; None when nothing is padded.
+    the left). attention_mask: (B, T), 1 at real tokens; None when nothing is padded. memory: the
+    encoder output (B, T, D) of input_ids when the caller already has it (seq2seq validation has
+    just computed it for the loss), so the source is not encoded twice.
     """
     copies = config.num_beams if config.strategy == "beam" else config.num_return_sequences
     if start_id is None:
@@ -191,11 +194,12 @@ def _start_from_source(
     copies: int,
     config: GenerationConfig,
     start_id: int,
+    memory: Tensor | None = None,
 ) -> tuple[_CachedDecoder, Tensor]:
     """Encode each source once, repeat it per beam/sample, feed start_id -> (decoder, first logits (N, V))."""
     _check_positions_fit(backbone, config.max_new_tokens - 1, config)
     rows = torch.arange(source.size(0), device=source.device).repeat_interleave(copies)  # (N,)
-    memory = backbone.encode(source, source_mask)[rows]  # (N, S, D)
+    memory = (backbone.encode(source, source_mask) if memory is None else memory)[rows]  # (N, S, D)
     memory_mask = source_mask[rows] if source_mask is not None else None
     cache = backbone.decoder_cache(config.max_new_tokens)  # start token + all but the last new token
     decoder = _CachedDecoder(backbone, project, cache, memory, memory_mask)

@@ -60,6 +60,7 @@ class Seq2Seq(GenerativeTask):
                 batch["attention_mask"],
                 self.decoding,
                 start_id=START_ID,
+                memory=memory,
             )
             outputs["generated"] = result.tokens
             if result.scores is not None:
