@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -106,6 +107,7 @@ def pretrain(data: Path, steps: int, work: Path) -> Path:
     path = work / "pretrain.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
+    shutil.rmtree(work / "pretrain", ignore_errors=True)
     run(["fit", "--config", str(path), "--checkpoint.dirpath", str(work / "pretrain")])
     return work / "pretrain" / "last.ckpt"
 
@@ -115,6 +117,7 @@ def polyhead_run(
 ) -> dict:
     config, _ = RUNS[name]
     where = work / name.replace(" ", "_").replace("+", "")
+    shutil.rmtree(where, ignore_errors=True)  # else Lightning saves last-v1.ckpt beside an old last.ckpt
     args = [
         "--config",
         str(CONFIGS / config),

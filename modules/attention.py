@@ -182,6 +182,11 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.scale = None if scale else 1.0  # None lets SDPA use 1/sqrt(head_dim)
 
+    @property
+    def query_weight(self) -> Tensor:
+        """(H*Dh, D) the rows of the projection that make queries (a view into the fused matrix)."""
+        return self.q.weight if self.cross else self.qkv.weight[: self.n_heads * self.head_dim]
+
     def _heads(self, x: Tensor) -> Tensor:
         """(B, T, H*Dh) -> (B, H, T, Dh)"""
         b, t, _ = x.shape

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from modules.attention import KVCache, RelativePositionBias, attention_bias
+from modules.attention import KVCache, MultiHeadAttention, RelativePositionBias, attention_bias
 from modules.config import BackboneConfig
 from modules.layers import TransformerBlock, make_norm
 
@@ -142,15 +142,29 @@ class Stack(nn.Module):
         return attention_bias(query_len, key_len, key_mask, causal, position_bias, x.dtype), False
 
 
-def init_weights(root: nn.Module, std: float) -> None:
-    """BERT's initialisation: N(0, std) for linear and embedding weights, zero biases, unit norms."""
+def init_weights(root: nn.Module, config: BackboneConfig) -> None:
+    """Initialise every linear, embedding and attention projection under `root` (see `BackboneConfig.init`).
+
+    Biases start at zero and norms at unit scale either way. T5's scheme keeps activations at unit
+    scale through tied, unscaled layers; with N(0, 0.02) there, a T5-layout model starts with
+    near-uniform attention and logits ~1e-3 and learns its first hundreds of steps very slowly.
+    """
+    t5 = config.init == "t5"
     for module in root.modules():
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
+            nn.init.normal_(module.weight, std=module.in_features**-0.5 if t5 else config.init_std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
+            nn.init.normal_(module.weight, std=1.0 if t5 else config.init_std)
+    if not t5:
+        return
+    for module in root.modules():  # T5's exceptions to the rules above
+        if isinstance(module, RelativePositionBias):
+            nn.init.normal_(module.bias.weight, std=config.d_model**-0.5)
+        elif isinstance(module, MultiHeadAttention) and not config.scale_attention:
+            with torch.no_grad():  # fold 1/sqrt(head_dim) into the queries
+                module.query_weight.mul_(config.attention_head_dim**-0.5)
 
 
 def _real_tokens(attention_mask: Tensor | None) -> Tensor | None:
@@ -178,7 +192,7 @@ class Backbone(nn.Module):
             else None
         )
         self.pooler = nn.Linear(config.d_model, config.d_model) if config.pooler else None
-        init_weights(self, config.init_std)
+        init_weights(self, config)
 
     @property
     def token_embedding(self) -> Tensor:

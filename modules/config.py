@@ -66,8 +66,13 @@ class BackboneConfig:
     """Output projections reuse the token embedding matrix."""
     scale_tied_output: bool = False
     """T5 multiplies the decoder output by d_model**-0.5 before the tied projection."""
+    init: Literal["normal", "t5"] = "normal"
+    """Weight initialisation. "normal" (BERT, GPT-2): every weight N(0, init_std). "t5": T5's
+    per-matrix scheme, which an unscaled attention and a scaled tied output need to train from
+    scratch: token embeddings N(0, 1), each linear N(0, fan_in ** -0.5), queries a further
+    head_dim ** -0.5 when attention logits are not scaled, the relative bias N(0, d_model ** -0.5)."""
     init_std: float = 0.02
-    """Standard deviation of the normal initialisation of weights."""
+    """Standard deviation of the "normal" initialisation."""
 
     def __post_init__(self) -> None:
         if self.head_dim is None and self.n_heads > 0 and self.d_model % self.n_heads:

@@ -311,8 +311,7 @@ def backbone_config_from_t5(hf_config: Any) -> BackboneConfig:
     v1.0 (feed_forward_proj "relu", tied, scaled output) and v1.1 ("gated-gelu", untied, unscaled)
     both map. Tied checkpoints get `tie_embeddings` and `scale_tied_output`; untied ones neither,
     and their lm_head comes back separately from `t5_to_polyhead`. `max_len` keeps its default:
-    relative positions need no table. `init_std` also keeps its default (T5's initialisation is
-    per-matrix, and only matters for training from scratch).
+    relative positions need no table. `init` is T5's per-matrix scheme, which new heads start from.
     """
     gated, activation = _t5_feed_forward(hf_config.feed_forward_proj)
     tied = _t5_scales_output(hf_config)
@@ -343,6 +342,7 @@ def backbone_config_from_t5(hf_config: Any) -> BackboneConfig:
         pooler=False,
         tie_embeddings=tied,
         scale_tied_output=tied,
+        init="t5",
     )
 
 

@@ -56,6 +56,9 @@ class GenerationConfig:
     """A row stops once it produces this token; None: every row runs for max_new_tokens."""
     pad_id: int = 0
     """Fills a row's columns after its eos."""
+    no_repeat_ngram_size: int = 0
+    """Forbid any token that would make an n-gram of this size occur twice among a row's new tokens, the
+    usual cure for a small model that loops ("we propose a method for the method for the ..."); 0 allows all."""
     num_beams: int = 4
     """beam: hypotheses kept per row."""
     length_penalty: float = 1.0
@@ -81,6 +84,7 @@ class GenerationConfig:
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
             ("eos_id", self.eos_id is None or self.eos_id >= 0, "must be None or >= 0"),
             ("pad_id", self.pad_id >= 0, "must be >= 0"),
+            ("no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, "must be >= 0 (0 allows repeats)"),
             ("num_beams", self.num_beams >= 1, "must be >= 1"),
             ("length_penalty", math.isfinite(self.length_penalty), "must be finite"),
             ("num_return_sequences", self.num_return_sequences >= 1, "must be >= 1"),
@@ -257,6 +261,8 @@ def _greedy_or_sample(decoder: _CachedDecoder, logits: Tensor, config: Generatio
     finished = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)  # (N,)
     columns = []
     for step in range(config.max_new_tokens):
+        if config.no_repeat_ngram_size and columns:
+            logits = _ban_repeated_ngrams(logits, torch.stack(columns, dim=1), config.no_repeat_ngram_size)
         tokens = _next_tokens(logits, config, generator).masked_fill(finished, config.pad_id)  # (N,)
         columns.append(tokens)
         if config.eos_id is not None:
@@ -266,6 +272,22 @@ def _greedy_or_sample(decoder: _CachedDecoder, logits: Tensor, config: Generatio
         if step + 1 < config.max_new_tokens:
             logits = decoder.step(tokens)
     return torch.stack(columns, dim=1)
+
+
+def _ban_repeated_ngrams(logits: Tensor, history: Tensor, n: int) -> Tensor:
+    """-inf on every token that would repeat an n-gram of its row. logits: (N, V); history: (N, L) -> (N, V)
+
+    The next token completes the n-gram (last n-1 tokens, token); it is banned wherever those n-1 tokens
+    occurred before, for the token that followed them then. Batched: all windows of each row compared at
+    once. Columns after a row's eos hold pad, and whatever a finished row is banned from is never used.
+    """
+    if history.size(1) < n:  # no complete n-gram yet
+        return logits
+    windows = history.unfold(1, n, 1)  # (N, L - n + 1, n): every n-gram so far
+    tail = history[:, history.size(1) - n + 1 :]  # (N, n - 1) the n-gram the next token would complete
+    seen = (windows[:, :, :-1] == tail[:, None, :]).all(dim=-1)  # (N, L - n + 1)
+    hits = torch.zeros_like(logits).scatter_add_(1, windows[:, :, -1], seen.to(logits.dtype))  # (N, V)
+    return logits.masked_fill(hits > 0, -math.inf)
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -364,7 +386,11 @@ def _beam_search(
     open_rows = torch.ones(b, dtype=torch.bool, device=device)  # (B,) rows still taking hypotheses
     in_top_k = torch.arange(2 * k, device=device) < k  # (2K,)
     for step in range(steps):
-        log_probs = logits.float().log_softmax(dim=-1).view(b, k, -1) + scores[..., None]  # (B, K, V)
+        log_probs = logits.float().log_softmax(dim=-1)  # (B * K, V)
+        if config.no_repeat_ngram_size and step:
+            history = running[:, :, :step].reshape(b * k, step)
+            log_probs = _ban_repeated_ngrams(log_probs, history, config.no_repeat_ngram_size)
+        log_probs = log_probs.view(b, k, -1) + scores[..., None]  # (B, K, V)
         vocab = log_probs.size(-1)
         # 2K candidates: even if the K best all end here, K unfinished ones are left to run on
         top_scores, flat = log_probs.view(b, -1).topk(2 * k, dim=1)  # (B, 2K)

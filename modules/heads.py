@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,11 +16,13 @@ class MaskedLMHead(nn.Module):
     """BERT's MLM head: dense + activation + norm, then a projection onto the vocabulary.
 
     The projection reuses the backbone's token embedding matrix when tied (only a bias is owned
-    here). Callers pass only the masked positions, so the (N, V) logits cost N, not B * T, rows.
+    here), scaled by d_model ** -0.5 first when `scale_tied_output` is set, as T5's tied output is.
+    Callers pass only the masked positions, so the (N, V) logits cost N, not B * T, rows.
     """
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
+        self.scale = config.d_model**-0.5 if config.tie_embeddings and config.scale_tied_output else 1.0
         self.transform = nn.Linear(config.d_model, config.d_model)
         self.act = ACTIVATIONS[config.activation]
         self.norm = make_norm(config)
@@ -29,7 +33,7 @@ class MaskedLMHead(nn.Module):
 
     def forward(self, hidden: Tensor, token_embedding: Tensor) -> Tensor:
         """hidden: (N, D) states at masked positions; token_embedding: (V, D) -> logits (N, V)"""
-        h = self.norm(self.act(self.transform(hidden)))
+        h = self.norm(self.act(self.transform(hidden))) * self.scale
         weight = token_embedding if self.decoder is None else self.decoder.weight
         return F.linear(h, weight, self.bias)
 
@@ -94,3 +98,46 @@ class EmbeddingHead(nn.Module):
         if self.projection is not None:
             pooled = self.projection(pooled)
         return F.normalize(pooled, dim=-1)
+
+
+class PointerGeneratorHead(nn.Module):
+    """Next-token log-probabilities that mix generating from the vocabulary with copying a source token.
+
+    See et al. (2017): an attention over the encoder states gives a copy distribution (each source
+    position's weight lands on its token id), a switch p_gen = sigmoid(w [h; context] + b) weighs it
+    against the LM head's softmax: p(w) = p_gen p_vocab(w) + (1 - p_gen) sum_{i: x_i = w} a_i. A
+    summarizer then needs no training to reproduce a source word, only to learn where to look, which
+    is most of what it must learn at small budgets. The output is normalised log-probabilities, so
+    cross-entropy, argmax and sampling take it as they take logits.
+    """
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.vocabulary = LanguageModelHead(config)
+        self.query = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.key = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.switch = nn.Linear(2 * config.d_model, 1)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        token_embedding: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor,
+        source_ids: Tensor,
+    ) -> Tensor:
+        """hidden: (B, T, D) decoder states; token_embedding: (V, D); memory: (B, S, D) encoder states;
+        memory_mask: (B, S) 1 at real source tokens; source_ids: (B, S) -> log-probs (B, T, V)"""
+        scores = self.query(hidden) @ self.key(memory).transpose(1, 2) * hidden.size(-1) ** -0.5  # (B, T, S)
+        scores = scores.float().masked_fill(~memory_mask.bool()[:, None, :], -math.inf)
+        attention = scores.softmax(dim=-1)  # (B, T, S)
+        context = attention.to(memory.dtype) @ memory  # (B, T, D)
+        generate = self.switch(torch.cat([hidden, context], dim=-1)).float()  # (B, T, 1) logit of p_gen
+        vocab = self.vocabulary(hidden, token_embedding).float().log_softmax(dim=-1)  # (B, T, V)
+        index = source_ids[:, None, :].expand_as(attention)  # (B, T, S)
+        copy = torch.zeros_like(vocab).scatter_add_(-1, index, attention)  # (B, T, V) copy distribution
+        # log(p_gen p_vocab + (1 - p_gen) p_copy); the clamp keeps log(0) (words absent from the source)
+        # finite with a zero gradient, where log would give inf * 0 = nan
+        return torch.logaddexp(
+            F.logsigmoid(generate) + vocab, F.logsigmoid(-generate) + copy.clamp_min(1e-30).log()
+        )

@@ -71,7 +71,7 @@ class MultiTaskModel(pl.LightningModule):
         self.backbone_config, self.optimizer_config = backbone, optimizer
         self.backbone = Backbone(backbone)
         self.heads = nn.ModuleDict({name: task.build_head(backbone) for name, task in self.tasks.items()})
-        init_weights(self.heads, backbone.init_std)
+        init_weights(self.heads, backbone)
         # FLOPs of a training step by the 6N rule (forward 2N + backward 4N per token, N = weights
         # used in matmuls, embedding tables excluded); Lightning's ThroughputMonitor turns it into MFU
         self.matmul_params = sum(

@@ -4,19 +4,23 @@ The encoder reads the prompt ("summarize: <article>"); the decoder learns the ta
 forcing: its input is the target shifted right behind a start token (<s>), so position t sees
 target tokens before t only and predicts token t. The loss is cross-entropy over the target's
 real tokens (padding ignored), optionally label-smoothed. Evaluation also generates from the
-prompt alone (modules/generation.py) and scores the text.
+prompt alone (modules/generation.py) and scores the text. With `copy`, a pointer-generator head
+(modules/heads.py) lets the decoder copy source tokens as well as generate them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
 from torch import Tensor, nn
 
 from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone
-from modules.generation import generate
+from modules.config import BackboneConfig
+from modules.generation import GenerationConfig, generate
+from modules.heads import PointerGeneratorHead
 from tasks.generative import IGNORE, START_ID, GenerativeTask, pad_rows
 
 
@@ -24,6 +28,41 @@ class Seq2Seq(GenerativeTask):
     """Encoder-decoder text-to-text with a task prefix (see the module docstring)."""
 
     stacks = "encoder-decoder"
+
+    def __init__(
+        self,
+        prefix: str = "summarize",
+        template: str | None = None,
+        max_source_length: int = 512,
+        max_target_length: int = 128,
+        label_smoothing: float = 0.0,
+        metrics: Sequence[Literal["rouge", "bleu"]] = ("rouge",),
+        generation: GenerationConfig = GenerationConfig(),
+        copy: bool = False,
+        loss_weight: float = 1.0,
+    ) -> None:
+        """
+        copy: predict with a pointer-generator head, which mixes the vocabulary softmax with copying
+            source tokens (summaries reuse the article's words; a copied word needs no learning).
+        The other arguments are those of every generative task (tasks/generative.py).
+        """
+        super().__init__(
+            prefix,
+            template,
+            max_source_length,
+            max_target_length,
+            label_smoothing,
+            metrics,
+            generation,
+            loss_weight,
+        )
+        self.copy = copy
+
+    def init_args(self) -> dict:
+        return super().init_args() | {"copy": self.copy}
+
+    def build_head(self, config: BackboneConfig) -> nn.Module:
+        return PointerGeneratorHead(config) if self.copy else super().build_head(config)
 
     def collate(self, examples: list[dict], seeds: list[int], tokenizer: Tokenizer) -> dict[str, Any]:
         input_ids, attention_mask = pad_rows([e["prompt_ids"] for e in examples], tokenizer.pad_id)
@@ -45,17 +84,21 @@ class Seq2Seq(GenerativeTask):
 
     def forward(self, backbone: Backbone, head: nn.Module, batch: dict) -> dict[str, Tensor]:
         memory = backbone.encode(batch["input_ids"], batch["attention_mask"])  # (B, S, D)
+        source = (batch["attention_mask"], batch["input_ids"])  # what the copy head copies from
         outputs: dict[str, Tensor] = {}
         if "labels" in batch:
             hidden = backbone.decode(
                 batch["decoder_input_ids"], batch["decoder_attention_mask"], memory, batch["attention_mask"]
             )  # (B, T, D)
             selected = batch["labels"] != IGNORE
-            outputs["logits"] = head(hidden[selected], backbone.token_embedding)  # (N, V)
+            if self.copy:
+                outputs["logits"] = head(hidden, backbone.token_embedding, memory, *source)[selected]
+            else:
+                outputs["logits"] = head(hidden[selected], backbone.token_embedding)  # (N, V)
         if not backbone.training:
             result = generate(
                 backbone,
-                lambda h: head(h, backbone.token_embedding),
+                self._projection(backbone, head, memory, source),
                 batch["input_ids"],
                 batch["attention_mask"],
                 self.decoding,
@@ -66,3 +109,19 @@ class Seq2Seq(GenerativeTask):
             if result.scores is not None:
                 outputs["scores"] = result.scores
         return outputs
+
+    def _projection(self, backbone: Backbone, head: nn.Module, memory: Tensor, source: tuple[Tensor, Tensor]):
+        """Decoder states (N, D) -> next-token scores (N, V), as `generate` calls it.
+
+        generate keeps the N = B * n rows of a batch grouped by source (n beams or samples each, in
+        order), so for the copy head the n rows of source b are n queries against memory b.
+        """
+        if not self.copy:
+            return lambda hidden: head(hidden, backbone.token_embedding)
+
+        def copy_or_generate(hidden: Tensor) -> Tensor:
+            b = memory.size(0)
+            queries = hidden.view(b, hidden.size(0) // b, hidden.size(-1))  # (B, n, D)
+            return head(queries, backbone.token_embedding, memory, *source).flatten(0, 1)  # (N, V)
+
+        return copy_or_generate

@@ -262,3 +262,31 @@ def test_t5_unconsumed_and_missing_keys() -> None:
         ValueError, match=r"(?s)missing keys: \[.*DenseReluDense\.wi\.weight.*not consumed.*wi_0"
     ):
         t5_to_polyhead(gated.state_dict(), config)
+
+
+def test_t5_initialisation_has_the_scale_of_hf_t5s() -> None:
+    """init: t5 draws every matrix at HF T5's scale, so a T5-layout model trains from scratch as T5 does.
+
+    HF's fresh weights are mapped into our layout; per matrix (fused q/k/v compared block by block)
+    the standard deviations must agree within three standard errors of their ratio (about 1 / sqrt(n)
+    for n entries; 5% at least). A query without its folded 1/sqrt(head_dim), an
+    N(0, 0.02) embedding or a fan-out instead of fan-in scale is off by 4x or more.
+    """
+    torch.manual_seed(0)
+    hf_config = transformers.T5Config(
+        vocab_size=500, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4
+    )
+    config = backbone_config_from_t5(hf_config)
+    assert config.init == "t5"
+    theirs, _ = t5_to_polyhead(transformers.T5ForConditionalGeneration(hf_config).state_dict(), config)
+    ours = Backbone(config).state_dict()
+    compared = 0
+    for key, weight in ours.items():
+        if weight.ndim != 2:  # RMSNorm scales start at one in both
+            continue
+        blocks = 3 if key.endswith("qkv.weight") else 2 if key.endswith(".kv.weight") else 1
+        for mine, reference in zip(weight.chunk(blocks), theirs[key].chunk(blocks), strict=True):
+            tolerance = max(0.05, 3 / mine.numel() ** 0.5)
+            assert mine.std().item() == pytest.approx(reference.std().item(), rel=tolerance), key
+            compared += 1
+    assert compared > 20

@@ -360,6 +360,7 @@ def test_top_p_never_samples_outside_the_nucleus(top_p, nucleus):
         (dict(strategy="sample", top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(strategy="sample", top_k=-1), "top_k must be >= 0"),
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be >= 0"),
         (dict(strategy="beam", num_beams=2, num_return_sequences=3), "num_return_sequences .* <= num_beams"),
         (dict(strategy="topk"), "strategy must be one of"),
         (dict(top_p=0.9), "top_p applies to strategy 'sample', not 'greedy'"),
@@ -441,13 +442,12 @@ def hf_generate(hf: nn.Module, source: Tensor, source_mask: Tensor, eos: int, **
         min_length=0,
         do_sample=False,
         repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
         decoder_start_token_id=0,
         eos_token_id=eos,
         pad_token_id=0,
         return_dict_in_generate=True,
         output_scores=True,
-        **options,
+        **({"no_repeat_ngram_size": 0} | options),
     )
     tokens = out.sequences[:, 1:]
     after_eos = (tokens == eos).long().cumsum(dim=1) - (tokens == eos).long() > 0
@@ -501,3 +501,34 @@ def test_beam_search_matches_hf_t5_generate(alpha):
     torch.testing.assert_close(ours.scores, their_scores, rtol=1e-5, atol=1e-5)
     ended = (ours.tokens == eos).any(dim=1)
     assert ended.any() and not ended.all(), "the case needs hypotheses that end early and ones that run on"
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_no_repeat_ngram_matches_hf_t5_generate(strategy):
+    """With repeated bigrams banned, our tokens are HF's token for token; without the ban the case repeats."""
+    hf, backbone, project, source, source_mask, eos = t5_case()
+    beams = 3 if strategy == "beam" else 1
+    beam_settings = {"num_beams": beams, "num_return_sequences": beams} if beams > 1 else {}
+    settings = GenerationConfig(
+        strategy=strategy, max_new_tokens=HF_STEPS, eos_id=eos, no_repeat_ngram_size=2, **beam_settings
+    )
+    ours = generate(backbone, project, source, source_mask, settings, start_id=0)
+    theirs, _ = hf_generate(
+        hf, source, source_mask, eos, no_repeat_ngram_size=2, num_beams=beams, early_stopping="never",
+        **({"num_return_sequences": beams} if beams > 1 else {}),
+    )  # fmt: skip
+    assert ours.tokens.tolist() == theirs.tolist()
+    free = generate(
+        backbone, project, source, source_mask, replace(settings, no_repeat_ngram_size=0), start_id=0
+    )
+    assert any(has_repeated_bigram(row, eos) for row in free.tokens.tolist()), (
+        "the case must repeat without the ban"
+    )
+    assert not any(has_repeated_bigram(row, eos) for row in ours.tokens.tolist())
+
+
+def has_repeated_bigram(row: list[int], eos: int) -> bool:
+    """Brute force, on the tokens up to the eos (padding follows it)."""
+    row = row[: row.index(eos) + 1] if eos in row else row
+    bigrams = list(zip(row, row[1:], strict=False))
+    return len(bigrams) != len(set(bigrams))

@@ -5,6 +5,7 @@ reproduces the targets."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import datasets
 import pytest
@@ -16,6 +17,7 @@ from datamodules.tokenizer import Tokenizer, TokenizerConfig
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.generation import GenerationConfig
+from modules.heads import PointerGeneratorHead
 from modules.model import MultiTaskModel
 from modules.optim import OptimizerConfig
 from tasks.generative import EOS_ID, IGNORE, START_ID
@@ -120,8 +122,10 @@ def test_prefix_lm_loss_counts_the_summary_only(documents, tokenizer):
     ("task_class", "stacks"),
     [
         (Seq2Seq, {"encoder_layers": 2, "decoder_layers": 2}),
+        (partial(Seq2Seq, copy=True), {"encoder_layers": 2, "decoder_layers": 2}),
         (PrefixLM, {"encoder_layers": 0, "decoder_layers": 2}),
     ],
+    ids=["seq2seq", "seq2seq-copy", "prefix_lm"],
 )
 def test_overfit_a_small_batch_and_generate_the_targets(documents, tokenizer, task_class, stacks):
     task = task_class(
@@ -143,6 +147,45 @@ def test_overfit_a_small_batch_and_generate_the_targets(documents, tokenizer, ta
     rouge = RougeScore()
     rouge.update(generated, [[t] for t in pairs["target"]])
     assert float(rouge.compute()["rougeL"]) >= 0.95, list(zip(generated, pairs["target"], strict=True))
+    # several rows per source (beams, samples) must each read their own source: two top-1 samples
+    # per input are its greedy output twice
+    task.decoding = GenerationConfig(
+        strategy="sample", top_k=1, num_return_sequences=2, max_new_tokens=24, eos_id=EOS_ID
+    )
+    twice = task.decode_rows(model(batch)["generated"], tokenizer)
+    assert twice == [text for text in generated for _ in range(2)]
+
+
+@torch.no_grad()
+def test_pointer_generator_mixes_vocabulary_and_copy_distributions_as_written():
+    """The head's probabilities against the formula computed token by token, with repeated source ids
+    (their attention adds up) and padding (never copied)."""
+    torch.manual_seed(0)
+    config = BackboneConfig(vocab_size=11, d_model=8, n_heads=2, d_ff=16)
+    head = PointerGeneratorHead(config)
+    with torch.no_grad():
+        head.switch.bias.fill_(0.3)
+    embedding = torch.randn(11, 8)
+    hidden, memory = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
+    source = torch.tensor([[5, 7, 5, 3], [2, 9, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    probs = head(hidden, embedding, memory, mask, source).exp()  # (2, 3, 11)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 3), atol=1e-5)
+    for b in range(2):
+        for t in range(3):
+            h = hidden[b, t]
+            scores = [
+                float(head.query(h) @ head.key(memory[b, i])) / 8**0.5 if mask[b, i] else -float("inf")
+                for i in range(4)
+            ]
+            attention = torch.tensor(scores).softmax(0)
+            context = sum(attention[i] * memory[b, i] for i in range(4))
+            p_gen = torch.sigmoid(head.switch(torch.cat([h, context])))[0]
+            vocab = F.softmax(embedding @ h, dim=0)
+            for w in range(11):
+                copied = sum(attention[i] for i in range(4) if source[b, i] == w and mask[b, i])
+                expected = p_gen * vocab[w] + (1 - p_gen) * copied
+                assert probs[b, t, w].item() == pytest.approx(float(expected), abs=1e-6)
 
 
 def test_templates_fill_fields_join_lists_and_take_lead_1(tokenizer):
