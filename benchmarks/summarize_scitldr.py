@@ -7,13 +7,16 @@ vocabulary from the training text; 4 + 4 layers of width 256, ReLU, relative pos
 layout); AdamW 5e-4, 10% warmup, linear decay, weight decay 0.01, clip 1.0, batch 32, seed 0, the
 same number of steps; greedy decoding of at most 64 tokens on the first 200 test papers; ROUGE-1/2/L
 F x 100 with stemming, each output against its best reference. polyhead runs
-experiments/configs/summarize_seq2seq.yaml and summarize_prefix_lm.yaml at that protocol; the
-pretrained variant first trains MLM+NSP on the training abstracts (the same backbone, its encoder
-only) and starts the summarizer from that checkpoint (--model.init_from). Beside ROUGE: how many of
-the 200 outputs are distinct, and how many repeat a word trigram (a decoder stuck in a loop).
+experiments/configs/summarize_seq2seq.yaml (once at the peer's exact settings: lr 5e-4, no copy
+head; then at its own defaults: lr 2e-3, without and with the copy head) and
+summarize_prefix_lm.yaml; the pretrained variant first trains MLM+NSP on the training abstracts
+(the same backbone, its encoder only) and starts the summarizer from that checkpoint
+(--model.init_from). Every checkpoint is scored twice: plain greedy (the peer's decoding) and greedy
+with no_repeat_ngram_size 3. Beside ROUGE: how many of the 200 outputs are distinct, and how many
+repeat a word trigram (a decoder stuck in a loop).
 
-    python benchmarks/summarize_scitldr.py                       # everything (~1 h on 2 cores)
-    python benchmarks/summarize_scitldr.py --no-peer --runs seq2seq
+    python benchmarks/summarize_scitldr.py                       # everything (~1.5 h on 2 cores)
+    python benchmarks/summarize_scitldr.py --no-peer --runs "seq2seq + copy"
 
 Writes benchmarks/results/summarize_scitldr.json and prints a markdown table.
 """
@@ -38,11 +41,15 @@ SHARED = ROOT.parent / "shared"
 CONFIGS = ROOT / "experiments" / "configs"
 RESULTS = ROOT / "benchmarks" / "results"
 PEER = SHARED / "peers" / "c_t5_scitldr.py"
-RUNS = {  # name -> (config, starts from the MLM+NSP checkpoint)
-    "seq2seq": ("summarize_seq2seq.yaml", False),
-    "prefix_lm": ("summarize_prefix_lm.yaml", False),
-    "seq2seq after MLM+NSP": ("summarize_seq2seq.yaml", True),
+COPY, LR = "--model.tasks.summarize.init_args.copy", "--model.optimizer.lr"
+RUNS = {  # name -> (config, starts from the MLM+NSP checkpoint, extra arguments)
+    "seq2seq at the peer's settings": ("summarize_seq2seq.yaml", False, [COPY, "false", LR, "5e-4"]),
+    "seq2seq": ("summarize_seq2seq.yaml", False, [COPY, "false"]),
+    "seq2seq + copy": ("summarize_seq2seq.yaml", False, []),
+    "prefix_lm": ("summarize_prefix_lm.yaml", False, []),
+    "seq2seq + copy after MLM+NSP": ("summarize_seq2seq.yaml", True, []),
 }
+NO_REPEAT_ARG = "--model.tasks.summarize.init_args.generation.no_repeat_ngram_size"
 METRICS = ("rouge1", "rouge2", "rougeL")
 
 
@@ -115,29 +122,34 @@ def pretrain(data: Path, steps: int, work: Path) -> Path:
 def polyhead_run(
     name: str, data: Path, test_file: Path, steps: int, init_from: Path | None, work: Path
 ) -> dict:
-    config, _ = RUNS[name]
+    """Train one configuration, then score its greedy outputs as the peer does, and again with
+    no_repeat_ngram_size 3 (the same checkpoint, only decoding changes)."""
+    config, _, extra = RUNS[name]
     where = work / name.replace(" ", "_").replace("+", "")
     shutil.rmtree(where, ignore_errors=True)  # else Lightning saves last-v1.ckpt beside an old last.ckpt
-    args = [
-        "--config",
-        str(CONFIGS / config),
-        *data_args(data, test_file),
-        "--checkpoint.dirpath",
-        str(where),
-    ]
+    args = ["--config", str(CONFIGS / config), *data_args(data, test_file), *extra,
+            "--checkpoint.dirpath", str(where)]  # fmt: skip
     start = ["--model.init_from", str(init_from)] if init_from else []
     began = time.time()
     run(["fit", *args, *start, "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
          "--trainer.limit_val_batches", "1"])  # fmt: skip
     wall = time.time() - began
     checkpoint = ["--ckpt_path", str(where / "last.ckpt")]
-    metrics = run(["test", *args, *checkpoint]).trainer.callback_metrics
+    result = score(args + [NO_REPEAT_ARG, "0", *checkpoint], where / "predictions.jsonl")
+    result["no_repeat_3"] = score(
+        args + [NO_REPEAT_ARG, "3", *checkpoint], where / "predictions_no_repeat.jsonl"
+    )
+    return result | {"train_wall_s": round(wall, 1)}
+
+
+def score(args: list[str], predictions: Path) -> dict:
+    """ROUGE on the test papers (and the lead-1 baseline), then the outputs themselves via predict."""
+    metrics = run(["test", *args]).trainer.callback_metrics
     scores = {m: round(100 * float(metrics[f"test/summarize/{m}"]), 2) for m in METRICS}
     lead = {m: round(100 * float(metrics[f"test/summarize/baseline_{m}"]), 2) for m in METRICS}
-    predictions = where / "predictions.jsonl"
-    run(["predict", *args, *checkpoint, "--predictions.path", str(predictions)])
+    run(["predict", *args, "--predictions.path", str(predictions)])
     outputs = [json.loads(line)["generated"] for line in predictions.read_text().splitlines()]
-    return {**scores, **output_stats(outputs), "train_wall_s": round(wall, 1), "lead1": lead}
+    return {**scores, **output_stats(outputs), "lead1": lead, "examples": outputs[:3]}
 
 
 def peer_run(steps: int, n_test: int, python: str, work: Path) -> dict:
@@ -156,22 +168,30 @@ def peer_run(steps: int, n_test: int, python: str, work: Path) -> dict:
         "train_wall_s": summary["train_wall_s"],
         "lead1": {m: summary["lead1"][m] for m in METRICS},
         "title": {m: summary["title"][m] for m in METRICS},
+        "examples": outputs[:3],
     }
 
 
 def markdown(results: dict) -> str:
     lines = [
-        "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | distinct outputs | looping outputs |",
-        "|---|---|---|---|---|---|",
+        "| model | decoding | ROUGE-1 | ROUGE-2 | ROUGE-L | distinct outputs | looping outputs | train s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+
+    def row(who: str, decoding: str, r: dict, wall: str) -> str:
+        return (
+            f"| {who} | {decoding} | {r['rouge1']:.1f} | {r['rouge2']:.1f} | {r['rougeL']:.1f} "
+            f"| {r['distinct']} of {r['n']} | {r['looping']} | {wall} |"
+        )
+
     for name, r in results["runs"].items():
         who = "HF T5 (peer)" if name == "peer" else f"polyhead {name}"
-        lines.append(
-            f"| {who} | {r['rouge1']:.1f} | {r['rouge2']:.1f} | {r['rougeL']:.1f} | {r['distinct']} of {r['n']} | {r['looping']} |"
-        )
+        lines.append(row(who, "greedy", r, f"{r['train_wall_s']:.0f}"))
+        if "no_repeat_3" in r:
+            lines.append(row(who, "greedy, no_repeat_ngram_size 3", r["no_repeat_3"], ""))
     lead = next(iter(results["runs"].values()))["lead1"]
     lines.append(
-        f"| lead-1 (first sentence) | {lead['rouge1']:.1f} | {lead['rouge2']:.1f} | {lead['rougeL']:.1f} | | |"
+        f"| lead-1 (first sentence) | | {lead['rouge1']:.1f} | {lead['rouge2']:.1f} | {lead['rougeL']:.1f} | | | |"
     )
     return "\n".join(lines)
 

@@ -1,8 +1,9 @@
-"""Data sources: a hub dataset or local text / JSON(L) / CSV / TSV / SQuAD files, or aligned line
-files (parallel corpora) -> `datasets.Dataset`.
+"""Data sources: a hub dataset or local text / JSON(L) / CSV / TSV / SQuAD / labelled-line files, or
+aligned line files (parallel corpora) -> `datasets.Dataset`.
 
-Hub data and single local files are read through `datasets.load_dataset`; aligned line files and
-SQuAD JSON, whose rows are not the rows of one file, are built here. Every source is renamed to the
+Hub data and single local files are read through `datasets.load_dataset`; aligned line files,
+SQuAD JSON and `LABEL text` lines, whose rows are not the rows of one file or need a label split
+off, are built here. Every source is renamed to the
 task's field names by the column mapping, and checked; anything wrong stops with one message naming
 the file and the fix.
 """
@@ -65,12 +66,17 @@ class DataSource:
     """Hub split for validation (None: use holdout_every)."""
     test_split: str | None = None
     """Hub split for `polyhead test` and `polyhead predict`, e.g. test."""
-    format: Literal["text", "json", "csv", "tsv", "squad"] | None = None
+    format: Literal["text", "json", "csv", "tsv", "squad", "label_text"] | None = None
     """File format; default from the file extension (.txt/.raw text, .json/.jsonl json, .csv, .tsv).
     squad (never from the extension): SQuAD v1.1 JSON, one row per question with columns id, title,
-    context, question, answers (the answer texts, in order) and answer_starts (their offsets)."""
+    context, question, answers (the answer texts, in order) and answer_starts (their offsets).
+    label_text (never from the extension): one example per line, `LABEL text`: the first
+    whitespace-separated token is column `label`, the rest column `text` (SST-2's, TREC's files)."""
+    label_pattern: str | None = None
+    """format label_text: a regex searched in the line's first token; its first group (or, without
+    groups, its match) is the label, e.g. `^[^:]+` takes TREC's coarse class DESC from DESC:manner."""
     encoding: str = "utf-8"
-    """Text encoding of local files (e.g. latin-1)."""
+    """Text encoding of every local file (e.g. latin-1)."""
     column_names: list[str] | None = None
     """Names of the fields of a CSV/TSV file that has no header row; fields after these are ignored."""
     quoting: bool = True
@@ -121,7 +127,8 @@ def _files_format(source: DataSource, where: str, path: str) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
         raise UserError(
-            f"{where}.format: cannot tell the format of {path!r} from its extension; set it to one of text, json, csv, tsv"
+            f"{where}.format: cannot tell the format of {path!r} from its extension; set it to one of "
+            "text, json, csv, tsv, squad, label_text"
         )
     return FORMATS[suffix]
 
@@ -274,14 +281,63 @@ def _load_squad(path: str, source: DataSource, where: str) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns, features=SQUAD_FEATURES)
 
 
+def _check_label_text(source: DataSource, where: str) -> None:
+    """label_text settings: label_pattern only with that format and a valid regex; rows only."""
+    if source.label_pattern is not None:
+        if source.format != "label_text":
+            raise UserError(
+                f"{where}.label_pattern applies to format: label_text only; remove it or set the format"
+            )
+        try:
+            re.compile(source.label_pattern)
+        except re.error as error:
+            raise UserError(
+                f"{where}.label_pattern: {source.label_pattern!r} is not a valid regex ({error})"
+            ) from None
+    if source.format == "label_text" and source.documents != "row":
+        raise UserError(
+            f"{where}: format label_text reads one example per line; remove documents: {source.documents}"
+        )
+
+
+def _load_label_text(path: str, source: DataSource, where: str) -> datasets.Dataset:
+    """`LABEL text` lines -> columns label and text; blank lines are skipped, a line without text or
+    whose label the pattern cannot find stops the run naming file and line."""
+    pattern = re.compile(source.label_pattern) if source.label_pattern is not None else None
+    labels, texts = [], []
+    for number, line in enumerate(_read_lines(path, source.encoding, where), 1):
+        if not line.strip():
+            continue
+        parts = line.split(None, 1)
+        if len(parts) < 2:
+            raise UserError(
+                f"{path}, line {number}: expected `LABEL text` (a label, a space, the text), got {line.strip()!r}; "
+                "fix or remove the line"
+            )
+        label = parts[0]
+        if pattern is not None:
+            match = pattern.search(label)
+            if match is None:
+                raise UserError(
+                    f"{path}, line {number}: label_pattern {pattern.pattern!r} finds no label in {label!r}; "
+                    "fix the line or the pattern"
+                )
+            label = match.group(1) if pattern.groups else match.group(0)
+        labels.append(label)
+        texts.append(parts[1].strip())
+    return datasets.Dataset.from_dict({"label": labels, "text": texts})
+
+
 def _load_local(path: str | dict[str, str], source: DataSource, where: str) -> tuple[datasets.Dataset, str]:
     """One local split and the format it was read in."""
     if isinstance(path, dict):
         return _load_aligned(path, source, where), "text"
-    _check_file(path, where, globs=source.format != "squad")
+    _check_file(path, where, globs=source.format not in ("squad", "label_text"))
     fmt = _files_format(source, where, path)
     if fmt == "squad":
         return _load_squad(path, source, where), fmt
+    if fmt == "label_text":
+        return _load_label_text(path, source, where), fmt
     kwargs: dict = {"data_files": path, "split": "train"}
     if fmt == "text":
         kwargs.update(
@@ -356,6 +412,17 @@ def _documents(
         dataset = dataset.select(range(min(source.max_examples, len(dataset))))
     if not any(has_text(v) for column in columns for v in dataset[column]):
         raise UserError(f"{name}: no non-empty text in column(s) {columns}; the data is empty")
+    return dataset
+
+
+def _class_names(dataset: datasets.Dataset) -> datasets.Dataset:
+    """Class-label columns (hub datasets store classes as ints, their names in the features) read as
+    the names, so tasks and predictions see `positive`, not `1`. -1 (GLUE's unlabelled test rows)
+    becomes None, which the field checks report as an empty field."""
+    for column, feature in dataset.features.items():
+        if isinstance(feature, datasets.ClassLabel):
+            names = [feature.int2str(v) if v is not None and v >= 0 else None for v in dataset[column]]
+            dataset = dataset.remove_columns(column).add_column(column, names)
     return dataset
 
 
@@ -457,6 +524,7 @@ def _load_split(
     """Raw rows of one split (None if the source has none), a name for messages and the format read."""
     if source.path is None and source.hub is None:
         raise UserError(f"{where}: set `path` (a local file) or `hub` (a hub dataset name)")
+    _check_label_text(source, where)
     if source.holdout_key is not None and not _uses_holdout(source):
         raise UserError(
             f"{where}.holdout_key: validation comes from validation_path / validation_split, so nothing "
@@ -504,7 +572,7 @@ def load_split(
         return None
     raw, name, fmt = loaded
     groups = _holdout_groups(raw, source, name, where) if held_out else None
-    documents = _documents(raw, source, list(mapping.values()), name, where)
+    documents = _class_names(_documents(raw, source, list(mapping.values()), name, where))
     documents = documents.rename_columns({col: f for f, col in mapping.items() if col != f})
     _check_fields(documents, source, fmt, fields, value_fields, name, list_fields)
     if held_out:

@@ -1,7 +1,7 @@
 """A sentencepiece tokenizer trained on the run's own training text, cached, and saved in checkpoints.
 
-Settings that make encode -> decode reproduce the text exactly (needed later to map QA answers
-back to characters): byte fallback for unseen characters, the identity normalisation, and no
+Settings that make encode -> decode reproduce the text exactly (extractive QA maps answers back
+to characters through `encode_with_offsets`): byte fallback for unseen characters, the identity normalisation, and no
 whitespace collapsing.
 """
 
@@ -11,8 +11,10 @@ import hashlib
 import io
 import json
 import os
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Literal
 
@@ -70,6 +72,31 @@ class Tokenizer:
         if self.lowercase:
             texts = [t.lower() for t in texts]
         return self.sp.encode(texts)
+
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Texts -> (ids, spans) per text, ids as `encode` gives them and spans[i] = (start, end): the
+        characters of the original text that piece i stands for, so `text[start:end]` is its surface.
+
+        The spans come from sentencepiece itself (its offset mapping) and tile the text in order: the
+        dummy-prefix space has an empty span, and a character split into byte-fallback pieces belongs
+        to its last byte piece (the others have empty spans). Extractive QA maps predicted pieces back
+        to the exact characters of a context with them. With `lowercase`, a character whose lower case
+        is longer (İ -> i̇) belongs whole to every piece that holds part of it.
+        """
+        lowered = [t.lower() for t in texts] if self.lowercase else texts
+        out = []
+        for text, low, encoded in zip(
+            texts, lowered, self.sp.encode(lowered, out_type="offset_mapping"), strict=True
+        ):
+            spans = encoded["offsets"]
+            if len(low) != len(text):
+                ends = list(accumulate(len(c.lower()) for c in text))  # where each character ends in `low`
+                spans = [
+                    (bisect_right(ends, s), bisect_left(ends, e) + 1 if e > s else bisect_right(ends, s))
+                    for s, e in spans
+                ]
+            out.append((encoded["ids"], [tuple(span) for span in spans]))
+        return out
 
     def decode(self, ids: list[int]) -> str:
         """Ids -> text; special tokens are dropped."""

@@ -141,3 +141,17 @@ class PointerGeneratorHead(nn.Module):
         return torch.logaddexp(
             F.logsigmoid(generate) + vocab, F.logsigmoid(-generate) + copy.clamp_min(1e-30).log()
         )
+
+
+class SpanHead(nn.Module):
+    """Extractive QA (BERT on SQuAD): one linear layer scores every token as the answer's start
+    and as its end; the answer is the best-scoring span (the task searches it)."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.scorer = nn.Linear(config.d_model, 2)
+
+    def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """hidden: (B, T, D) -> start logits (B, T), end logits (B, T)"""
+        start, end = self.scorer(hidden).unbind(dim=-1)
+        return start, end

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.text import SacreBLEUScore
 
 from datamodules.sources import texts_of
@@ -31,7 +31,7 @@ from modules.errors import UserError
 from modules.generation import GenerationConfig
 from modules.heads import LanguageModelHead
 from tasks.base import Task
-from tasks.metrics import RougeScore
+from tasks.metrics import RougeScore, SquadScore
 from tasks.sentences import split_sentences
 
 IGNORE = -100
@@ -72,6 +72,14 @@ def pad_rows(rows: list[np.ndarray | list[int]], pad: int, left: bool = False) -
     return ids, mask
 
 
+TEXT_METRICS: dict[str, tuple[Callable[[str], Metric], str]] = {
+    "rouge": (lambda prefix: RougeScore(prefix=prefix), "rougeL"),
+    "bleu": (lambda prefix: SacreBLEUScore(), "bleu"),  # one value, named by its collection key
+    "squad": (lambda prefix: SquadScore(prefix=prefix), "f1"),
+}
+"""Text metrics a generative task may report: name -> (factory taking a result-name prefix, main score)."""
+
+
 @dataclass
 class Truncations:
     """How many inputs and targets of a split were cut to fit, reported once per split."""
@@ -91,7 +99,7 @@ class GenerativeTask(Task):
         max_source_length: int = 512,
         max_target_length: int = 128,
         label_smoothing: float = 0.0,
-        metrics: Sequence[Literal["rouge", "bleu"]] = ("rouge",),
+        metrics: Sequence[Literal["rouge", "bleu", "squad"]] = ("rouge",),
         generation: GenerationConfig = GenerationConfig(),
         loss_weight: float = 1.0,
     ) -> None:
@@ -103,7 +111,9 @@ class GenerativeTask(Task):
         max_source_length: tokens of the input (with </s>); longer inputs are cut and counted.
         max_target_length: tokens of the target (with </s>); longer targets are cut and counted.
         label_smoothing: cross-entropy label smoothing (0: none).
-        metrics: what validation reports beside the loss: "rouge" (1, 2, L, Lsum) and/or "bleu".
+        metrics: what validation reports beside the loss: "rouge" (1, 2, L, Lsum), "bleu" and/or
+            "squad" (SQuAD v1.1 exact match and F1, for questions answered as text); the first
+            one's main score is the task's checkpointing monitor.
         generation: decoding for validation, test and predict (greedy, beam, sampling).
         """
         super().__init__(loss_weight)
@@ -118,9 +128,11 @@ class GenerativeTask(Task):
         self.input_fields = template_fields(template)
         if "target" in self.input_fields:
             raise UserError(f"template {template!r} uses {{target}}, the field the model must produce")
-        unknown = sorted(set(metrics) - {"rouge", "bleu"})
+        unknown = sorted(set(metrics) - set(TEXT_METRICS))
         if unknown or not metrics:
-            raise UserError(f"metrics must be a non-empty list of 'rouge' and 'bleu', got {list(metrics)}")
+            raise UserError(
+                f"metrics must be a non-empty list from {', '.join(map(repr, TEXT_METRICS))}, got {list(metrics)}"
+            )
         if not 0 <= label_smoothing < 1:
             raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if max_target_length < 2 or max_source_length < 2:
@@ -159,7 +171,7 @@ class GenerativeTask(Task):
 
     @property
     def monitor(self) -> tuple[str, str]:
-        return ("rougeL", "max") if "rouge" in self.metric_names else ("bleu", "max")
+        return TEXT_METRICS[self.metric_names[0]][1], "max"
 
     def build_head(self, config: BackboneConfig) -> nn.Module:
         return LanguageModelHead(config)
@@ -241,22 +253,18 @@ class GenerativeTask(Task):
 
     def metrics(self, vocab_size: int) -> MetricCollection:
         metrics: dict[str, nn.Module] = {"loss": MeanMetric()}
-        if "rouge" in self.metric_names:
-            metrics |= {"rouge": RougeScore(), "baseline_rouge": RougeScore(prefix="baseline_")}
-        if "bleu" in self.metric_names:
-            metrics |= {"bleu": SacreBLEUScore(), "baseline_bleu": SacreBLEUScore()}
+        for name in self.metric_names:
+            make = TEXT_METRICS[name][0]
+            metrics |= {name: make(""), f"baseline_{name}": make("baseline_")}
         return MetricCollection(metrics)
 
     def score_outputs(self, metrics: MetricCollection, outputs: list[str], batch: dict) -> None:
-        """Generated texts of one evaluation batch -> ROUGE / BLEU against every reference, the
+        """Generated texts of one evaluation batch -> each text metric against every reference, the
         lead-1 baseline likewise, and the first rows kept for the W&B samples table."""
         references, lead = batch["references"], batch["lead"]
-        if "rouge" in metrics:
-            metrics["rouge"].update(outputs, references)
-            metrics["baseline_rouge"].update(lead, references)
-        if "bleu" in metrics:
-            metrics["bleu"].update(outputs, references)
-            metrics["baseline_bleu"].update(lead, references)
+        for name in self.metric_names:
+            metrics[name].update(outputs, references)
+            metrics[f"baseline_{name}"].update(lead, references)
         room = SAMPLE_ROWS - len(self.samples)
         for prompt, refs, output in list(zip(batch["prompt"], references, outputs, strict=True))[:room]:
             self.samples.append([prompt, refs[0], output])

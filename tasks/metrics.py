@@ -7,10 +7,16 @@
 MRR@k. It follows the usual protocol of sentence-embedding benchmarks: the corpus is deduplicated
 by text, the rank of a query is 1 + the number of irrelevant corpus items scored strictly higher
 than its best relevant item, and a query's own text is never a candidate for itself.
+
+`SquadScore` is SQuAD v1.1's exact match and token F1, computed as its official evaluation script
+does, for extractive QA and for closed-book QA scored the same way.
 """
 
 from __future__ import annotations
 
+import re
+import string
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +32,8 @@ RECALL_AT = (1, 5, 10)
 MRR_AT = 10
 QUERY_BLOCK = 1024  # queries scored at once: a (QUERY_BLOCK, corpus) similarity block in memory
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+PUNCTUATION = frozenset(string.punctuation)
 
 
 class EmbeddingRetrieval(Metric):
@@ -136,3 +144,59 @@ class RougeScore(Metric):
 def _lines(text: str) -> str:
     """One sentence per line, the form rouge-score needs for ROUGE-Lsum."""
     return "\n".join(split_sentences(text))
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1's normalisation, in the official script's order: lower-case, drop ASCII
+    punctuation, replace the articles a / an / the by spaces, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
+    return " ".join(ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, truth: str) -> float:
+    """1.0 when the two normalised answers are equal (two answers that normalise to nothing are)."""
+    return float(normalize_answer(prediction) == normalize_answer(truth))
+
+
+def token_f1(prediction: str, truth: str) -> float:
+    """Harmonic mean of precision and recall of the normalised words, each word counted as often as
+    both share it; 0.0 when they share none (also when either is empty), as the official script."""
+    predicted, gold = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    shared = sum((Counter(predicted) & Counter(gold)).values())
+    if shared == 0:
+        return 0.0
+    precision, recall = shared / len(predicted), shared / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+class SquadScore(Metric):
+    """SQuAD v1.1 exact match and F1 ("exact_match", "f1"): each prediction scored against its best
+    gold answer, averaged over questions; fractions in [0, 1] where the official script prints
+    percentages. Sums and a count are the states, so processes under DDP add up to the exact mean."""
+
+    full_state_update = False
+
+    def __init__(self, prefix: str = "", **kwargs) -> None:
+        """prefix: put before every result name (e.g. "baseline_")."""
+        super().__init__(**kwargs)
+        self.prefix = prefix
+        for name in ("exact_match", "f1", "total"):
+            self.add_state(name, default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+        """predictions: one answer per question; references: its gold answers (one or more)."""
+        if len(predictions) != len(references):
+            raise ValueError(f"{len(predictions)} predictions for {len(references)} reference sets")
+        if not all(references):
+            raise ValueError("every question needs at least one gold answer")
+        pairs = list(zip(predictions, references, strict=True))
+        self.exact_match += sum(max(exact_match(p, gold) for gold in golds) for p, golds in pairs)
+        self.f1 += sum(max(token_f1(p, gold) for gold in golds) for p, golds in pairs)
+        self.total += len(pairs)
+
+    def compute(self) -> dict[str, Tensor]:
+        # no question scored: 0 / 0 is NaN, which says so
+        return {
+            self.prefix + "exact_match": self.exact_match / self.total,
+            self.prefix + "f1": self.f1 / self.total,
+        }

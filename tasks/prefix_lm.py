@@ -36,7 +36,7 @@ class PrefixLM(GenerativeTask):
         max_source_length: int = 384,
         max_target_length: int = 128,
         label_smoothing: float = 0.0,
-        metrics: Sequence[Literal["rouge", "bleu"]] = ("rouge",),
+        metrics: Sequence[Literal["rouge", "bleu", "squad"]] = ("rouge",),
         generation: GenerationConfig = GenerationConfig(),
         loss_on: Literal["target", "all"] = "target",
         loss_weight: float = 1.0,

@@ -36,7 +36,7 @@ class Seq2Seq(GenerativeTask):
         max_source_length: int = 512,
         max_target_length: int = 128,
         label_smoothing: float = 0.0,
-        metrics: Sequence[Literal["rouge", "bleu"]] = ("rouge",),
+        metrics: Sequence[Literal["rouge", "bleu", "squad"]] = ("rouge",),
         generation: GenerationConfig = GenerationConfig(),
         copy: bool = False,
         loss_weight: float = 1.0,

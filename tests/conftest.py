@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -44,3 +45,9 @@ def isolated_env(tmp_path, monkeypatch):
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def documents() -> list[dict]:
+    """The quickstart's seed corpus: small real documents written for this project."""
+    return [json.loads(line) for line in SEED_CORPUS.read_text().splitlines()]

@@ -22,6 +22,7 @@ SCITLDR_LOCAL = [
     "--data.tokenizer.vocab_size", "4000",
 ]  # fmt: skip
 MULTI30K, SQUAD = SHARED_DATA / "multi30k", SHARED_DATA / "squad" / "dev-v1.1.json"
+SST2, TREC = SHARED_DATA / "sst2", SHARED_DATA / "trec"
 
 
 def aligned(split: str) -> str:
@@ -35,6 +36,19 @@ LOCAL_DATA = {
         "--config", str(CONFIGS / "local" / "stsb.yaml"),
         "--data.sources.triplet.path", str(STSB / "sts-train.csv"),
         "--data.sources.triplet.validation_path", str(STSB / "sts-dev.csv"),
+    ],
+    "classify_sst2.yaml": [
+        "--config", str(CONFIGS / "local" / "sst2.yaml"),
+        "--data.sources.sst2.path", str(SST2 / "stsa.binary.train"),
+        "--data.sources.sst2.validation_path", str(SST2 / "stsa.binary.dev"),
+        "--data.sources.sst2.max_examples", "300",
+        "--data.tokenizer.vocab_size", "1000",
+    ],
+    "classify_trec.yaml": [
+        "--config", str(CONFIGS / "local" / "trec.yaml"),
+        "--data.sources.trec.path", str(TREC / "TREC.train"),
+        "--data.sources.trec.max_examples", "300",
+        "--data.tokenizer.vocab_size", "1000",
     ],
     "summarize_seq2seq.yaml": SCITLDR_LOCAL,
     "summarize_prefix_lm.yaml": SCITLDR_LOCAL,
@@ -50,10 +64,19 @@ LOCAL_DATA = {
         "--data.sources.question.max_examples", "3000",  # whole articles: enough for a held-out one
         "--data.tokenizer.vocab_size", "4000",
     ],
+    "span_qa_squad.yaml": [
+        "--config", str(CONFIGS / "local" / "squad.yaml"),
+        "--data.sources.qa.path", str(SQUAD),
+        "--data.sources.qa.max_examples", "3000",  # whole articles: enough for a held-out one
+        "--data.tokenizer.vocab_size", "4000",
+    ],
 }  # fmt: skip
 NEEDS = {
+    "span_qa_squad.yaml": SQUAD,
     "pretrain_mlm_nsp.yaml": WIKITEXT,
     "siamese_stsb.yaml": STSB,
+    "classify_sst2.yaml": SST2,
+    "classify_trec.yaml": TREC,
     "summarize_seq2seq.yaml": SCITLDR,
     "summarize_prefix_lm.yaml": SCITLDR,
     "t5_multitask.yaml": SHARED_DATA,

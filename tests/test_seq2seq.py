@@ -4,7 +4,6 @@ reproduces the targets."""
 
 from __future__ import annotations
 
-import json
 from functools import partial
 
 import datasets
@@ -25,14 +24,7 @@ from tasks.metrics import RougeScore
 from tasks.prefix_lm import PrefixLM
 from tasks.seq2seq import Seq2Seq
 
-from .conftest import SEED_CORPUS
-
 TINY = dict(d_model=64, n_heads=4, d_ff=128, max_len=96, dropout=0.0, attention_dropout=0.0, pooler=False)
-
-
-@pytest.fixture(scope="module")
-def documents() -> list[dict]:
-    return [json.loads(line) for line in SEED_CORPUS.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +252,22 @@ def test_bad_settings_and_data_get_clear_messages(tmp_path):
             "data.sources.t",
             list_fields=("source", "target"),
         )
+
+
+def test_questions_answered_as_text_are_scored_like_squad():
+    """metrics: [squad] scores generated answers with SQuAD's EM/F1 (normalised, best gold), the
+    lead-1 baseline likewise, and makes F1 the task's monitor."""
+    task = Seq2Seq(prefix="question with context", metrics=["squad"])
+    assert task.monitor == ("f1", "max")
+    metrics = task.metrics(vocab_size=100)
+    batch = {
+        "references": [["Eiffel Tower", "the tower"], ["1889"]],
+        "lead": ["The Eiffel Tower is in Paris.", "It opened in 1889."],
+        "prompt": ["question: what? context: ...", "question: when? context: ..."],
+    }
+    task.score_outputs(metrics, ["the eiffel tower!", "in 1890"], batch)
+    scores = {k: float(v) for k, v in metrics.compute().items() if k != "loss"}
+    assert scores["exact_match"] == pytest.approx(0.5)
+    assert scores["f1"] == pytest.approx((1.0 + 0.0) / 2)
+    assert scores["baseline_exact_match"] == 0.0
+    assert 0 < scores["baseline_f1"] < 1

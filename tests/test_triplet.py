@@ -3,8 +3,6 @@ reference, offline mining, gradients reaching the backbone, and a short real STS
 
 from __future__ import annotations
 
-import json
-
 import datasets
 import numpy as np
 import pytest
@@ -23,15 +21,10 @@ from tasks.metrics import EmbeddingRetrieval
 from tasks.sentences import split_sentences
 from tasks.triplet import SentenceEmbedding, pair_rows
 
-from .conftest import ROOT, SEED_CORPUS, SHARED_DATA
+from .conftest import ROOT, SHARED_DATA
 
 STSB = SHARED_DATA / "stsb"
 CONFIGS = ROOT / "experiments" / "configs"
-
-
-@pytest.fixture(scope="module")
-def documents() -> list[dict]:
-    return [json.loads(line) for line in SEED_CORPUS.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
