@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -71,6 +72,26 @@ class EvalBatchSampler:
         for start in self._starts():
             stop = min(start + self.batch_size, self.size)
             yield [(self.task, i, mix_seed(self.seed, 7919, i)) for i in range(start, stop)]
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, stateful in Lightning's sense: a checkpoint stores how far into the
+    epoch's stream of batches the run got, and a run resumed from it continues with the next batch
+    instead of replaying the epoch from its start (the mixture sampler can start anywhere).
+
+    batches_done: () -> training batches completed in the current epoch, asked at save time (the
+    loader itself cannot count them: worker prefetching draws batches ahead of training).
+    """
+
+    def __init__(self, *args, batches_done: Callable[[], int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.state_dict(self.batches_done())
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
 
 
 class MultiTaskDataModule(pl.LightningDataModule):
@@ -200,15 +221,20 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def _world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
-    def _loader(self, examples: dict[str, Any], batch_sampler) -> DataLoader:
-        return DataLoader(
+    def _loader(self, examples: dict[str, Any], batch_sampler, loader_class=DataLoader, **extra) -> DataLoader:
+        return loader_class(
             TaggedExamples(examples),
             batch_sampler=batch_sampler,
             collate_fn=TaskCollator(self.tasks, self.tokenizer),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator),
+            **extra,
         )
+
+    def _batches_done(self) -> int:
+        """Training batches whose step ran in the current epoch (what a resumed run must not see again)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         sizes = {name: len(examples) for name, examples in self.examples["train"].items()}
@@ -222,7 +248,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
             world_size=world_size,
             steps_per_epoch=self.steps_per_epoch,
         )
-        return self._loader(self.examples["train"], sampler)
+        return self._loader(self.examples["train"], sampler, ResumableLoader, batches_done=self._batches_done)
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         """One in-order loader per task, so metrics and predictions stay per task."""

@@ -85,7 +85,8 @@ class MixtureBatchSampler(Sampler):
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
 
     def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
+        """The whole epoch, even when resumed midway: Lightning counts on from the batches done."""
+        return self.steps_per_epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this at each epoch start."""
