@@ -34,6 +34,7 @@ class MultiTaskModel(pl.LightningModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         tokenizer: Tokenizer | None = None,
         init_from: str | None = None,
+        score: dict[str, float] | None = None,
     ) -> None:
         """
         tasks: task name -> task (its class and settings); names also key data.sources and the logs.
@@ -44,6 +45,10 @@ class MultiTaskModel(pl.LightningModule):
             every head whose names and shapes match are loaded, the rest start fresh, and a report
             of loaded / new / unexpected / mismatched tensors is printed. The CLI also takes the
             checkpoint's tokenizer, so token ids mean what they meant in pretraining.
+        score: one number for sweeps and checkpointing across tasks, logged as val/score: the
+            weighted mean of "<task>/<metric>" entries, e.g. {"sst2/f1": 1, "squad/f1": 2}. By
+            default every task whose main metric rises as it improves (F1, ROUGE-L, Spearman, ...)
+            counts once with that metric; tasks judged by a loss are left out of the default.
         """
         super().__init__()
         if not tasks:
@@ -68,6 +73,7 @@ class MultiTaskModel(pl.LightningModule):
                     f"this backbone is {backbone.architecture}-only"
                 )
         self.tasks, self.tokenizer = dict(tasks), tokenizer
+        self.score_weights = self._score_weights(score)
         self.backbone_config, self.optimizer_config = backbone, optimizer
         self.backbone = Backbone(backbone)
         self.heads = nn.ModuleDict({name: task.build_head(backbone) for name, task in self.tasks.items()})
@@ -117,8 +123,26 @@ class MultiTaskModel(pl.LightningModule):
         records = self.tasks[name].predict(self(batch), batch, self.tokenizer)
         return [{"task": name, **record} for record in records]
 
+    def _score_weights(self, score: dict[str, float] | None) -> dict[tuple[str, str], float]:
+        """model.score -> {(task, metric): weight}, checked against the task names."""
+        if score is None:
+            return {(name, t.monitor[0]): 1.0 for name, t in self.tasks.items() if t.monitor[1] == "max"}
+        weights = {}
+        for key, weight in score.items():
+            name, _, metric = key.partition("/")
+            if name not in self.tasks or not metric:
+                raise UserError(
+                    f"model.score: {key!r} is not '<task>/<metric>' for a task of this run; tasks: {sorted(self.tasks)}"
+                )
+            if weight < 0:
+                raise UserError(f"model.score: the weight of {key!r} must be >= 0, got {weight}")
+            weights[(name, metric)] = float(weight)
+        if not sum(weights.values()):
+            raise UserError("model.score needs at least one positive weight")
+        return weights
+
     def _log_eval_metrics(self, stage: str) -> None:
-        overall = 0.0
+        overall, logged = 0.0, {}
         for name, metrics in self.eval_metrics.items():
             # synced across processes by torchmetrics; metrics never updated (a baseline that needs
             # training data, in a test-only run) are left out rather than logged as NaN
@@ -131,8 +155,27 @@ class MultiTaskModel(pl.LightningModule):
             for key, value in values.items():
                 self.log(f"{stage}/{name}/{key}", value, prog_bar=key == self.tasks[name].monitor[0])
             overall = overall + self.tasks[name].loss_weight * values["loss"]
+            logged |= {(name, key): value for key, value in values.items()}
             self._log_samples(f"{stage}/{name}/samples", self.tasks[name].take_samples())
         self.log(f"{stage}/loss", overall)
+        self._log_score(stage, logged)
+
+    def _log_score(self, stage: str, values: dict[tuple[str, str], Tensor]) -> None:
+        """{stage}/score: the weighted mean of the chosen task metrics (see `score`). Left out when a
+        task of the score was not evaluated (a test run without its data); a metric that an evaluated
+        task does not report is a misspelt name, and says so."""
+        if not self.score_weights:
+            return
+        missing = [f"{t}/{m}" for t, m in self.score_weights if (t, m) not in values]
+        evaluated = {t for t, _ in values}
+        misspelt = [key for key in missing if key.split("/")[0] in evaluated]
+        if misspelt:
+            reported = sorted(f"{t}/{m}" for t, m in values)
+            raise UserError(f"model.score names {misspelt}, which no task reports; reported: {reported}")
+        if missing:
+            return
+        total = sum(self.score_weights.values())
+        self.log(f"{stage}/score", sum(w * values[key] for key, w in self.score_weights.items()) / total)
 
     def _log_samples(self, key: str, samples: tuple[list[str], list[list[str]]] | None) -> None:
         """A task's example outputs as a W&B table (other loggers have no tables)."""
