@@ -221,7 +221,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def _world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
-    def _loader(self, examples: dict[str, Any], batch_sampler, loader_class=DataLoader, **extra) -> DataLoader:
+    def _loader(
+        self, examples: dict[str, Any], batch_sampler, loader_class=DataLoader, **extra
+    ) -> DataLoader:
         return loader_class(
             TaggedExamples(examples),
             batch_sampler=batch_sampler,
