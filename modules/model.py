@@ -20,6 +20,7 @@ from modules.backbone import Backbone, init_weights
 from modules.checkpoint import load_matching, load_report_table, read_checkpoint
 from modules.config import BackboneConfig
 from modules.errors import UserError
+from modules.freezing import FreezeConfig, freeze_report, frozen_names, parameter_depth
 from modules.optim import OptimizerConfig, build_optimizer
 from tasks.base import Task, batch_examples, batch_tokens, task_class
 
@@ -35,6 +36,7 @@ class MultiTaskModel(pl.LightningModule):
         tokenizer: Tokenizer | None = None,
         init_from: str | None = None,
         score: dict[str, float] | None = None,
+        freeze: FreezeConfig = FreezeConfig(),
     ) -> None:
         """
         tasks: task name -> task (its class and settings); names also key data.sources and the logs.
@@ -45,6 +47,8 @@ class MultiTaskModel(pl.LightningModule):
             every head whose names and shapes match are loaded, the rest start fresh, and a report
             of loaded / new / unexpected / mismatched tensors is printed. The CLI also takes the
             checkpoint's tokenizer, so token ids mean what they meant in pretraining.
+        freeze: what does not train (feature extraction, the bottom layers, gradual unfreezing);
+            see modules/freezing.py. What is frozen is printed at the start.
         score: one number for sweeps and checkpointing across tasks, logged as val/score: the
             weighted mean of "<task>/<metric>" entries, e.g. {"sst2/f1": 1, "squad/f1": 2}. By
             default every task whose main metric rises as it improves (F1, ROUGE-L, Spearman, ...)
@@ -93,6 +97,20 @@ class MultiTaskModel(pl.LightningModule):
         if init_from:
             report = load_matching(self, read_checkpoint(init_from)["state_dict"])
             rank_zero_info(load_report_table(report, init_from))
+        self.freeze, self.frozen = freeze, set()
+        if freeze.policy != "none" and not freeze.unfreeze_every:
+            # frozen for good: no gradients at all, which also saves their backward compute
+            self._set_frozen(0)
+            for name, param in self.named_parameters():
+                param.requires_grad_(name not in self.frozen)
+            backbone_trains = any(p.requires_grad for p in self.backbone.parameters())
+            for name, head in self.heads.items():
+                if not backbone_trains and not any(p.requires_grad for p in head.parameters()):
+                    raise UserError(
+                        f"model.freeze.policy {freeze.policy!r} leaves task {name!r} nothing to train: its "
+                        "head has no weights of its own (it reads or ties to the frozen backbone); freeze "
+                        "fewer layers (policy 'bottom') or unfreeze gradually (unfreeze_every)"
+                    )
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """A batch tagged with its task -> that task's outputs."""
@@ -187,8 +205,26 @@ class MultiTaskModel(pl.LightningModule):
                 logger.log_table(key=key, columns=columns, data=rows, step=self.global_step)
 
     def on_train_epoch_start(self) -> None:
+        if self.freeze.unfreeze_every:
+            self._set_frozen(self.current_epoch)
         for name, task in self.tasks.items():
             task.on_train_epoch_start(self, name)
+
+    def _set_frozen(self, epoch: int) -> None:
+        """Work out this epoch's frozen parameters and print them when they change."""
+        frozen = frozen_names(self, self.freeze, self.backbone_config, epoch)
+        if frozen != self.frozen or epoch == 0:
+            rank_zero_info(f"frozen parameters (epoch {epoch}, model.freeze):\n{freeze_report(self, frozen)}")
+        self.frozen = frozen
+
+    def on_after_backward(self) -> None:
+        """Gradual unfreezing keeps every parameter trainable for DDP (which fixes the set of
+        trainable parameters when it wraps the model) and drops the gradients of the frozen ones:
+        AdamW leaves a parameter without a gradient untouched, weight decay included."""
+        if self.freeze.unfreeze_every and self.frozen:
+            for name, param in self.named_parameters():
+                if name in self.frozen:
+                    param.grad = None
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_metrics("val")
@@ -197,7 +233,12 @@ class MultiTaskModel(pl.LightningModule):
         self._log_eval_metrics("test")
 
     def configure_optimizers(self) -> dict:
-        return build_optimizer(self, self.optimizer_config, int(self.trainer.estimated_stepping_batches))
+        return build_optimizer(
+            self,
+            self.optimizer_config,
+            int(self.trainer.estimated_stepping_batches),
+            lambda name: parameter_depth(name, self.backbone_config),
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["polyhead"] = {

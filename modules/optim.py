@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,6 +26,10 @@ class OptimizerConfig:
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     """Decay after warmup, down to min_lr_ratio * lr at the last step."""
     min_lr_ratio: float = 0.0
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay: a parameter at depth d (modules/freezing.py: embeddings 0, the
+    task heads at the top) learns at lr * layer_decay ** (top - d), so fine-tuning moves the layers
+    nearest the input least. 1 gives every layer the same rate."""
 
 
 class WarmupDecay:
@@ -45,16 +50,30 @@ class WarmupDecay:
         return self.min_ratio + (1.0 - self.min_ratio) * decay
 
 
-def build_optimizer(model: nn.Module, config: OptimizerConfig, total_steps: int) -> dict:
-    """-> Lightning's optimizer dict: AdamW + per-step LambdaLR."""
+def build_optimizer(
+    model: nn.Module, config: OptimizerConfig, total_steps: int, depth: Callable[[str], int]
+) -> dict:
+    """-> Lightning's optimizer dict: AdamW + per-step LambdaLR. depth: parameter name -> its depth
+    in the network (only read when layer_decay != 1)."""
     if config.lr <= 0 or config.weight_decay < 0:
         raise UserError(
             f"model.optimizer: need lr > 0 and weight_decay >= 0, got lr={config.lr}, weight_decay={config.weight_decay}"
         )
-    params = [p for p in model.parameters() if p.requires_grad]
+    if not 0 < config.layer_decay <= 1:
+        raise UserError(f"model.optimizer.layer_decay must be in (0, 1], got {config.layer_decay}")
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    depths = {name: depth(name) for name, _ in named} if config.layer_decay != 1 else {}
+    top = max(depths.values(), default=0)
+    grouped: dict[tuple[bool, int], list[nn.Parameter]] = {}
+    for name, p in named:  # biases and norm scales never decay
+        grouped.setdefault((p.ndim >= 2, depths.get(name, top)), []).append(p)
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # biases and norm scales
+        {
+            "params": params,
+            "weight_decay": config.weight_decay if decays else 0.0,
+            "lr": config.lr * config.layer_decay ** (top - level),
+        }
+        for (decays, level), params in sorted(grouped.items())
     ]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
     warmup = int(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)
