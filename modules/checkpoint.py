@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from modules.errors import UserError
@@ -56,3 +58,31 @@ def load_report_table(report: dict[str, list[str]], source: str) -> str:
     for kind in ("new", "unexpected", "mismatched"):
         lines.extend(f"  {kind:<10} {name}" for name in report[kind])
     return "\n".join(lines)
+
+
+def random_states() -> dict:
+    """The generators training draws from (torch CPU and CUDA, numpy, random), as checkpoint data
+    of tensors and plain numbers only, so weights_only loading accepts it."""
+    numpy = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+            "pos": int(numpy["state"]["pos"]),
+            "has_gauss": int(numpy["has_gauss"]),
+            "gauss": float(numpy["gauss"]),
+        },
+        "python": random.getstate(),
+    }
+
+
+def restore_random_states(states: dict) -> None:
+    """Undo `random_states`; CUDA states only where the same number of devices exists."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    numpy = states["numpy"]
+    key = numpy["key"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
+    random.setstate(states["python"])

@@ -17,7 +17,13 @@ from torch import Tensor, nn
 
 from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone, init_weights
-from modules.checkpoint import load_matching, load_report_table, read_checkpoint
+from modules.checkpoint import (
+    load_matching,
+    load_report_table,
+    random_states,
+    read_checkpoint,
+    restore_random_states,
+)
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.freezing import FreezeConfig, freeze_report, frozen_names, parameter_depth
@@ -98,6 +104,7 @@ class MultiTaskModel(pl.LightningModule):
             report = load_matching(self, read_checkpoint(init_from)["state_dict"])
             rank_zero_info(load_report_table(report, init_from))
         self.freeze, self.frozen = freeze, set()
+        self.resume_random_states: dict | None = None  # set by on_load_checkpoint when resuming
         if freeze.policy != "none" and not freeze.unfreeze_every:
             # frozen for good: no gradients at all, which also saves their backward compute
             self._set_frozen(0)
@@ -251,6 +258,19 @@ class MultiTaskModel(pl.LightningModule):
             },
             "tokenizer": self.tokenizer.state_dict(),
         }
+        checkpoint["rng"] = random_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resuming (--ckpt_path) continues the random streams too (dropout masks, sampling), so a
+        resumed run matches an uninterrupted one; Lightning restores model, optimizer and loops only.
+        The states are put back just before the first resumed batch: setting up the data loader
+        draws from torch's generator, which the uninterrupted run did at its epoch start."""
+        self.resume_random_states = checkpoint.get("rng")
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if self.resume_random_states is not None:
+            restore_random_states(self.resume_random_states)
+            self.resume_random_states = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> MultiTaskModel:

@@ -242,12 +242,11 @@ def test_error_exit_from_a_real_process(tmp_path):
 
 def test_a_run_resumed_mid_epoch_continues_exactly(tmp_path):
     """Stopping after step 4 and resuming from its checkpoint gives the same losses at steps 5..8 as
-    the uninterrupted run: the checkpoint carries the model, optimizer, schedule and where the
-    mixture's batch stream stood (dropout off: Lightning does not restore random generators)."""
+    the uninterrupted run: the checkpoint carries the model, optimizer, schedule, where the
+    mixture's batch stream stood and the random generators (dropout is on)."""
     settings = [
         "fit", "--config", QUICKSTART,
         "--model.backbone.d_model", "32", "--model.backbone.n_heads", "2", "--model.backbone.d_ff", "64",
-        "--model.backbone.dropout", "0", "--model.backbone.attention_dropout", "0",
         "--data.batch_size", "8", "--trainer.max_steps", "8", "--trainer.limit_val_batches", "0",
         "--trainer.log_every_n_steps", "1", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
         "--checkpoint.monitor", "null", "--checkpoint.every_n_train_steps", "4", "--checkpoint.save_top_k", "-1",
