@@ -23,9 +23,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, Metric, MetricCollection
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
-from torchmetrics.utilities import dim_zero_cat
+from torchmetrics import MeanMetric, MetricCollection
 
 from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone, init_weights
@@ -33,6 +31,7 @@ from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.heads import PooledClassifierHead
 from tasks.base import Task
+from tasks.metrics import ClassificationScores
 
 Example = tuple[np.ndarray, np.ndarray | None, str | None]
 """One input: tokens of the text, of the pair's second text (None: single text), label name (None: predict)."""
@@ -54,12 +53,6 @@ def encode_names(labels: list[str]) -> Tensor:
 
 def decode_names(encoded: Tensor) -> list[str]:
     return json.loads(bytes(encoded.tolist()).decode())
-
-
-def metric_key(label: str) -> str:
-    """A label as part of a metric name: runs of characters other than letters, digits, `.` and `-`
-    become `_` (a `/` would open a new section in W&B)."""
-    return re.sub(r"[^\w.-]+", "_", label)
 
 
 def fit_pair(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
@@ -119,43 +112,6 @@ class LabelledClassifierHead(nn.Module):
                 "or load a trained checkpoint (--ckpt_path)"
             )
         return self.classify(pooled)
-
-
-class ClassificationScores(Metric):
-    """Accuracy, macro-F1 and per-class F1 of a whole split (torchmetrics' functional forms).
-
-    Predictions and targets are kept and scored at the end, when the label set is surely known (it
-    may be learned from the training data after the model and its metrics are built); torchmetrics
-    concatenates them across processes. Macro-F1 averages over the classes that occur among the
-    targets or the predictions; per-class F1 is reported for those classes as `f1_<label>`.
-    """
-
-    full_state_update = False
-
-    def __init__(self, labels: list[str], prefix: str = "", per_class: bool = True) -> None:
-        super().__init__()
-        self.labels, self.prefix, self.per_class = labels, prefix, per_class
-        self.add_state("preds", default=[], dist_reduce_fx="cat")
-        self.add_state("target", default=[], dist_reduce_fx="cat")
-
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        """preds, target: (B,) label ids"""
-        self.preds.append(preds.long())
-        self.target.append(target.long())
-
-    def compute(self) -> dict[str, Tensor]:
-        preds, target, n = dim_zero_cat(self.preds), dim_zero_cat(self.target), len(self.labels)
-        scores = {
-            f"{self.prefix}accuracy": multiclass_accuracy(preds, target, n, average="micro"),
-            f"{self.prefix}f1": multiclass_f1_score(preds, target, n, average="macro"),
-        }
-        if self.per_class:
-            per_class = multiclass_f1_score(preds, target, n, average="none")  # (n,)
-            seen = torch.bincount(torch.cat([preds, target]), minlength=n) > 0
-            for label, f1, occurs in zip(self.labels, per_class, seen.tolist(), strict=True):
-                if occurs:
-                    scores[f"{self.prefix}f1_{metric_key(label)}"] = f1
-        return scores
 
 
 class Classify(Task):

@@ -10,6 +10,9 @@ than its best relevant item, and a query's own text is never a candidate for its
 
 `SquadScore` is SQuAD v1.1's exact match and token F1, computed as its official evaluation script
 does, for extractive QA and for closed-book QA scored the same way.
+
+`ClassificationScores` is accuracy, macro-F1 and per-class F1 over a whole split, through
+torchmetrics' functional forms, for a label set that may only be known once training data are read.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 from torchmetrics.utilities import dim_zero_cat
 
 from tasks.sentences import split_sentences
@@ -200,3 +204,46 @@ class SquadScore(Metric):
             self.prefix + "exact_match": self.exact_match / self.total,
             self.prefix + "f1": self.f1 / self.total,
         }
+
+
+def metric_key(label: str) -> str:
+    """A label as part of a metric name: runs of characters other than letters, digits, `.` and `-`
+    become `_` (a `/` would open a new section in W&B)."""
+    return re.sub(r"[^\w.-]+", "_", label)
+
+
+class ClassificationScores(Metric):
+    """Accuracy, macro-F1 and per-class F1 of a whole split (torchmetrics' functional forms).
+
+    Predictions and targets are kept and scored at the end, when the label set is surely known (it
+    may be learned from the training data after the model and its metrics are built); torchmetrics
+    concatenates them across processes. Macro-F1 averages over the classes that occur among the
+    targets or the predictions; per-class F1 is reported for those classes as `f1_<label>`.
+    """
+
+    full_state_update = False
+
+    def __init__(self, labels: list[str], prefix: str = "", per_class: bool = True) -> None:
+        super().__init__()
+        self.labels, self.prefix, self.per_class = labels, prefix, per_class
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """preds, target: (B,) label ids"""
+        self.preds.append(preds.long())
+        self.target.append(target.long())
+
+    def compute(self) -> dict[str, Tensor]:
+        preds, target, n = dim_zero_cat(self.preds), dim_zero_cat(self.target), len(self.labels)
+        scores = {
+            f"{self.prefix}accuracy": multiclass_accuracy(preds, target, n, average="micro"),
+            f"{self.prefix}f1": multiclass_f1_score(preds, target, n, average="macro"),
+        }
+        if self.per_class:
+            per_class = multiclass_f1_score(preds, target, n, average="none")  # (n,)
+            seen = torch.bincount(torch.cat([preds, target]), minlength=n) > 0
+            for label, f1, occurs in zip(self.labels, per_class, seen.tolist(), strict=True):
+                if occurs:
+                    scores[f"{self.prefix}f1_{metric_key(label)}"] = f1
+        return scores

@@ -19,7 +19,8 @@ from datamodules.tokenizer import Tokenizer, TokenizerConfig
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.model import MultiTaskModel
-from tasks.classify import ClassificationScores, Classify, fit_pair, sorted_labels
+from tasks.classify import Classify, fit_pair, sorted_labels
+from tasks.metrics import ClassificationScores
 
 from .conftest import ROOT, SEED_CORPUS, SHARED_DATA
 
