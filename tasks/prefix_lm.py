@@ -90,7 +90,7 @@ class PrefixLM(GenerativeTask):
             padded, real = pad_rows(labels, tokenizer.pad_id)
             batch["labels"] = padded.masked_fill(real == 0, IGNORE)  # (B, T)
         if "target" not in examples[0] or "references" in examples[0]:  # it will generate
-            batch["prompt_ids"], batch["prompt_mask"] = pad_rows(
+            batch["prompt_ids"], batch["prompt_attention_mask"] = pad_rows(
                 [e["prompt_ids"] for e in examples], tokenizer.pad_id, left=True
             )  # (B, P)
         if "references" in examples[0]:
@@ -108,7 +108,7 @@ class PrefixLM(GenerativeTask):
                 backbone,
                 lambda h: head(h, backbone.token_embedding),
                 batch["prompt_ids"],
-                batch["prompt_mask"],
+                batch["prompt_attention_mask"],
                 self.decoding,
             )
             outputs["generated"] = result.tokens

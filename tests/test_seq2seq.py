@@ -19,6 +19,7 @@ from modules.generation import GenerationConfig
 from modules.heads import PointerGeneratorHead
 from modules.model import MultiTaskModel
 from modules.optim import OptimizerConfig
+from tasks.base import batch_tokens
 from tasks.generative import EOS_ID, IGNORE, START_ID
 from tasks.metrics import RougeScore
 from tasks.prefix_lm import PrefixLM
@@ -271,3 +272,14 @@ def test_questions_answered_as_text_are_scored_like_squad():
     assert scores["f1"] == pytest.approx((1.0 + 0.0) / 2)
     assert scores["baseline_exact_match"] == 0.0
     assert 0 < scores["baseline_f1"] < 1
+
+
+@pytest.mark.parametrize("task_class", [Seq2Seq, PrefixLM])
+def test_predict_batches_count_their_tokens(documents, tokenizer, task_class):
+    """Throughput logging counts every attention mask's real tokens; a predict batch (prompts only)
+    must expose its prompt mask as one, or `polyhead predict` stops on an empty length."""
+    task = task_class(max_source_length=24, max_target_length=8)
+    prompts = {"source": title_pairs(documents, 4)["source"]}
+    examples = examples_of(task, prompts, tokenizer, "predict")
+    batch = task.collate(examples, [0] * 4, tokenizer)
+    assert batch_tokens(batch) == sum(len(e["prompt_ids"]) for e in examples)
