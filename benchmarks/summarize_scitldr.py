@@ -186,7 +186,8 @@ def markdown(results: dict) -> str:
 
     for name, r in results["runs"].items():
         who = "HF T5 (peer)" if name == "peer" else f"polyhead {name}"
-        lines.append(row(who, "greedy", r, f"{r['train_wall_s']:.0f}"))
+        wall = f"{r['train_wall_s']:.0f}" if r.get("train_wall_s") is not None else ""
+        lines.append(row(who, "greedy", r, wall))
         if "no_repeat_3" in r:
             lines.append(row(who, "greedy, no_repeat_ngram_size 3", r["no_repeat_3"], ""))
     lead = next(iter(results["runs"].values()))["lead1"]
