@@ -12,6 +12,12 @@ from modules.config import BackboneConfig
 from modules.layers import ACTIVATIONS, make_norm
 
 
+def tied_output_scale(config: BackboneConfig) -> float:
+    """What hidden states are multiplied by before a projection onto the tied token embeddings:
+    d_model ** -0.5 when `scale_tied_output` is set (T5), else 1."""
+    return config.d_model**-0.5 if config.tie_embeddings and config.scale_tied_output else 1.0
+
+
 class MaskedLMHead(nn.Module):
     """BERT's MLM head: dense + activation + norm, then a projection onto the vocabulary.
 
@@ -22,7 +28,7 @@ class MaskedLMHead(nn.Module):
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
-        self.scale = config.d_model**-0.5 if config.tie_embeddings and config.scale_tied_output else 1.0
+        self.scale = tied_output_scale(config)
         self.transform = nn.Linear(config.d_model, config.d_model)
         self.act = ACTIVATIONS[config.activation]
         self.norm = make_norm(config)
@@ -48,7 +54,7 @@ class LanguageModelHead(nn.Module):
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
-        self.scale = config.d_model**-0.5 if config.tie_embeddings and config.scale_tied_output else 1.0
+        self.scale = tied_output_scale(config)
         self.decoder = (
             None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         )
