@@ -37,7 +37,7 @@ class MultiTaskModel(pl.LightningModule):
     def __init__(
         self,
         tasks: dict[str, Task],
-        backbone: BackboneConfig = BackboneConfig(),
+        backbone: BackboneConfig | None = None,
         optimizer: OptimizerConfig = OptimizerConfig(),
         tokenizer: Tokenizer | None = None,
         init_from: str | None = None,
@@ -46,13 +46,18 @@ class MultiTaskModel(pl.LightningModule):
     ) -> None:
         """
         tasks: task name -> task (its class and settings); names also key data.sources and the logs.
-        backbone: the shared transformer's architecture.
+        backbone: the shared transformer's architecture. None: the init_from checkpoint's, or the
+            default BackboneConfig without one. (The CLI makes the checkpoint's architecture the
+            default of model.backbone, so a config changes only the fields it names, e.g. dropout.)
         optimizer: AdamW and learning-rate schedule.
-        tokenizer: the run's tokenizer; the CLI passes the data module's, which fixes vocab_size.
-        init_from: a polyhead checkpoint to start from (pretraining -> fine-tuning): the backbone and
-            every head whose names and shapes match are loaded, the rest start fresh, and a report
-            of loaded / new / unexpected / mismatched tensors is printed. The CLI also takes the
-            checkpoint's tokenizer, so token ids mean what they meant in pretraining.
+        tokenizer: the run's tokenizer; the CLI passes the data module's, which fixes vocab_size
+            (an imported model's embedding table may have more rows than its tokenizer has ids,
+            as T5's 32128 for 32100).
+        init_from: a polyhead checkpoint to start from (pretraining -> fine-tuning, or a model
+            imported with `polyhead convert`): the backbone and every head whose names and shapes
+            match are loaded, the rest start fresh, and a report of loaded / new / unexpected /
+            mismatched tensors is printed. The CLI also takes the checkpoint's tokenizer, so token
+            ids mean what they meant in pretraining.
         freeze: what does not train (feature extraction, the bottom layers, gradual unfreezing);
             see modules/freezing.py. What is frozen is printed at the start.
         score: one number for sweeps and checkpointing across tasks, logged as val/score: the
@@ -65,15 +70,20 @@ class MultiTaskModel(pl.LightningModule):
             raise UserError("model.tasks is empty: name at least one task")
         if tokenizer is None:
             raise UserError("MultiTaskModel needs a tokenizer (the CLI takes it from the data module)")
+        starting_point = read_checkpoint(init_from) if init_from else None
+        if backbone is None:
+            saved = starting_point["polyhead"]["backbone"] if starting_point else {}
+            backbone = BackboneConfig.from_dict(saved)
         backbone = dataclasses.replace(backbone)  # a copy: vocab_size is filled in below
         if backbone.vocab_size is None:
             backbone.vocab_size = tokenizer.vocab_size
-        elif backbone.vocab_size != tokenizer.vocab_size:
+        elif backbone.vocab_size < tokenizer.vocab_size:
             raise UserError(
                 f"model.backbone.vocab_size={backbone.vocab_size} but the tokenizer has {tokenizer.vocab_size} "
-                "pieces; leave vocab_size unset to take the tokenizer's"
+                "pieces, more than the embedding table holds; leave vocab_size unset to take the tokenizer's"
             )
         for name, task in tasks.items():
+            task.use_tokenizer(tokenizer, name)
             needs = task.stacks.split("-")
             if ("encoder" in needs and not backbone.encoder_layers) or (
                 "decoder" in needs and not backbone.decoder_layers
@@ -100,8 +110,8 @@ class MultiTaskModel(pl.LightningModule):
             {name: task.metrics(backbone.vocab_size) for name, task in self.tasks.items()}
         )
         self.init_from = init_from
-        if init_from:
-            report = load_matching(self, read_checkpoint(init_from)["state_dict"])
+        if starting_point:
+            report = load_matching(self, starting_point.pop("state_dict"))
             rank_zero_info(load_report_table(report, init_from))
         self.freeze, self.frozen = freeze, set()
         self.resume_random_states: dict | None = None  # set by on_load_checkpoint when resuming

@@ -30,6 +30,9 @@ class Task:
     list_fields: tuple[str, ...] = ()
     """Text fields that may hold a list of texts instead of one (sentences of a document, several
     references); the task's tokenize receives them as lists."""
+    special_tokens: tuple[str, ...] = ()
+    """Special tokens the task builds its inputs with, by role ("pad", "cls", "sep", "mask", "eos",
+    "start"; see datamodules/tokenizer.py): a vocabulary without one is refused when the model is built."""
 
     @property
     def predict_fields(self) -> tuple[str, ...]:
@@ -48,6 +51,12 @@ class Task:
 
     def build_head(self, config: BackboneConfig) -> nn.Module:
         raise NotImplementedError
+
+    def use_tokenizer(self, tokenizer: Tokenizer, name: str) -> None:
+        """Called once when the model is built with the run's tokenizer (`name`: this task's name in
+        it): refuse a vocabulary that lacks a special token the task needs, before any data is read.
+        A task that needs token ids where no tokenizer is passed (generation) keeps them here."""
+        tokenizer.require(self.special_tokens, f"model.tasks.{name} ({type(self).__name__})")
 
     def tokenize(self, batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
         """A batch of raw examples (column -> values) -> tokenized columns; run through datasets.map."""

@@ -118,6 +118,7 @@ class Classify(Task):
     """Single-text or sentence-pair classification (see the module docstring)."""
 
     stacks = "encoder"
+    special_tokens = ("pad", "cls", "sep")
     value_fields = ("label",)
 
     def __init__(

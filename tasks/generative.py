@@ -25,7 +25,7 @@ from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.text import SacreBLEUScore
 
 from datamodules.sources import texts_of
-from datamodules.tokenizer import SPECIAL_TOKENS, Tokenizer
+from datamodules.tokenizer import Tokenizer
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.generation import GenerationConfig
@@ -35,7 +35,6 @@ from tasks.metrics import RougeScore, SquadScore
 from tasks.sentences import split_sentences
 
 IGNORE = -100
-PAD_ID, START_ID, EOS_ID = (SPECIAL_TOKENS.index(token) for token in ("<pad>", "<s>", "</s>"))
 PREFIXES = {
     "summarize": "summarize: {source}",
     "translate English to German": "translate English to German: {source}",
@@ -92,6 +91,8 @@ class Truncations:
 class GenerativeTask(Task):
     """Shared by Seq2Seq and PrefixLM: templates, tokenization of targets, evaluation by generation."""
 
+    special_tokens = ("pad", "eos")
+
     def __init__(
         self,
         prefix: str = "summarize",
@@ -139,14 +140,13 @@ class GenerativeTask(Task):
             raise UserError("max_source_length and max_target_length must be at least 2 (a token and </s>)")
         if isinstance(generation, dict):  # rebuilt from a checkpoint's plain settings
             generation = GenerationConfig(**generation)
-        if generation.eos_id is not None or generation.pad_id != PAD_ID:
+        if generation.eos_id is not None or generation.pad_id != GenerationConfig.pad_id:
             raise UserError(
                 "generation.eos_id and generation.pad_id come from the tokenizer; leave them unset"
             )
         self.max_source_length, self.max_target_length = max_source_length, max_target_length
         self.label_smoothing, self.metric_names = label_smoothing, tuple(metrics)
         self.generation = generation
-        self.decoding = dataclasses.replace(generation, eos_id=EOS_ID, pad_id=PAD_ID)
         self.fields = (*self.input_fields, "target")
         self.list_fields = (
             self.fields
@@ -175,6 +175,11 @@ class GenerativeTask(Task):
 
     def build_head(self, config: BackboneConfig) -> nn.Module:
         return LanguageModelHead(config)
+
+    def use_tokenizer(self, tokenizer: Tokenizer, name: str) -> None:
+        """Generation stops at the tokenizer's </s> and pads with its pad."""
+        super().use_tokenizer(tokenizer, name)
+        self.decoding = dataclasses.replace(self.generation, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
     # ----- data -----
 

@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
-from datamodules.tokenizer import SPECIAL_TOKENS, Tokenizer
+from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.errors import UserError
@@ -127,6 +127,7 @@ class MaskedLMNextSentence(Task):
     stacks = "encoder"
     fields = ("text",)
     list_fields = ("text",)  # a document given as its list of sentences (SciTLDR's abstracts) is used as is
+    special_tokens = ("pad", "cls", "sep", "mask")
 
     def __init__(
         self,
@@ -239,14 +240,16 @@ class MaskedLMNextSentence(Task):
     def mask_tokens(
         self, ids: Tensor, generator: torch.Generator, tokenizer: Tokenizer
     ) -> tuple[Tensor, Tensor]:
-        """(L,) ids -> (masked input, labels with IGNORE at unselected positions)."""
-        candidate = ids >= len(SPECIAL_TOKENS)
+        """(L,) ids -> (masked input, labels with IGNORE at unselected positions). Special tokens are
+        never selected; random replacements are drawn from the tokenizer's text pieces."""
+        candidate = ~tokenizer.is_special(ids)
         selected = (torch.rand(ids.shape, generator=generator) < self.mlm_probability) & candidate
         if not selected.any():  # every input teaches something: pick one candidate
             options = candidate.nonzero().flatten()
             selected[options[torch.randint(len(options), (1,), generator=generator)]] = True
         action = torch.rand(ids.shape, generator=generator)
-        random_ids = torch.randint(len(SPECIAL_TOKENS), tokenizer.vocab_size, ids.shape, generator=generator)
+        choices = tokenizer.replacement_ids
+        random_ids = choices[torch.randint(len(choices), ids.shape, generator=generator)]
         masked = ids.clone()
         to_mask = selected & (action < self.mask_fraction)
         to_random = (

@@ -1,10 +1,11 @@
 """T5-style text-to-text on the encoder-decoder backbone.
 
 The encoder reads the prompt ("summarize: <article>"); the decoder learns the target by teacher
-forcing: its input is the target shifted right behind a start token (<s>), so position t sees
-target tokens before t only and predicts token t. The loss is cross-entropy over the target's
-real tokens (padding ignored), optionally label-smoothed. Evaluation also generates from the
-prompt alone (modules/generation.py) and scores the text. With `copy`, a pointer-generator head
+forcing: its input is the target shifted right behind the tokenizer's decoder start token (<s>
+in polyhead's vocabularies, <pad> in T5's), so position t sees target tokens before t only and
+predicts token t. The loss is cross-entropy over the target's real tokens (padding ignored),
+optionally label-smoothed. Evaluation also generates from the prompt alone
+(modules/generation.py) and scores the text. With `copy`, a pointer-generator head
 (modules/heads.py) lets the decoder copy source tokens as well as generate them.
 """
 
@@ -21,13 +22,14 @@ from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.generation import GenerationConfig, generate
 from modules.heads import PointerGeneratorHead
-from tasks.generative import IGNORE, START_ID, GenerativeTask, pad_rows
+from tasks.generative import IGNORE, GenerativeTask, pad_rows
 
 
 class Seq2Seq(GenerativeTask):
     """Encoder-decoder text-to-text with a task prefix (see the module docstring)."""
 
     stacks = "encoder-decoder"
+    special_tokens = ("pad", "eos", "start")
 
     def __init__(
         self,
@@ -64,6 +66,10 @@ class Seq2Seq(GenerativeTask):
     def build_head(self, config: BackboneConfig) -> nn.Module:
         return PointerGeneratorHead(config) if self.copy else super().build_head(config)
 
+    def use_tokenizer(self, tokenizer: Tokenizer, name: str) -> None:
+        super().use_tokenizer(tokenizer, name)
+        self.start_id = tokenizer.start_id  # generation's first decoder input
+
     def collate(self, examples: list[dict], seeds: list[int], tokenizer: Tokenizer) -> dict[str, Any]:
         input_ids, attention_mask = pad_rows([e["prompt_ids"] for e in examples], tokenizer.pad_id)
         batch: dict[str, Any] = {
@@ -74,7 +80,7 @@ class Seq2Seq(GenerativeTask):
         }
         if "target" in examples[0]:
             targets = [e["target"] for e in examples]
-            shifted = [np.concatenate([[START_ID], t[:-1]]) for t in targets]
+            shifted = [np.concatenate([[tokenizer.start_id], t[:-1]]) for t in targets]
             batch["decoder_input_ids"], batch["decoder_attention_mask"] = pad_rows(shifted, tokenizer.pad_id)
             labels, real = pad_rows(targets, tokenizer.pad_id)
             batch["labels"] = labels.masked_fill(real == 0, IGNORE)  # (B, T)
@@ -102,7 +108,7 @@ class Seq2Seq(GenerativeTask):
                 batch["input_ids"],
                 batch["attention_mask"],
                 self.decoding,
-                start_id=START_ID,
+                start_id=self.start_id,
                 memory=memory,
             )
             outputs["generated"] = result.tokens

@@ -69,8 +69,9 @@ class Report:
 
 
 def token_span(spans: np.ndarray, start: int, end: int) -> tuple[int, int]:
-    """Context characters [start, end) -> (first, last) piece holding part of them. The spans tile
-    the text in order, so both are binary searches."""
+    """Context characters [start, end) -> (first, last) piece holding part of them. The spans are in
+    order and never overlap (whitespace between them may belong to no piece), so both are binary
+    searches."""
     first = int(np.searchsorted(spans[:, 1], start, side="right"))  # first piece ending after start
     last = int(np.searchsorted(spans[:, 0], end, side="left")) - 1  # last piece starting before end
     return first, last
@@ -104,6 +105,7 @@ class SpanQA(Task):
     characters in the context), as the `format: squad` source gives them."""
 
     stacks = "encoder"
+    special_tokens = ("pad", "cls", "sep")
     fields = ("id", "question", "context")
     value_fields = ("answers", "answer_starts")  # may be empty: counted and left out, not an error
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.regression import SpearmanCorrCoef
 
-from datamodules.tokenizer import SPECIAL_TOKENS, Tokenizer
+from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.distributed import gather_rows, scale_gathered_loss, world_size
@@ -73,12 +73,12 @@ def pair_rows(labels: Tensor) -> tuple[Tensor, Tensor]:
     return order[first_of_pair], order[index[first_of_pair] + 1]
 
 
-def bag_of_pieces(input_ids: Tensor, vocab_size: int) -> Tensor:
+def bag_of_pieces(input_ids: Tensor, tokenizer: Tokenizer) -> Tensor:
     """(R, T) ids -> (R, min(V, BAG_WIDTH)) counts of non-special pieces, the model-free embedding the
     baselines score (pieces beyond BAG_WIDTH share columns by id modulo, to bound the memory)."""
-    width = min(vocab_size, BAG_WIDTH)
+    width = min(tokenizer.vocab_size, BAG_WIDTH)
     counts = torch.zeros(len(input_ids), width, device=input_ids.device)
-    real = (input_ids >= len(SPECIAL_TOKENS)).to(counts.dtype)
+    real = (~tokenizer.is_special(input_ids)).to(counts.dtype)
     counts.scatter_add_(1, input_ids % width, real)
     return counts
 
@@ -87,6 +87,7 @@ class SentenceEmbedding(Task):
     """Siamese / triplet sentence embeddings (see the module docstring for inputs and batches)."""
 
     stacks = "encoder"
+    special_tokens = ("pad", "cls", "sep")
 
     def __init__(
         self,
@@ -424,7 +425,6 @@ class SentenceEmbedding(Task):
     # ----- evaluation -----
 
     def metrics(self, vocab_size: int) -> MetricCollection:
-        self.vocab_size = vocab_size
         metrics = {
             "loss": MeanMetric(),
             "retrieval": EmbeddingRetrieval(),
@@ -447,7 +447,7 @@ class SentenceEmbedding(Task):
             return
         n = len(batch["text_ids"])
         metrics["loss"].update(self.loss(outputs, batch)["loss"], weight=n)
-        baseline = bag_of_pieces(batch["input_ids"], self.vocab_size)
+        baseline = bag_of_pieces(batch["input_ids"], tokenizer)
         for prefix, vectors in (("", outputs["embeddings"].float()), ("baseline_", baseline)):
             unit = torch.nn.functional.normalize(vectors, dim=-1)
             blocks = unit.view(-1, n, unit.shape[-1])  # (F, B, E): field f of every row

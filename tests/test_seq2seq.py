@@ -20,7 +20,7 @@ from modules.heads import PointerGeneratorHead
 from modules.model import MultiTaskModel
 from modules.optim import OptimizerConfig
 from tasks.base import batch_tokens
-from tasks.generative import EOS_ID, IGNORE, START_ID
+from tasks.generative import IGNORE
 from tasks.metrics import RougeScore
 from tasks.prefix_lm import PrefixLM
 from tasks.seq2seq import Seq2Seq
@@ -59,10 +59,10 @@ def test_seq2seq_decoder_input_is_the_target_shifted_right_behind_the_start_toke
     examples = examples_of(task, title_pairs(documents, 4), tokenizer)
     batch = task.collate(examples, [0] * 4, tokenizer)
     labels, decoder_in = batch["labels"], batch["decoder_input_ids"]
-    assert (decoder_in[:, 0] == START_ID).all()
+    assert (decoder_in[:, 0] == tokenizer.start_id).all()
     real = labels != IGNORE
     assert torch.equal(decoder_in[:, 1:][real[:, 1:]], labels[:, :-1][real[:, 1:]])
-    assert ((labels == EOS_ID).sum(dim=1) == 1).all()  # every target ends in exactly one </s>
+    assert ((labels == tokenizer.eos_id).sum(dim=1) == 1).all()  # every target ends in exactly one </s>
     assert torch.equal(batch["decoder_attention_mask"].bool(), real)
     assert (batch["input_ids"][batch["attention_mask"].bool()] != 0).all()
     assert batch["prompt"][0].startswith("summarize: ")
@@ -97,8 +97,8 @@ def test_prefix_lm_loss_counts_the_summary_only(documents, tokenizer):
     # predicting each summary token (and the final </s>) from everything before it
     total, count = 0.0, 0
     for source, title in zip(pairs["source"], pairs["target"], strict=True):
-        prompt = tokenizer.encode([f"summarize: {source}"])[0][:23] + [EOS_ID]
-        summary = tokenizer.encode([title])[0][:7] + [EOS_ID]
+        prompt = tokenizer.encode([f"summarize: {source}"])[0][:23] + [tokenizer.eos_id]
+        summary = tokenizer.encode([title])[0][:7] + [tokenizer.eos_id]
         sequence = torch.tensor([prompt + summary])
         hidden = model.backbone.decode(sequence)
         log_probs = (hidden @ model.backbone.token_embedding.T).log_softmax(-1)[0]  # (L, V)
@@ -143,7 +143,7 @@ def test_overfit_a_small_batch_and_generate_the_targets(documents, tokenizer, ta
     # several rows per source (beams, samples) must each read their own source: two top-1 samples
     # per input are its greedy output twice
     task.decoding = GenerationConfig(
-        strategy="sample", top_k=1, num_return_sequences=2, max_new_tokens=24, eos_id=EOS_ID
+        strategy="sample", top_k=1, num_return_sequences=2, max_new_tokens=24, eos_id=tokenizer.eos_id
     )
     twice = task.decode_rows(model(batch)["generated"], tokenizer)
     assert twice == [text for text in generated for _ in range(2)]
@@ -214,7 +214,9 @@ def test_long_inputs_are_cut_counted_and_never_crash(tokenizer, caplog):
     with caplog.at_level("INFO"):
         examples = examples_of(task, columns, tokenizer)
     assert max(len(e["prompt_ids"]) for e in examples) == 8 and max(len(e["target"]) for e in examples) == 4
-    assert all(e["prompt_ids"][-1] == EOS_ID and e["target"][-1] == EOS_ID for e in examples)
+    assert all(
+        e["prompt_ids"][-1] == tokenizer.eos_id and e["target"][-1] == tokenizer.eos_id for e in examples
+    )
     assert "cut 1 of 2 inputs to max_source_length=8 and 1 targets to max_target_length=4" in caplog.text
 
 
