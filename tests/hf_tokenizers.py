@@ -1,0 +1,58 @@
+"""Small tokenizers shaped like BERT's and T5's, trained in the test on a few lines (no downloads)."""
+
+from __future__ import annotations
+
+import io
+
+import sentencepiece as spm
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+BERT_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+T5_SPECIALS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>", "start": "<pad>"}
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Café society meets in İstanbul on Tuesdays, naïvely.",
+    "A résumé of 12 pages was sent at 09:30 by the committee!",
+    "Transformers read text as pieces; the pieces become vectors.",
+    "Marrowby's harbour froze twice that winter, and the ferries stopped.",
+    "summarize: the council voted to repair the old bridge before spring.",
+]
+
+
+def bert_wordpiece(lines: list[str], vocab_size: int = 300) -> Tokenizer:
+    """An uncased BERT tokenizer: BERT's normaliser (lower-case, strip accents), pre-tokenizer,
+    WordPiece model, [CLS] A [SEP] post-processor and decoder, as bert-base-uncased's tokenizer.json."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=None, clean_text=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    specials = list(BERT_SPECIALS.values())
+    tokenizer.train_from_iterator(
+        lines, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+    )
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return tokenizer
+
+
+def t5_sentencepiece(lines: list[str], vocab_size: int = 80) -> bytes:
+    """A sentencepiece model with T5's special ids: <pad> 0, </s> 1, <unk> 2, no <s>."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    return model.getvalue()
