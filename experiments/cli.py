@@ -1,6 +1,7 @@
 """`polyhead fit|validate|test|predict --config X.yaml`: LightningCLI over MultiTaskModel and
 MultiTaskDataModule, with W&B logging (offline unless credentials exist), checkpoints, and one-line
-errors for user mistakes."""
+errors for user mistakes. `polyhead convert` (HF BERT / T5 <-> polyhead) is its own small command,
+experiments/convert_command.py."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from lightning.pytorch.loggers import WandbLogger
 import tasks  # noqa: F401  (registers every Task subclass for class_path lookup)
 from datamodules.datamodule import MultiTaskDataModule
 from experiments.callbacks import FinalValidationReport, PredictionsWriter, TokenThroughput
+from experiments.convert_command import convert
+from modules.checkpoint import read_checkpoint
 from modules.errors import UserError
 from modules.model import MultiTaskModel
 
@@ -76,14 +79,24 @@ class PolyheadCLI(LightningCLI):
             callbacks = [*callbacks, LearningRateMonitor(logging_interval="step")]
         return super()._instantiate_trainer(config, callbacks)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
+        """A run from a checkpoint file (--ckpt_path, or --model.init_from to fine-tune) has the
+        checkpoint's architecture as the default of model.backbone, so a config changes only the
+        backbone fields it names (dropout, say) and a model imported with `polyhead convert` needs
+        no architecture typed out. A first parse finds the checkpoint (--print_config held back:
+        what it prints must be the run's config); the real parse then runs over its defaults."""
+        given = sys.argv[1:] if args is None else args
+        first = parser.parse_args([arg for arg in given if not arg.startswith("--print_config")])
+        source = checkpoint_source(first)
+        if source:
+            backbone = read_checkpoint(source)["polyhead"]["backbone"]
+            self._parser(first.get("subcommand")).set_defaults({"model.backbone": backbone})
+        super().parse_arguments(parser, args)
+
     def before_instantiate_classes(self) -> None:
-        """A run from a checkpoint file (--ckpt_path, or --model.init_from to fine-tune) uses the
-        checkpoint's tokenizer, never a newly trained one."""
+        """A run from a checkpoint file uses the checkpoint's tokenizer, never a newly trained one."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path in ("last", "best", "hpc"):
-            ckpt_path = None
-        source = ckpt_path or config.model.get("init_from")
+        source = checkpoint_source(self.config)
         if source and not config.data.tokenizer_checkpoint:
             config.data.tokenizer_checkpoint = source
 
@@ -95,6 +108,16 @@ class PolyheadCLI(LightningCLI):
         )
         # the vocabulary is learned from the data, and fixes the size of the model's embeddings
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
+
+
+def checkpoint_source(parsed) -> str | None:
+    """The checkpoint file a run starts from: --ckpt_path (a path, not "last" / "best"), else
+    --model.init_from; None for a run from scratch. `parsed`: the whole parsed command line."""
+    config = parsed[parsed.subcommand] if parsed.get("subcommand") else parsed
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path in ("last", "best", "hpc"):
+        ckpt_path = None
+    return ckpt_path or config.model.get("init_from")
 
 
 TRAINER_DEFAULTS = {
@@ -126,9 +149,14 @@ def run(args: list[str] | None = None) -> PolyheadCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """The `polyhead` command: `run`, with user mistakes reported in one line and a non-zero exit."""
+    """The `polyhead` command: `convert`, or `run` (LightningCLI's subcommands), with user mistakes
+    reported in one line and a non-zero exit."""
+    command = sys.argv[1:] if args is None else args
     try:
-        run(args)
+        if command[:1] == ["convert"]:
+            convert(command[1:])
+        else:
+            run(args)
     except UserError as error:
         sys.exit(f"polyhead: error: {error}")
     except ArgumentError as error:

@@ -1,11 +1,13 @@
-"""Import HuggingFace BERT and T5 checkpoints into polyhead's `Backbone` (and BERT's MLM/NSP heads).
+"""HuggingFace BERT and T5 <-> polyhead's `Backbone` (and BERT's MLM/NSP heads, T5's LM head).
 
-Two steps per model family: a `BackboneConfig` from the HF config object, then a renaming of the HF
-state dict into ours. Renaming is by explicit key patterns, one layer at a time, and every source
-key must be used: keys left over (an unsupported variant, a layer count that does not match) and
-keys not found both end the conversion with a ValueError that lists them, so nothing is dropped
-silently. The few keys that are accepted and deliberately discarded are named in each function's
-docstring.
+Per model family: a `BackboneConfig` from the HF config (and the HF config back from ours), and
+one key table, `bert_keys` / `t5_keys`: every tensor of ours with the HF tensors it is made of.
+Import reads the table one way, export the other, so the two directions cannot drift apart.
+
+Every source key must be used: keys left over (an unsupported variant, a layer count that does not
+match) and keys not found both end the conversion with a UserError that lists them, so nothing is
+dropped silently. The few keys that are accepted and deliberately discarded on import are named in
+each function's docstring.
 
 Where HF keeps separate projections that we fuse, the weights are concatenated on the output
 dimension (nn.Linear weights are (out_features, in_features)), in the order our modules split them:
@@ -18,13 +20,17 @@ S = type_vocab_size, R = relative_buckets.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from modules.config import BackboneConfig
+from modules.errors import UserError
 
 StateDict = dict[str, Tensor]
 
@@ -36,21 +42,29 @@ HF_ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
 }
+OUR_ACTIVATIONS_IN_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+SHOWN_KEYS = 12  # keys listed per kind of problem; the rest are counted
 
 
 def _activation(name: str, source: str) -> str:
     """HF activation name -> ours; anything we cannot compute identically is refused."""
     if not isinstance(name, str) or name not in HF_ACTIVATIONS:
-        raise ValueError(
+        raise UserError(
             f"{source}: activation {name!r} has no polyhead equivalent; supported: {sorted(HF_ACTIVATIONS)}"
         )
     return HF_ACTIVATIONS[name]
 
 
+def _listed(keys: list[str]) -> str:
+    """At most SHOWN_KEYS keys, and how many more: a wrong checkpoint may miss hundreds."""
+    more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+    return f"{keys[:SHOWN_KEYS]}{more}"
+
+
 class _KeyLedger:
     """Hands out the tensors of a source state dict by exact key and keeps the books: which keys were
     never asked for, which were asked for and absent, which had the wrong shape, which tied duplicates
-    disagree. `close()` raises one ValueError listing them all, so a conversion reports every problem
+    disagree. `close()` raises one UserError listing them all, so a conversion reports every problem
     at once.
     """
 
@@ -83,30 +97,17 @@ class _KeyLedger:
     def close(self) -> None:
         problems = []
         if self.missing:
-            problems.append(f"missing keys: {self.missing}")
+            problems.append(f"missing keys: {_listed(self.missing)}")
         if self.bad_shapes:
             problems.append(
-                f"keys with unexpected shapes (does the config match the weights?): {self.bad_shapes}"
+                f"keys with unexpected shapes (does the config match the weights?): {_listed(self.bad_shapes)}"
             )
         if self.conflicts:
-            problems.append(f"tied duplicates that differ: {self.conflicts}")
+            problems.append(f"tied duplicates that differ: {_listed(self.conflicts)}")
         if self.remaining:
-            problems.append(f"keys not consumed: {sorted(self.remaining)}")
+            problems.append(f"keys not consumed: {_listed(sorted(self.remaining))}")
         if problems:
-            raise ValueError(f"cannot convert {self.source} state dict; " + "; ".join(problems))
-
-
-def _cat(*tensors: Tensor | None) -> Tensor | None:
-    """Concatenate on the output dimension (dim 0); None if any part was missing (already reported)."""
-    if any(t is None for t in tensors):
-        return None
-    return torch.cat(tensors, dim=0)  # type: ignore[arg-type]
-
-
-def _put(out: StateDict, key: str, tensor: Tensor | None) -> None:
-    """Store a converted tensor; missing ones are skipped here because the ledger already reports them."""
-    if tensor is not None:
-        out[key] = tensor
+            raise UserError(f"cannot convert {self.source} state dict; " + "; ".join(problems))
 
 
 def _require_same(
@@ -117,20 +118,108 @@ def _require_same(
         ledger.conflicts.append(f"{key}: differs from its tied counterpart ({why})")
 
 
+# ------------------------------------------------------------------------------------ the key tables
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """Our tensor `ours` is HF's tensors `theirs`, each of shape `shape`, concatenated on dim 0."""
+
+    ours: str
+    theirs: tuple[str, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def our_shape(self) -> tuple[int, ...]:
+        return (self.shape[0] * len(self.theirs), *self.shape[1:])
+
+
+def _one(ours: str, theirs: str, *shape: int) -> KeyMap:
+    return KeyMap(ours, (theirs,), shape)
+
+
+def _linear(ours: str, theirs: str, out_f: int, in_f: int, bias: bool = True) -> list[KeyMap]:
+    weight = [_one(f"{ours}.weight", f"{theirs}.weight", out_f, in_f)]
+    return weight + ([_one(f"{ours}.bias", f"{theirs}.bias", out_f)] if bias else [])
+
+
+def _layernorm(ours: str, theirs: str, d: int) -> list[KeyMap]:
+    return [_one(f"{ours}.weight", f"{theirs}.weight", d), _one(f"{ours}.bias", f"{theirs}.bias", d)]
+
+
+def _import(ledger: _KeyLedger, table: list[KeyMap]) -> StateDict:
+    """HF tensors -> ours along the table; missing and misshapen ones are left to the ledger's report."""
+    out: StateDict = {}
+    for entry in table:
+        parts = [ledger.take(key, entry.shape) for key in entry.theirs]
+        if all(part is not None for part in parts):
+            out[entry.ours] = torch.cat(parts, dim=0)  # type: ignore[arg-type]
+    return out
+
+
+def _export(ledger: _KeyLedger, table: list[KeyMap]) -> StateDict:
+    """Our tensors -> HF's along the table, each a tensor of its own (safetensors refuses shared storage)."""
+    out: StateDict = {}
+    for entry in table:
+        tensor = ledger.take(entry.ours, entry.our_shape)
+        if tensor is not None:
+            for key, part in zip(entry.theirs, tensor.chunk(len(entry.theirs)), strict=True):
+                out[key] = part.contiguous().clone()
+    return out
+
+
+def _refuse_differences(
+    config: BackboneConfig, expressed: BackboneConfig, family: str, ignored: set[str]
+) -> None:
+    """Export writes a HF config; reading it back must give this very backbone, or HF would compute
+    something else. Every field that differs is named, with the value HF would have."""
+    differ = [
+        f"model.backbone.{field.name}={getattr(config, field.name)!r} ({family} has {getattr(expressed, field.name)!r})"
+        for field in dataclasses.fields(BackboneConfig)
+        if field.name not in {*ignored, "head_dim"}
+        and getattr(config, field.name) != getattr(expressed, field.name)
+    ]
+    if config.attention_head_dim != expressed.attention_head_dim:
+        differ.append(
+            f"model.backbone.head_dim={config.head_dim!r} ({family} has {expressed.attention_head_dim})"
+        )
+    if differ:
+        raise UserError(f"this backbone cannot be written as HF {family}: " + "; ".join(differ))
+
+
 # ---------------------------------------------------------------------------------------------- BERT
+
+BERT_DEFAULTS = {
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-12,
+    "position_embedding_type": "absolute",
+    "tie_word_embeddings": True,
+}
+"""transformers.BertConfig's defaults, for config.json files that leave a key out."""
 
 
 def backbone_config_from_bert(hf_config: Any) -> BackboneConfig:
-    """`transformers.BertConfig` -> `BackboneConfig` (post-LN encoder, learned positions, segments, pooler).
+    """`transformers.BertConfig` (or any object with its attributes) -> `BackboneConfig` (post-LN
+    encoder, learned positions, segments, pooler).
 
     Only the absolute-position encoder is expressible; BERT used as a decoder or with relative
     position embeddings raises.
     """
     position_type = getattr(hf_config, "position_embedding_type", "absolute")
     if position_type != "absolute":
-        raise ValueError(f"BERT position_embedding_type={position_type!r} is not supported (only 'absolute')")
+        raise UserError(f"BERT position_embedding_type={position_type!r} is not supported (only 'absolute')")
     if getattr(hf_config, "is_decoder", False) or getattr(hf_config, "add_cross_attention", False):
-        raise ValueError("BERT configured as a decoder (is_decoder / add_cross_attention) is not supported")
+        raise UserError("BERT configured as a decoder (is_decoder / add_cross_attention) is not supported")
     return BackboneConfig(
         vocab_size=hf_config.vocab_size,
         d_model=hf_config.hidden_size,
@@ -158,28 +247,44 @@ def backbone_config_from_bert(hf_config: Any) -> BackboneConfig:
     )
 
 
-def _rename_tf_layernorm(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Older BERT checkpoints (ported from TensorFlow) name LayerNorm parameters gamma/beta."""
-    renamed: StateDict = {}
-    for key, tensor in state_dict.items():
-        new = key
-        if key.endswith("LayerNorm.gamma"):
-            new = key[: -len("gamma")] + "weight"
-        elif key.endswith("LayerNorm.beta"):
-            new = key[: -len("beta")] + "bias"
-        if new in renamed:
-            raise ValueError(f"BERT state dict has both {key!r} and its modern name {new!r}")
-        renamed[new] = tensor
-    return renamed
+def bert_config_to_hf(config: BackboneConfig, pad_id: int | None, with_heads: bool) -> dict:
+    """`BackboneConfig` -> the config.json of `BertForPreTraining` (`with_heads`) or `BertModel`.
+
+    A backbone BERT cannot compute (relative positions, pre-norm, no pooler, ...) is refused with
+    the config keys that differ.
+    """
+    hf = {
+        "architectures": ["BertForPreTraining" if with_heads else "BertModel"],
+        "model_type": "bert",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.encoder_layers,
+        "num_attention_heads": config.n_heads,
+        "intermediate_size": config.d_ff,
+        "hidden_act": OUR_ACTIVATIONS_IN_HF[config.activation],
+        "hidden_dropout_prob": config.dropout,
+        "attention_probs_dropout_prob": config.attention_dropout,
+        "max_position_embeddings": config.max_len,
+        "type_vocab_size": config.type_vocab_size,
+        "initializer_range": config.init_std,
+        "layer_norm_eps": config.norm_eps,
+        "position_embedding_type": "absolute",
+        "pad_token_id": pad_id or 0,
+        "tie_word_embeddings": config.tie_embeddings,
+    }
+    unused = {"init", "relative_buckets", "relative_max_distance"}  # absolute positions; init is spent
+    _refuse_differences(config, backbone_config_from_bert(SimpleNamespace(**hf)), "BERT", unused)
+    if not config.type_vocab_size:
+        raise UserError(
+            "this backbone cannot be written as HF BERT: model.backbone.type_vocab_size=0 (BERT has segments)"
+        )
+    return hf
 
 
-def bert_to_polyhead(
-    hf_state_dict: Mapping[str, Tensor], config: BackboneConfig
-) -> tuple[StateDict, StateDict]:
-    """`BertForPreTraining` state dict -> (Backbone state dict, MLM/NSP head state dict).
-
-    The head dict is keyed as the `nn.ModuleDict({"mlm": MaskedLMHead, "nsp": PooledClassifierHead})`
-    built by tasks/mlm_nsp.py. Key patterns (i = layer):
+def bert_keys(config: BackboneConfig, prefix: str = "bert.") -> tuple[list[KeyMap], list[KeyMap]]:
+    """(backbone table, MLM/NSP head table) of `BertForPreTraining`; `prefix=""` names `BertModel`'s
+    keys. The head dict is keyed as tasks/mlm_nsp.py's `nn.ModuleDict({"mlm": MaskedLMHead, "nsp":
+    PooledClassifierHead})`. Key patterns (i = layer):
 
         bert.embeddings.word_embeddings.weight (V, D)       -> embeddings.tokens.weight
         bert.embeddings.position_embeddings.weight (L, D)   -> embeddings.positions.weight
@@ -195,91 +300,139 @@ def bert_to_polyhead(
         bert.pooler.dense.*                                 -> pooler.*  (D, D)
         cls.predictions.transform.dense.*                   -> mlm.transform.*  (D, D)
         cls.predictions.transform.LayerNorm.*               -> mlm.norm.*
-        cls.predictions.decoder.bias (V,) or, when absent, cls.predictions.bias (V,) -> mlm.bias
-        cls.predictions.decoder.weight (V, D)  -> mlm.decoder.weight when untied; when tied it may be
-                                                  absent, and if present must equal the word embeddings
+        cls.predictions.bias (V,)                           -> mlm.bias
+        cls.predictions.decoder.weight (V, D)               -> mlm.decoder.weight (untied only)
         cls.seq_relationship.*                              -> nsp.classifier.*  (2, D)
-
-    HF's forward adds `cls.predictions.decoder.bias`; older versions alias it to `cls.predictions.bias`,
-    newer ones keep both when untied, so the decoder's bias wins and `cls.predictions.bias` is consumed
-    and discarded when both exist. Also consumed and discarded: the non-learned buffers
-    `bert.embeddings.position_ids` / `bert.embeddings.token_type_ids` that some checkpoints carry.
-    TF-style `LayerNorm.gamma`/`beta` names are accepted.
     """
-    if config.norm != "post" or config.position != "learned" or not config.pooler or config.decoder_layers:
-        raise ValueError(
-            "bert_to_polyhead needs a config from backbone_config_from_bert (post-norm encoder with pooler)"
-        )
     d, inner, ff, v = (
         config.d_model,
         config.n_heads * config.attention_head_dim,
         config.d_ff,
         config.vocab_size,
     )
-    ledger = _KeyLedger(_rename_tf_layernorm(hf_state_dict), "BertForPreTraining")
-    backbone: StateDict = {}
-    head: StateDict = {}
-
-    def linear(src: str, dst_dict: StateDict, dst: str, out_f: int, in_f: int) -> None:
-        _put(dst_dict, f"{dst}.weight", ledger.take(f"{src}.weight", (out_f, in_f)))
-        _put(dst_dict, f"{dst}.bias", ledger.take(f"{src}.bias", (out_f,)))
-
-    def layernorm(src: str, dst_dict: StateDict, dst: str) -> None:
-        _put(dst_dict, f"{dst}.weight", ledger.take(f"{src}.weight", (d,)))
-        _put(dst_dict, f"{dst}.bias", ledger.take(f"{src}.bias", (d,)))
-
-    emb = "bert.embeddings"
-    tokens = ledger.take(f"{emb}.word_embeddings.weight", (v, d))
-    _put(backbone, "embeddings.tokens.weight", tokens)
-    _put(
-        backbone,
-        "embeddings.positions.weight",
-        ledger.take(f"{emb}.position_embeddings.weight", (config.max_len, d)),
-    )
+    emb = f"{prefix}embeddings"
+    backbone = [
+        _one("embeddings.tokens.weight", f"{emb}.word_embeddings.weight", v, d),
+        _one("embeddings.positions.weight", f"{emb}.position_embeddings.weight", config.max_len, d),
+    ]
     if config.type_vocab_size:
-        _put(
-            backbone,
-            "embeddings.segments.weight",
-            ledger.take(f"{emb}.token_type_embeddings.weight", (config.type_vocab_size, d)),
+        backbone.append(
+            _one(
+                "embeddings.segments.weight", f"{emb}.token_type_embeddings.weight", config.type_vocab_size, d
+            )
         )
-    layernorm(f"{emb}.LayerNorm", backbone, "embeddings.norm")
-    ledger.take_optional(f"{emb}.position_ids")  # buffers, not weights
-    ledger.take_optional(f"{emb}.token_type_ids")
-
+    backbone += _layernorm("embeddings.norm", f"{emb}.LayerNorm", d)
     for i in range(config.encoder_layers):
-        src, dst = f"bert.encoder.layer.{i}", f"encoder.layers.{i}"
+        src, dst = f"{prefix}encoder.layer.{i}", f"encoder.layers.{i}"
         attn = f"{src}.attention.self"
-        for part in ("weight", "bias"):
-            shape = (inner, d) if part == "weight" else (inner,)
-            qkv = _cat(*(ledger.take(f"{attn}.{name}.{part}", shape) for name in ("query", "key", "value")))
-            _put(backbone, f"{dst}.self_attn.qkv.{part}", qkv)
-        linear(f"{src}.attention.output.dense", backbone, f"{dst}.self_attn.out", d, inner)
-        layernorm(f"{src}.attention.output.LayerNorm", backbone, f"{dst}.self_attn_norm")
-        linear(f"{src}.intermediate.dense", backbone, f"{dst}.ff.up", ff, d)
-        linear(f"{src}.output.dense", backbone, f"{dst}.ff.down", d, ff)
-        layernorm(f"{src}.output.LayerNorm", backbone, f"{dst}.ff_norm")
-    linear("bert.pooler.dense", backbone, "pooler", d, d)
+        for part, shape in (("weight", (inner, d)), ("bias", (inner,))):
+            qkv = tuple(f"{attn}.{name}.{part}" for name in ("query", "key", "value"))
+            backbone.append(KeyMap(f"{dst}.self_attn.qkv.{part}", qkv, shape))
+        backbone += _linear(f"{dst}.self_attn.out", f"{src}.attention.output.dense", d, inner)
+        backbone += _layernorm(f"{dst}.self_attn_norm", f"{src}.attention.output.LayerNorm", d)
+        backbone += _linear(f"{dst}.ff.up", f"{src}.intermediate.dense", ff, d)
+        backbone += _linear(f"{dst}.ff.down", f"{src}.output.dense", d, ff)
+        backbone += _layernorm(f"{dst}.ff_norm", f"{src}.output.LayerNorm", d)
+    backbone += _linear("pooler", f"{prefix}pooler.dense", d, d)
 
-    linear("cls.predictions.transform.dense", head, "mlm.transform", d, d)
-    layernorm("cls.predictions.transform.LayerNorm", head, "mlm.norm")
-    shared_bias = ledger.take_optional("cls.predictions.bias", (v,))
-    decoder_bias = ledger.take_optional("cls.predictions.decoder.bias", (v,))
-    bias = decoder_bias if decoder_bias is not None else shared_bias
-    if bias is None:
-        ledger.missing.append("cls.predictions.bias (or cls.predictions.decoder.bias)")
-    _put(head, "mlm.bias", bias)
+    head = _linear("mlm.transform", "cls.predictions.transform.dense", d, d)
+    head += _layernorm("mlm.norm", "cls.predictions.transform.LayerNorm", d)
+    head.append(_one("mlm.bias", "cls.predictions.bias", v))
+    if not config.tie_embeddings:
+        head.append(_one("mlm.decoder.weight", "cls.predictions.decoder.weight", v, d))
+    head += _linear("nsp.classifier", "cls.seq_relationship", 2, d)
+    return backbone, head
+
+
+def _bert_names_of_today(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Older BERT checkpoints (ported from TensorFlow) name LayerNorm parameters gamma/beta; HF's
+    forward adds `cls.predictions.decoder.bias`, which older versions alias to `cls.predictions.bias`
+    and newer ones keep beside it, so the decoder's bias wins and the other is discarded."""
+    renamed: StateDict = {}
+    for key, tensor in state_dict.items():
+        new = key
+        if key.endswith("LayerNorm.gamma"):
+            new = key[: -len("gamma")] + "weight"
+        elif key.endswith("LayerNorm.beta"):
+            new = key[: -len("beta")] + "bias"
+        if new in renamed:
+            raise UserError(f"BERT state dict has both {key!r} and its modern name {new!r}")
+        renamed[new] = tensor
+    if "cls.predictions.decoder.bias" in renamed:
+        renamed["cls.predictions.bias"] = renamed.pop("cls.predictions.decoder.bias")
+    return renamed
+
+
+def _check_bert_shape(config: BackboneConfig) -> None:
+    if config.norm != "post" or config.position != "learned" or not config.pooler or config.decoder_layers:
+        raise UserError(
+            "BERT conversion needs a config from backbone_config_from_bert (post-norm encoder with pooler)"
+        )
+
+
+def bert_to_polyhead(
+    hf_state_dict: Mapping[str, Tensor], config: BackboneConfig
+) -> tuple[StateDict, StateDict]:
+    """`BertForPreTraining` state dict -> (Backbone state dict, MLM/NSP head state dict), by `bert_keys`.
+
+    When tied, `cls.predictions.decoder.weight` may be absent and, if present, must equal the word
+    embeddings. Consumed and discarded: the non-learned buffers `bert.embeddings.position_ids` /
+    `bert.embeddings.token_type_ids` that some checkpoints carry. TF-style `LayerNorm.gamma`/`beta`
+    names and both names of the MLM bias are accepted (see `_bert_names_of_today`).
+    """
+    _check_bert_shape(config)
+    ledger = _KeyLedger(_bert_names_of_today(hf_state_dict), "BertForPreTraining")
+    backbone_table, head_table = bert_keys(config)
+    backbone, head = _import(ledger, backbone_table), _import(ledger, head_table)
     if config.tie_embeddings:
-        decoder = ledger.take_optional("cls.predictions.decoder.weight", (v, d))
+        decoder = ledger.take_optional("cls.predictions.decoder.weight", (config.vocab_size, config.d_model))
+        tokens = backbone.get("embeddings.tokens.weight")
         _require_same(ledger, "cls.predictions.decoder.weight", decoder, tokens, "tie_embeddings is set")
-    else:
-        _put(head, "mlm.decoder.weight", ledger.take("cls.predictions.decoder.weight", (v, d)))
-    linear("cls.seq_relationship", head, "nsp.classifier", 2, d)
-
+    ledger.take_optional("bert.embeddings.position_ids")  # buffers, not weights
+    ledger.take_optional("bert.embeddings.token_type_ids")
     ledger.close()
     return backbone, head
 
 
+def polyhead_to_bert(
+    backbone: Mapping[str, Tensor], head: Mapping[str, Tensor] | None, config: BackboneConfig
+) -> StateDict:
+    """(Backbone state dict, MLM/NSP head state dict) -> `BertForPreTraining` state dict, by `bert_keys`;
+    without a head, `BertModel`'s (unprefixed keys). Tied copies (the decoder's weight and bias) are
+    left to HF's tying, as its own `save_pretrained` leaves them out."""
+    _check_bert_shape(config)
+    backbone_table, head_table = bert_keys(config, "bert." if head is not None else "")
+    out = _export(ledger := _KeyLedger(backbone, "polyhead backbone"), backbone_table)
+    ledger.close()
+    if head is not None:
+        out |= _export(ledger := _KeyLedger(head, "polyhead MLM/NSP head"), head_table)
+        ledger.close()
+        if not config.tie_embeddings:  # HF ties the decoder's bias to the MLM bias only with the embeddings
+            out["cls.predictions.decoder.bias"] = out["cls.predictions.bias"].clone()
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ T5
+
+T5_DEFAULTS = {
+    "vocab_size": 32128,
+    "d_model": 512,
+    "d_kv": 64,
+    "d_ff": 2048,
+    "num_layers": 6,
+    "num_decoder_layers": None,
+    "num_heads": 8,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "dropout_rate": 0.1,
+    "layer_norm_epsilon": 1e-6,
+    "feed_forward_proj": "relu",
+    "tie_word_embeddings": True,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+}
+"""transformers.T5Config's defaults, for config.json files that leave a key out."""
 
 
 def _t5_feed_forward(feed_forward_proj: str) -> tuple[bool, str]:
@@ -289,7 +442,7 @@ def _t5_feed_forward(feed_forward_proj: str) -> tuple[bool, str]:
     """
     parts = feed_forward_proj.split("-")
     if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
-        raise ValueError(f"T5 feed_forward_proj={feed_forward_proj!r} is not 'ACT' or 'gated-ACT'")
+        raise UserError(f"T5 feed_forward_proj={feed_forward_proj!r} is not 'ACT' or 'gated-ACT'")
     if feed_forward_proj == "gated-gelu":
         return True, "gelu_tanh"
     return len(parts) == 2, _activation(parts[-1], "T5 feed_forward_proj")
@@ -305,16 +458,20 @@ def _t5_scales_output(hf_config: Any) -> bool:
     return bool(hf_config.tie_word_embeddings if scale is None else scale)
 
 
-def backbone_config_from_t5(hf_config: Any) -> BackboneConfig:
-    """`transformers.T5Config` -> `BackboneConfig` (pre-RMSNorm encoder-decoder, relative bias, no biases).
+def backbone_config_from_t5(hf_config: Any, lm_head_in_weights: bool = True) -> BackboneConfig:
+    """`transformers.T5Config` (or any object with its attributes) -> `BackboneConfig` (pre-RMSNorm
+    encoder-decoder, relative bias, no biases).
 
     v1.0 (feed_forward_proj "relu", tied, scaled output) and v1.1 ("gated-gelu", untied, unscaled)
-    both map. Tied checkpoints get `tie_embeddings` and `scale_tied_output`; untied ones neither,
-    and their lm_head comes back separately from `t5_to_polyhead`. `max_len` keeps its default:
-    relative positions need no table. `init` is T5's per-matrix scheme, which new heads start from.
+    both map. Scaled checkpoints get `tie_embeddings` and `scale_tied_output`; unscaled ones neither,
+    and their lm_head comes back separately from `t5_to_polyhead`, unless the weights have no
+    `lm_head.weight` (`lm_head_in_weights=False`): transformers 5 then ties the unscaled head to
+    `shared` (it saves v1.1 models so), and so do we. `max_len` keeps its default: relative
+    positions need no table. `init` is T5's per-matrix scheme, which new heads start from.
     """
     gated, activation = _t5_feed_forward(hf_config.feed_forward_proj)
-    tied = _t5_scales_output(hf_config)
+    scaled = _t5_scales_output(hf_config)
+    tied = scaled or not lm_head_in_weights
     return BackboneConfig(
         vocab_size=hf_config.vocab_size,
         d_model=hf_config.d_model,
@@ -341,100 +498,170 @@ def backbone_config_from_t5(hf_config: Any) -> BackboneConfig:
         attention_dropout=hf_config.dropout_rate,
         pooler=False,
         tie_embeddings=tied,
-        scale_tied_output=tied,
+        scale_tied_output=scaled,
         init="t5",
     )
 
 
-def _t5_stack(ledger: _KeyLedger, out: StateDict, config: BackboneConfig, stack: str, n_layers: int) -> None:
-    """One T5Stack ("encoder" or "decoder"; ours has the same name) -> our Stack.
+def t5_config_to_hf(config: BackboneConfig, pad_id: int, eos_id: int, start_id: int) -> dict:
+    """`BackboneConfig` -> the config.json of `T5ForConditionalGeneration`.
 
-    HF block i holds sub-layers in order: layer.0 self-attention, [layer.1 cross-attention,]
-    then the feed-forward. Only block 0 owns the stack's relative bias (R, H); later blocks reuse it.
+    HF T5 has one dropout_rate, which gets `dropout` (attention_dropout is not written); `max_len`
+    and the initialisation do not change what the model computes. A backbone T5 cannot compute is
+    refused with the config keys that differ.
+    """
+    act = OUR_ACTIVATIONS_IN_HF[config.activation]
+    hf = {
+        "architectures": ["T5ForConditionalGeneration"],
+        "model_type": "t5",
+        "is_encoder_decoder": True,
+        "vocab_size": config.vocab_size,
+        "d_model": config.d_model,
+        "d_kv": config.attention_head_dim,
+        "d_ff": config.d_ff,
+        "num_layers": config.encoder_layers,
+        "num_decoder_layers": config.decoder_layers,
+        "num_heads": config.n_heads,
+        "relative_attention_num_buckets": config.relative_buckets,
+        "relative_attention_max_distance": config.relative_max_distance,
+        "dropout_rate": config.dropout,
+        "layer_norm_epsilon": config.norm_eps,
+        "feed_forward_proj": ("gated-gelu" if act == "gelu_new" else f"gated-{act}")
+        if config.gated_ff
+        else act,
+        "tie_word_embeddings": config.scale_tied_output,  # what both transformers 4 and 5 scale by
+        "initializer_factor": 1.0,
+        "pad_token_id": pad_id,
+        "eos_token_id": eos_id,
+        "decoder_start_token_id": start_id,
+    }
+    if config.scale_tied_output and not config.tie_embeddings:
+        raise UserError(
+            "this backbone cannot be written as HF T5: model.backbone.scale_tied_output=True with "
+            "tie_embeddings=False (T5 scales only a tied output)"
+        )
+    expressed = backbone_config_from_t5(SimpleNamespace(**hf), lm_head_in_weights=not config.tie_embeddings)
+    unused = {"init", "init_std", "max_len", "attention_dropout"}  # see the docstring
+    _refuse_differences(config, expressed, "T5", unused)
+    return hf
+
+
+def t5_keys(config: BackboneConfig) -> list[KeyMap]:
+    """The backbone table of `T5ForConditionalGeneration` / `T5Model`. Key patterns (i = layer; each
+    stack is "encoder" or "decoder" in both; HF block i holds sub-layers in order: layer.0
+    self-attention, [layer.1 cross-attention,] then the feed-forward):
+
+        shared.weight (V, D)                       -> embeddings.tokens.weight
+        {stack}.block.i.layer.0.SelfAttention.{q,k,v}.weight (I, D) -> {stack}.layers.i.self_attn.qkv.weight
+        {stack}.block.i.layer.0.SelfAttention.o.weight (D, I)       -> {stack}.layers.i.self_attn.out.weight
+        decoder.block.i.layer.1.EncDecAttention.q.weight            -> decoder.layers.i.cross_attn.q.weight
+        decoder.block.i.layer.1.EncDecAttention.{k,v}.weight        -> decoder.layers.i.cross_attn.kv.weight
+        {stack}.block.i.layer.N.DenseReluDense.wi.weight (F, D), or wi_0|wi_1 when gated (2F, D)
+                                                   -> {stack}.layers.i.ff.up.weight
+        {stack}.block.i.layer.N.DenseReluDense.wo.weight (D, F)     -> {stack}.layers.i.ff.down.weight
+        {stack}.block.i.layer.*.layer_norm.weight (D,)              -> the layer's norms
+        {stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight (R, H)
+                                                   -> {stack}.relative_bias.bias.weight (block 0 owns it)
+        {stack}.final_layer_norm.weight (D,)       -> {stack}.final_norm.weight
     """
     d, inner, ff = config.d_model, config.n_heads * config.attention_head_dim, config.d_ff
-    decoder = stack == "decoder"
-    for i in range(n_layers):
-        src, dst = f"{stack}.block.{i}.layer", f"{stack}.layers.{i}"
-        attn = f"{src}.0.SelfAttention"
-        qkv = _cat(*(ledger.take(f"{attn}.{name}.weight", (inner, d)) for name in ("q", "k", "v")))
-        _put(out, f"{dst}.self_attn.qkv.weight", qkv)  # (3I, D)
-        _put(out, f"{dst}.self_attn.out.weight", ledger.take(f"{attn}.o.weight", (d, inner)))
-        _put(out, f"{dst}.self_attn_norm.weight", ledger.take(f"{src}.0.layer_norm.weight", (d,)))
-        if decoder:
-            cross = f"{src}.1.EncDecAttention"
-            _put(out, f"{dst}.cross_attn.q.weight", ledger.take(f"{cross}.q.weight", (inner, d)))
-            kv = _cat(
-                ledger.take(f"{cross}.k.weight", (inner, d)), ledger.take(f"{cross}.v.weight", (inner, d))
+    table = [_one("embeddings.tokens.weight", "shared.weight", config.vocab_size, d)]
+    for stack, n_layers in (("encoder", config.encoder_layers), ("decoder", config.decoder_layers)):
+        decoder = stack == "decoder"
+        for i in range(n_layers):
+            src, dst = f"{stack}.block.{i}.layer", f"{stack}.layers.{i}"
+            attn = f"{src}.0.SelfAttention"
+            table.append(
+                KeyMap(f"{dst}.self_attn.qkv.weight", tuple(f"{attn}.{n}.weight" for n in "qkv"), (inner, d))
             )
-            _put(out, f"{dst}.cross_attn.kv.weight", kv)  # (2I, D)
-            _put(out, f"{dst}.cross_attn.out.weight", ledger.take(f"{cross}.o.weight", (d, inner)))
-            _put(out, f"{dst}.cross_attn_norm.weight", ledger.take(f"{src}.1.layer_norm.weight", (d,)))
-        ff_src = f"{src}.{2 if decoder else 1}"
-        dense = f"{ff_src}.DenseReluDense"
-        if config.gated_ff:
-            up = _cat(
-                ledger.take(f"{dense}.wi_0.weight", (ff, d)), ledger.take(f"{dense}.wi_1.weight", (ff, d))
+            table.append(_one(f"{dst}.self_attn.out.weight", f"{attn}.o.weight", d, inner))
+            table.append(_one(f"{dst}.self_attn_norm.weight", f"{src}.0.layer_norm.weight", d))
+            if decoder:
+                cross = f"{src}.1.EncDecAttention"
+                table.append(_one(f"{dst}.cross_attn.q.weight", f"{cross}.q.weight", inner, d))
+                table.append(
+                    KeyMap(
+                        f"{dst}.cross_attn.kv.weight", (f"{cross}.k.weight", f"{cross}.v.weight"), (inner, d)
+                    )
+                )
+                table.append(_one(f"{dst}.cross_attn.out.weight", f"{cross}.o.weight", d, inner))
+                table.append(_one(f"{dst}.cross_attn_norm.weight", f"{src}.1.layer_norm.weight", d))
+            ff_src = f"{src}.{2 if decoder else 1}"
+            dense = f"{ff_src}.DenseReluDense"
+            up = (
+                (f"{dense}.wi_0.weight", f"{dense}.wi_1.weight")
+                if config.gated_ff
+                else (f"{dense}.wi.weight",)
             )
-        else:
-            up = ledger.take(f"{dense}.wi.weight", (ff, d))
-        _put(out, f"{dst}.ff.up.weight", up)  # (F, D) or (2F, D)
-        _put(out, f"{dst}.ff.down.weight", ledger.take(f"{dense}.wo.weight", (d, ff)))
-        _put(out, f"{dst}.ff_norm.weight", ledger.take(f"{ff_src}.layer_norm.weight", (d,)))
-    relative = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-    _put(
-        out,
-        f"{stack}.relative_bias.bias.weight",
-        ledger.take(relative, (config.relative_buckets, config.n_heads)),
-    )
-    _put(out, f"{stack}.final_norm.weight", ledger.take(f"{stack}.final_layer_norm.weight", (d,)))
+            table.append(KeyMap(f"{dst}.ff.up.weight", up, (ff, d)))
+            table.append(_one(f"{dst}.ff.down.weight", f"{dense}.wo.weight", d, ff))
+            table.append(_one(f"{dst}.ff_norm.weight", f"{ff_src}.layer_norm.weight", d))
+        relative = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        table.append(
+            _one(f"{stack}.relative_bias.bias.weight", relative, config.relative_buckets, config.n_heads)
+        )
+        table.append(_one(f"{stack}.final_norm.weight", f"{stack}.final_layer_norm.weight", d))
+    return table
+
+
+def _check_t5_shape(config: BackboneConfig) -> None:
+    if config.position != "relative" or config.norm != "pre" or config.bias:
+        raise UserError(
+            "T5 conversion needs a config from backbone_config_from_t5 (pre-norm, relative, no bias)"
+        )
+    if not (config.encoder_layers and config.decoder_layers):
+        raise UserError("T5 conversion needs an encoder-decoder backbone; the config lacks a stack")
 
 
 def t5_to_polyhead(
     hf_state_dict: Mapping[str, Tensor], config: BackboneConfig
 ) -> tuple[StateDict, Tensor | None]:
-    """`T5ForConditionalGeneration` or `T5Model` state dict -> (Backbone state dict, lm_head weight or None).
+    """`T5ForConditionalGeneration` or `T5Model` state dict -> (Backbone state dict, lm_head weight or
+    None), by `t5_keys`.
 
-    Key patterns (see `_t5_stack` for the blocks):
-
-        shared.weight (V, D)                       -> embeddings.tokens.weight
-        {encoder,decoder}.embed_tokens.weight      -> optional; must equal shared.weight (one table here)
-        {stack}.block.i.layer.0.SelfAttention.{q,k,v}.weight (I, D) -> {stack}.layers.i.self_attn.qkv.weight
-        decoder.block.i.layer.1.EncDecAttention.{k,v}.weight        -> decoder.layers.i.cross_attn.kv.weight
-        {stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight (R, H)
-                                                   -> {stack}.relative_bias.bias.weight
-        {stack}.final_layer_norm.weight (D,)       -> {stack}.final_norm.weight
-        lm_head.weight (V, D)                      -> returned separately (see below)
-
-    The LM head: with `config.tie_embeddings` the logits are `(h * D**-0.5) @ shared.T` (when
+    `{encoder,decoder}.embed_tokens.weight` are optional and must equal `shared.weight` (one table
+    here). The LM head: with `config.tie_embeddings` the logits are `(h * D**-0.5) @ shared.T` (when
     `scale_tied_output`), `lm_head.weight` may be absent and, if present, must equal `shared.weight`;
-    None is returned. Untied, the logits are `h @ lm_head.T` and `lm_head.weight` is returned; None
-    then means the checkpoint has no LM head at all (`T5Model`).
+    None is returned. Untied, the logits are `h @ lm_head.T` and `lm_head.weight` (V, D) is
+    returned; None then means the checkpoint has no LM head at all (`T5Model`).
 
     Consumed and discarded: `decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight`,
     which some original checkpoints carry although cross-attention never uses a position bias.
     """
-    if config.position != "relative" or config.norm != "pre" or config.bias:
-        raise ValueError(
-            "t5_to_polyhead needs a config from backbone_config_from_t5 (pre-norm, relative, no bias)"
-        )
-    if not (config.encoder_layers and config.decoder_layers):
-        raise ValueError("t5_to_polyhead converts encoder-decoder T5 models; the config lacks a stack")
+    _check_t5_shape(config)
     v, d = config.vocab_size, config.d_model
     ledger = _KeyLedger(hf_state_dict, "T5")
-    out: StateDict = {}
-    shared = ledger.take("shared.weight", (v, d))
-    _put(out, "embeddings.tokens.weight", shared)
+    out = _import(ledger, t5_keys(config))
+    shared = out.get("embeddings.tokens.weight")
     for stack in ("encoder", "decoder"):
         key = f"{stack}.embed_tokens.weight"
         _require_same(ledger, key, ledger.take_optional(key, (v, d)), shared, "T5 shares one embedding table")
-    _t5_stack(ledger, out, config, "encoder", config.encoder_layers)
-    _t5_stack(ledger, out, config, "decoder", config.decoder_layers)
     ledger.take_optional("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
-
     lm_head = ledger.take_optional("lm_head.weight", (v, d))
     if config.tie_embeddings:
         _require_same(ledger, "lm_head.weight", lm_head, shared, "tie_embeddings is set")
         lm_head = None
     ledger.close()
     return out, lm_head
+
+
+def polyhead_to_t5(
+    backbone: Mapping[str, Tensor], lm_head: Tensor | None, config: BackboneConfig
+) -> StateDict:
+    """(Backbone state dict, lm_head weight (V, D) when untied) -> `T5ForConditionalGeneration` state
+    dict, by `t5_keys`. The embed_tokens copies are left to HF's tying, as its own `save_pretrained`
+    leaves them out. An unscaled output always gets its `lm_head.weight` (the token embeddings when
+    tied): `t5_config_to_hf` writes tie_word_embeddings=False for it, which transformers 4 reads as
+    "an LM head of its own"."""
+    _check_t5_shape(config)
+    if config.tie_embeddings != (lm_head is None):
+        raise UserError(
+            "an untied T5 needs its LM head (the head of a Seq2Seq task without copy)"
+            if lm_head is None
+            else "a tied T5 has no LM head of its own"
+        )
+    out = _export(ledger := _KeyLedger(backbone, "polyhead backbone"), t5_keys(config))
+    ledger.close()
+    if not config.scale_tied_output:
+        out["lm_head.weight"] = (out["shared.weight"] if lm_head is None else lm_head).contiguous().clone()
+    return out

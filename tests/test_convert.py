@@ -1,4 +1,5 @@
-"""HF BERT and T5, converted with modules/convert.py, give the same outputs from our Backbone and heads.
+"""HF BERT and T5, converted with modules/convert.py, give the same outputs from our Backbone and heads,
+and convert back to the same tensors.
 
 Small randomly initialised HF models (no downloads), every parameter perturbed so that a swapped or
 dropped tensor (biases and norms start at 0 and 1) cannot go unnoticed; eval mode, fp32. Outputs
@@ -6,6 +7,10 @@ must agree to ATOL = 1e-5 (absolute; with RTOL = 1e-5), over all positions, padd
 """
 
 from __future__ import annotations
+
+import dataclasses
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,9 +24,14 @@ from modules.backbone import Backbone  # noqa: E402
 from modules.convert import (  # noqa: E402
     backbone_config_from_bert,
     backbone_config_from_t5,
+    bert_config_to_hf,
     bert_to_polyhead,
+    polyhead_to_bert,
+    polyhead_to_t5,
+    t5_config_to_hf,
     t5_to_polyhead,
 )
+from modules.errors import UserError  # noqa: E402
 from modules.heads import MaskedLMHead, PooledClassifierHead  # noqa: E402
 
 ATOL = RTOL = 1e-5
@@ -290,3 +300,67 @@ def test_t5_initialisation_has_the_scale_of_hf_t5s() -> None:
             assert mine.std().item() == pytest.approx(reference.std().item(), rel=tolerance), key
             compared += 1
     assert compared > 20
+
+
+# ------------------------------------------------------------------------------------ export back
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_bert_export_inverts_import_tensor_for_tensor(tie: bool) -> None:
+    hf, _, _ = bert_pair(tie)
+    config = backbone_config_from_bert(hf.config)
+    backbone_sd, head_sd = bert_to_polyhead(hf.state_dict(), config)
+    theirs = hf.state_dict()
+    back = polyhead_to_bert(backbone_sd, head_sd, config)
+    tied_copies = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"} if tie else set()
+    assert back.keys() == theirs.keys() - tied_copies - {"bert.embeddings.position_ids"}
+    if not tie:  # untied, HF computes with the decoder's bias; its cls.predictions.bias is then unused
+        theirs["cls.predictions.bias"] = theirs["cls.predictions.decoder.bias"]
+    for key, tensor in back.items():
+        assert torch.equal(tensor, theirs[key]), key
+    encoder_only = polyhead_to_bert(backbone_sd, None, config)  # BertModel's names
+    assert torch.equal(
+        encoder_only["embeddings.word_embeddings.weight"], theirs["bert.embeddings.word_embeddings.weight"]
+    )
+    assert (
+        backbone_config_from_bert(SimpleNamespace(**bert_config_to_hf(config, 0, with_heads=True))) == config
+    )
+
+
+@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
+def test_t5_export_inverts_import_tensor_for_tensor(feed_forward_proj: str) -> None:
+    tie = feed_forward_proj == "relu"
+    hf, config, _, lm_head = t5_pair(feed_forward_proj, tie)
+    backbone_sd, lm_head = t5_to_polyhead(hf.state_dict(), config)
+    back = polyhead_to_t5(backbone_sd, lm_head, config)
+    theirs = hf.state_dict()
+    assert back.keys() == theirs.keys() - {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"} - (
+        {"lm_head.weight"} if tie else set()
+    )
+    for key, tensor in back.items():
+        assert torch.equal(tensor, theirs[key]), key
+    hf_config = t5_config_to_hf(config, pad_id=0, eos_id=1, start_id=0)
+    assert backbone_config_from_t5(SimpleNamespace(**hf_config), lm_head_in_weights=not tie) == config
+
+
+def test_backbones_hf_cannot_compute_are_refused_naming_the_key() -> None:
+    bert = backbone_config_from_bert(
+        transformers.BertConfig(vocab_size=300, hidden_size=64, num_attention_heads=4)
+    )
+    for change, key in [
+        ({"norm": "pre"}, "model.backbone.norm='pre'"),
+        ({"position": "relative"}, "model.backbone.position='relative'"),
+        ({"pooler": False}, "model.backbone.pooler=False"),
+        ({"head_dim": 8}, "model.backbone.head_dim=8"),
+        ({"type_vocab_size": 0}, "model.backbone.type_vocab_size=0"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(key)):
+            bert_config_to_hf(dataclasses.replace(bert, **change), 0, with_heads=True)
+    t5 = t5_pair("relu", tie=True)[1]
+    for change, key in [
+        ({"type_vocab_size": 2}, "model.backbone.type_vocab_size=2"),
+        ({"activation": "gelu", "gated_ff": True}, "model.backbone.activation='gelu'"),
+        ({"tie_embeddings": False}, "scale_tied_output=True with tie_embeddings=False"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(key)):
+            t5_config_to_hf(dataclasses.replace(t5, **change), 0, 1, 0)

@@ -1,0 +1,89 @@
+"""`polyhead convert`: HuggingFace BERT / T5 -> a polyhead checkpoint, and back.
+
+    polyhead convert SOURCE OUT.ckpt [--task NAME]   SOURCE: a local HF model directory, or a hub name
+    polyhead convert --to-hf CKPT OUT_DIR            a polyhead checkpoint -> a HF model directory
+
+The checkpoint runs like one polyhead trained: fine-tune it with `polyhead fit --config X.yaml
+--model.init_from OUT.ckpt` (its architecture and tokenizer come with it). The files are read and
+written by modules/hf_files.py; this module parses the command line and prints what was done.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from modules.errors import UserError
+from modules.hf_files import Conversion, export_hf, import_hf
+
+USAGE = "polyhead convert SOURCE OUT.ckpt [--task NAME] | polyhead convert --to-hf CKPT OUT_DIR"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are UserErrors, so `polyhead` reports them in its one-line form."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"convert: {message}; usage: {USAGE}")
+
+
+def parser() -> argparse.ArgumentParser:
+    convert = _Parser(
+        prog="polyhead convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    convert.add_argument(
+        "source", help="HF model directory or hub name (with --to-hf: a polyhead checkpoint)"
+    )
+    convert.add_argument("out", help="the polyhead checkpoint to write (with --to-hf: the HF directory)")
+    convert.add_argument(
+        "--to-hf", action="store_true", help="export a polyhead checkpoint as a HF BERT or T5 directory"
+    )
+    convert.add_argument(
+        "--task",
+        help="name of the pretraining task in the checkpoint (default mlm_nsp / seq2seq); heads load by "
+        "task name, so name it as your fine-tuning config does to start from its head (an untied T5's LM head)",
+    )
+    return convert
+
+
+def report(done: Conversion, exported: bool) -> str:
+    """A few lines: what was converted, its size and vocabulary, where it went."""
+    tokenizer = done.tokenizer
+    rows = (
+        f" for an embedding table of {done.embedding_rows} rows"
+        if done.embedding_rows != tokenizer.vocab_size
+        else ""
+    )
+    lines = [
+        f"polyhead convert: {done.model_type} ({done.architecture}) "
+        + (f"from polyhead checkpoint {done.source}" if exported else f"from {done.source}"),
+        f"  parameters  {done.parameters:,}",
+        f"  vocabulary  {tokenizer.vocab_size:,} ids{rows}, {tokenizer.backend}",
+    ]
+    if exported:
+        lines.append(
+            f"  written     {done.written}/ ({', '.join(['config.json', 'model.safetensors', *done.tokenizer_files])})"
+        )
+    else:
+        tasks = ", ".join(f"{name} ({cls})" for name, cls in done.tasks.items())
+        size = done.written.stat().st_size / 2**20
+        lines += [
+            f"  tasks       {tasks}",
+            f"  written     {done.written} ({size:.1f} MiB)",
+            f"  fine-tune   polyhead fit --config YOUR.yaml --model.init_from {done.written}",
+        ]
+    return "\n".join(lines)
+
+
+def convert(args: list[str]) -> Conversion:
+    """Run `polyhead convert ARGS`; user mistakes raise UserError."""
+    options = parser().parse_args(args)
+    if options.to_hf:
+        if options.task:
+            raise UserError(
+                "convert: --task names the task of an imported checkpoint; it does nothing with --to-hf"
+            )
+        done = export_hf(Path(options.source), Path(options.out))
+    else:
+        done = import_hf(options.source, Path(options.out), options.task)
+    print(report(done, options.to_hf))
+    return done

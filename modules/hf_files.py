@@ -1,0 +1,437 @@
+"""HuggingFace model directories <-> polyhead checkpoints: the files behind `polyhead convert`.
+
+Import (`import_hf`): a local directory, or a hub name fetched with huggingface_hub, holding what
+`save_pretrained` writes: config.json, the weights (model.safetensors or pytorch_model.bin, or a
+sharded index of either) and the tokenizer (BERT: tokenizer.json; T5: spiece.model, else
+tokenizer.json). It becomes a checkpoint laid out exactly as a polyhead run writes one, with the
+pretraining heads as a task (BERT: `mlm_nsp`, MaskedLMNextSentence; T5: `seq2seq`, Seq2Seq), so
+`--model.init_from`, `--ckpt_path` and `MultiTaskModel.from_checkpoint` take it as they take a
+trained one.
+
+Export (`export_hf`): a polyhead checkpoint whose backbone BERT or T5 can compute -> a directory
+that `BertForPreTraining` / `BertModel` / `T5ForConditionalGeneration.from_pretrained` load.
+
+modules/convert.py maps configs and tensors; this module reads and writes the files around them.
+Every problem with the user's files is a UserError naming the file and the fix, raised before
+anything is written; outputs appear whole or not at all (temporary name, then os.replace).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning
+import safetensors.torch
+import sentencepiece as spm
+import torch
+from torch import Tensor
+
+from datamodules.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
+from modules.checkpoint import read_checkpoint
+from modules.config import BackboneConfig
+from modules.convert import (
+    BERT_DEFAULTS,
+    T5_DEFAULTS,
+    StateDict,
+    backbone_config_from_bert,
+    backbone_config_from_t5,
+    bert_config_to_hf,
+    bert_to_polyhead,
+    polyhead_to_bert,
+    polyhead_to_t5,
+    t5_config_to_hf,
+    t5_to_polyhead,
+)
+from modules.errors import UserError
+from modules.model import MultiTaskModel
+from modules.optim import OptimizerConfig
+from tasks.mlm_nsp import MaskedLMNextSentence
+from tasks.seq2seq import Seq2Seq
+
+HUB_FILES = [
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "pytorch_model-*.bin",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "spiece.model",
+]
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+HF_TOKEN_KEYS = {
+    "pad": "pad_token",
+    "unk": "unk_token",
+    "eos": "eos_token",
+    "cls": "cls_token",
+    "sep": "sep_token",
+    "mask": "mask_token",
+}
+"""Our special-token roles -> the keys of HF's tokenizer_config.json ("start" has none: T5 names it
+in config.json as decoder_start_token_id)."""
+BERT_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+T5_TOKENS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
+T5_EXTRA_IDS = 100  # transformers' T5Tokenizer default, when tokenizer_config.json does not say
+FIX = "pass the directory that save_pretrained wrote (config.json, weights, tokenizer files)"
+
+
+@dataclass
+class Conversion:
+    """What a conversion read and wrote, for the command's report."""
+
+    model_type: str  # "bert" or "t5"
+    architecture: str  # the HF class whose weights these are
+    source: str
+    written: Path
+    parameters: int
+    embedding_rows: int
+    tokenizer: Tokenizer
+    tasks: dict[str, str]  # polyhead task name -> class name
+    tokenizer_files: list[str]
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def locate(source: str) -> Path:
+    """A local model directory, or a hub name fetched into the HF cache. Offline (HF_HUB_OFFLINE=1,
+    or no network), a name not in the cache fails at once with one message."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"{source}: is a file, not a model directory; {FIX}")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
+        raise UserError(f"{source}: no such directory; {FIX}")
+    from huggingface_hub import snapshot_download  # only a hub name needs it
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=HUB_FILES, etag_timeout=10))
+    except Exception as error:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+            reason = "HF_HUB_OFFLINE is set and it is not in the local HF cache"
+        elif isinstance(error, GatedRepoError):
+            reason = "the model is gated: accept its terms on the hub and log in (hf auth login)"
+        elif isinstance(error, RepositoryNotFoundError):
+            reason = "no such model on the hub (or it is private)"
+        else:
+            reason = f"the hub is unreachable ({type(error).__name__})"
+        raise UserError(
+            f"{source}: no such local directory, and the HuggingFace hub could not provide it: {reason}; "
+            "pass the path of a local model directory (config.json, weights, tokenizer files)"
+        ) from None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not a readable JSON file ({error})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return value
+
+
+def _load_weight_file(path: Path) -> StateDict:
+    try:
+        if path.suffix == ".safetensors":
+            return safetensors.torch.load_file(path, device="cpu")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = " ".join(str(error).split())[:160] or type(error).__name__
+        raise UserError(
+            f"{path}: not a readable weights file ({reason}); it may be truncated: save or download it again"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UserError(f"{path}: does not hold a state dict of tensors")
+    return state
+
+
+def read_weights(directory: Path) -> tuple[StateDict, Path]:
+    """-> (the HF state dict, the file it came from): safetensors first, then a torch pickle
+    (read with weights_only, so no code runs); a sharded index loads every shard it names."""
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return _load_weight_file(path), path
+        shards = sorted(set(read_json(path).get("weight_map", {}).values()))
+        if not shards:
+            raise UserError(f"{path}: its weight_map names no shard files")
+        state: StateDict = {}
+        for shard in shards:
+            if not (directory / shard).is_file():
+                raise UserError(f"{path}: names {shard}, which is not in {directory}; download every shard")
+            state |= _load_weight_file(directory / shard)
+        return state, path
+    raise UserError(f"{directory}: no weights (model.safetensors or pytorch_model.bin); {FIX}")
+
+
+def _token_names(directory: Path) -> dict[str, str]:
+    """Role -> token text from tokenizer_config.json and special_tokens_map.json (either may be absent;
+    older files write a token as {"content": ...})."""
+    settings: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (directory / name).is_file():
+            settings |= read_json(directory / name)
+    names = {}
+    for role, key in HF_TOKEN_KEYS.items():
+        value = settings.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            names[role] = value
+    return names
+
+
+def read_tokenizer(directory: Path, model_type: str, hf_config: SimpleNamespace) -> Tokenizer:
+    """The model's own tokenizer with its special tokens by role (see datamodules/tokenizer.py)."""
+    names = _token_names(directory)
+    json_file, spiece = directory / "tokenizer.json", directory / "spiece.model"
+    if model_type == "bert":
+        if not json_file.is_file():
+            raise UserError(
+                f"{directory}: no tokenizer.json, which polyhead reads BERT's vocabulary from; write one with "
+                "transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
+            )
+        return _checked_tokenizer(
+            json_file, lambda: HFTokenizer(json_file.read_text(encoding="utf-8"), BERT_TOKENS | names)
+        )
+    special = T5_TOKENS | {role: token for role, token in names.items() if role in T5_TOKENS}
+    if spiece.is_file():
+        proto = spiece.read_bytes()
+        try:
+            start = spm.SentencePieceProcessor(model_proto=proto).id_to_piece(
+                hf_config.decoder_start_token_id
+            )
+        except Exception as error:
+            raise UserError(
+                f"{spiece}: not a readable sentencepiece model ({type(error).__name__})"
+            ) from None
+        settings = (
+            read_json(directory / "tokenizer_config.json")
+            if (directory / "tokenizer_config.json").is_file()
+            else {}
+        )
+        extra_ids = settings.get("extra_ids", T5_EXTRA_IDS)
+        return _checked_tokenizer(
+            spiece,
+            lambda: SentencePieceTokenizer(proto, special={**special, "start": start}, extra_ids=extra_ids),
+        )
+    if json_file.is_file():
+        text = json_file.read_text(encoding="utf-8")
+        start_token = HFTokenizer(text, special).id_to_piece([hf_config.decoder_start_token_id])[0]
+        return _checked_tokenizer(json_file, lambda: HFTokenizer(text, {**special, "start": start_token}))
+    raise UserError(f"{directory}: no tokenizer (spiece.model or tokenizer.json); {FIX}")
+
+
+def _checked_tokenizer(path: Path, build: Callable[[], Tokenizer]) -> Tokenizer:
+    """Build a tokenizer, naming the file in any complaint about it."""
+    try:
+        return build()
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
+
+
+def _agree(config_path: Path, hf: SimpleNamespace, tokenizer: Tokenizer, rows: int) -> None:
+    """The tokenizer must fit the embedding table and mean the ids config.json names."""
+    if tokenizer.vocab_size > rows:
+        raise UserError(
+            f"{config_path}: vocab_size={rows} but the tokenizer has {tokenizer.vocab_size} ids; are the tokenizer "
+            "files from another model?"
+        )
+    for role in ("pad", "eos"):
+        named = getattr(hf, f"{role}_token_id", None)
+        ours = getattr(tokenizer, f"{role}_id")
+        if named is not None and ours is not None and named != ours:
+            raise UserError(
+                f"{config_path}: {role}_token_id={named} but the tokenizer's {role} token has id {ours}; are the "
+                "tokenizer files from another model?"
+            )
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Write a file or directory under a temporary name beside `target`, then rename it into place:
+    a failed or killed conversion leaves nothing behind. An existing target is never overwritten."""
+    if target.exists():
+        raise UserError(f"{target}: already exists; remove it or choose another output path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(partial / "out")
+        os.replace(partial / "out", target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
+    """HF BERT / T5 (directory or hub name) -> a polyhead checkpoint at `out` (see the module docstring).
+
+    task: the name of the pretraining task in the checkpoint (default "mlm_nsp" / "seq2seq"). Heads
+    load by task name, so a fine-tuning config whose Seq2Seq task is called `summarize` starts from
+    an untied T5's LM head only if the checkpoint names its task so too.
+    """
+    if task is not None and not re.fullmatch(r"[A-Za-z_]\w*", task):
+        raise UserError(f"convert --task {task!r}: a task name is letters, digits and _ (as in model.tasks)")
+    if out.exists():
+        raise UserError(f"{out}: already exists; remove it or choose another output path")
+    directory = locate(source)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{directory}: no config.json; {FIX}")
+    values = read_json(config_path)
+    model_type = values.get("model_type")
+    if model_type not in ("bert", "t5"):
+        raise UserError(
+            f"{config_path}: model_type {model_type!r} is not supported; polyhead converts 'bert' "
+            "(BertForPreTraining) and 't5' (T5ForConditionalGeneration)"
+        )
+    hf = SimpleNamespace(**((BERT_DEFAULTS if model_type == "bert" else T5_DEFAULTS) | values))
+    state, weights_path = read_weights(directory)
+    try:
+        if model_type == "bert":
+            config = backbone_config_from_bert(hf)
+        else:
+            config = backbone_config_from_t5(hf, lm_head_in_weights="lm_head.weight" in state)
+    except (UserError, TypeError) as error:
+        raise UserError(f"{config_path}: {error}") from None
+    tokenizer = read_tokenizer(directory, model_type, hf)
+    _agree(config_path, hf, tokenizer, config.vocab_size)
+    try:
+        if model_type == "bert":
+            name = task or "mlm_nsp"
+            backbone, head = bert_to_polyhead(state, config)
+            tasks, heads = {name: MaskedLMNextSentence()}, {f"heads.{name}.{k}": v for k, v in head.items()}
+        else:
+            name = task or "seq2seq"
+            backbone, lm_head = t5_to_polyhead(state, config)
+            if lm_head is None and not config.tie_embeddings:
+                raise UserError(
+                    "no lm_head.weight: an untied T5 without its LM head (T5Model) has nothing to generate with"
+                )
+            tasks = {name: Seq2Seq()}
+            heads = {} if lm_head is None else {f"heads.{name}.decoder.weight": lm_head}
+    except UserError as error:
+        raise UserError(f"{weights_path}: {error}") from None
+    model = MultiTaskModel(tasks, config, OptimizerConfig(), tokenizer)
+    model.load_state_dict({f"backbone.{k}": v for k, v in backbone.items()} | heads, strict=True)
+    checkpoint = {"epoch": 0, "global_step": 0, "pytorch-lightning_version": lightning.__version__}
+    checkpoint["state_dict"] = model.state_dict()
+    model.on_save_checkpoint(checkpoint)  # the "polyhead" section, exactly as training writes it
+    write_atomically(out, lambda path: torch.save(checkpoint, path))
+    return Conversion(
+        model_type=model_type,
+        architecture=(values.get("architectures") or ["?"])[0],
+        source=str(directory),
+        written=out,
+        parameters=sum(p.numel() for p in model.parameters()),
+        embedding_rows=config.vocab_size,
+        tokenizer=tokenizer,
+        tasks={name: type(task).__name__ for name, task in tasks.items()},
+        tokenizer_files=[],
+    )
+
+
+def _head_of(
+    checkpoint: dict, task_class: str, usable: Callable[[dict], bool] = lambda args: True
+) -> str | None:
+    """The state-dict prefix of the first task of class `task_class` (with usable settings), or None."""
+    for name, spec in checkpoint["polyhead"]["tasks"].items():
+        if spec["class"] == task_class and usable(spec["init_args"]):
+            return f"heads.{name}."
+    return None
+
+
+def _strip(state: dict[str, Tensor], prefix: str) -> StateDict:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _tokenizer_files(tokenizer: Tokenizer, model_type: str) -> dict[str, bytes]:
+    """The tokenizer as transformers reads it: tokenizer.json, or T5's spiece.model, with a
+    tokenizer_config.json naming its class and special tokens. polyhead's own sentencepiece
+    vocabulary in a BERT-shaped model is written as spiece.model alone: no BERT tokenizer reads it."""
+    tokens = {
+        HF_TOKEN_KEYS[role]: piece for role, piece in tokenizer.special.items() if role in HF_TOKEN_KEYS
+    }
+    settings = {"tokenizer_class": "BertTokenizer" if model_type == "bert" else "T5Tokenizer", **tokens}
+    if isinstance(tokenizer, HFTokenizer):
+        files = {"tokenizer.json": tokenizer.tokenizer_json.encode()}
+    else:
+        assert isinstance(tokenizer, SentencePieceTokenizer)
+        files = {"spiece.model": tokenizer.model_proto}
+        if model_type == "bert":
+            return files
+        settings["extra_ids"] = tokenizer.extra_ids
+    return files | {"tokenizer_config.json": json.dumps(settings, indent=2).encode()}
+
+
+def export_hf(checkpoint_path: Path, out: Path) -> Conversion:
+    """A polyhead checkpoint -> a HF directory at `out` (see the module docstring)."""
+    if out.exists():
+        raise UserError(f"{out}: already exists; remove it or choose another output directory")
+    checkpoint = read_checkpoint(checkpoint_path)
+    saved = checkpoint["polyhead"]
+    config = BackboneConfig.from_dict(saved["backbone"])
+    tokenizer = Tokenizer.from_state_dict(saved["tokenizer"])
+    state = checkpoint["state_dict"]
+    backbone = _strip(state, "backbone.")
+    where = f"{checkpoint_path}"
+    try:
+        if config.architecture == "encoder":
+            model_type, head_prefix = "bert", _head_of(checkpoint, "MaskedLMNextSentence")
+            head = None if head_prefix is None else _strip(state, head_prefix)
+            hf_config = bert_config_to_hf(config, tokenizer.pad_id, with_heads=head is not None)
+            weights = polyhead_to_bert(backbone, head, config)
+        elif config.architecture == "encoder-decoder":
+            model_type, head_prefix = "t5", _head_of(checkpoint, "Seq2Seq", lambda args: not args.get("copy"))
+            tokenizer.require(("pad", "eos", "start"), "export to HF T5")
+            lm_head = state.get(f"{head_prefix}decoder.weight") if head_prefix else None
+            hf_config = t5_config_to_hf(config, tokenizer.pad_id, tokenizer.eos_id, tokenizer.start_id)
+            weights = polyhead_to_t5(backbone, lm_head, config)
+        else:
+            raise UserError(
+                "a decoder-only backbone has no HF export; polyhead exports BERT (encoder) and T5 (encoder-decoder)"
+            )
+    except UserError as error:
+        raise UserError(f"{where}: {error}") from None
+    files = _tokenizer_files(tokenizer, model_type)
+
+    def write(directory: Path) -> None:
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        safetensors.torch.save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+        for name, content in files.items():
+            (directory / name).write_bytes(content)
+
+    write_atomically(out, write)
+    return Conversion(
+        model_type=model_type,
+        architecture=hf_config["architectures"][0],
+        source=str(checkpoint_path),
+        written=out,
+        parameters=sum(t.numel() for t in weights.values()),
+        embedding_rows=config.vocab_size,
+        tokenizer=tokenizer,
+        tasks={},
+        tokenizer_files=sorted(files),
+    )
