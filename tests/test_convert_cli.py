@@ -407,3 +407,21 @@ def test_bad_sources_end_in_one_line_naming_the_file_and_write_nothing(bert_dir,
 
     polyhead("convert", str(bert_dir), str(out))
     assert "already exists" in fails(capsys, "convert", str(bert_dir), str(out))
+
+
+def test_t5_saved_without_spiece_model_converts_with_its_tokenizer_json(t5_dir, tmp_path):
+    """transformers 5 writes T5's tokenizer as tokenizer.json only; the same ids come from it."""
+    bare = tmp_path / "t5-json-only"
+    bare.mkdir()
+    for path in t5_dir.iterdir():
+        if path.name != "spiece.model":
+            (bare / path.name).write_bytes(path.read_bytes())
+    polyhead("convert", str(bare), str(tmp_path / "t5.ckpt"))
+    tokenizer = MultiTaskModel.from_checkpoint(tmp_path / "t5.ckpt").tokenizer
+    assert isinstance(tokenizer, HFTokenizer)
+    assert (tokenizer.pad_id, tokenizer.eos_id, tokenizer.start_id, tokenizer.unk_id) == (0, 1, 0, 2)
+    theirs = transformers.AutoTokenizer.from_pretrained(bare)
+    for text in SENTENCES:
+        assert [*tokenizer.encode([text])[0], tokenizer.eos_id] == theirs(text)["input_ids"]
+    sentinel = theirs.convert_tokens_to_ids("<extra_id_0>")
+    assert tokenizer.is_special(torch.tensor([sentinel])).item() and tokenizer.decode([sentinel]) == ""
