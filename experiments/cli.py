@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import datasets
-from jsonargparse import ArgumentError, lazy_instance
+from jsonargparse import ArgumentError, Namespace, lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -88,17 +88,21 @@ class PolyheadCLI(LightningCLI):
         given = sys.argv[1:] if args is None else args
         first = parser.parse_args([arg for arg in given if not arg.startswith("--print_config")])
         source = checkpoint_source(first)
+        self.checkpoint_backbone = read_checkpoint(source)["polyhead"]["backbone"] if source else None
         if source:
-            backbone = read_checkpoint(source)["polyhead"]["backbone"]
-            self._parser(first.get("subcommand")).set_defaults({"model.backbone": backbone})
+            self._parser(first.get("subcommand")).set_defaults({"model.backbone": self.checkpoint_backbone})
         super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
-        """A run from a checkpoint file uses the checkpoint's tokenizer, never a newly trained one."""
+        """A run from a checkpoint file uses the checkpoint's tokenizer, never a newly trained one,
+        and its architecture where the config says `model.backbone: null` (over a config that
+        names one: `--model.backbone null`)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         source = checkpoint_source(self.config)
         if source and not config.data.tokenizer_checkpoint:
             config.data.tokenizer_checkpoint = source
+        if source and config.model.get("backbone") is None:
+            config.model.backbone = Namespace(**self.checkpoint_backbone)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

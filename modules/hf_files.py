@@ -402,12 +402,14 @@ def export_hf(checkpoint_path: Path, out: Path) -> Conversion:
             head = None if head_prefix is None else _strip(state, head_prefix)
             hf_config = bert_config_to_hf(config, tokenizer.pad_id, with_heads=head is not None)
             weights = polyhead_to_bert(backbone, head, config)
+            exported = [*backbone.values(), *(head or {}).values()]
         elif config.architecture == "encoder-decoder":
             model_type, head_prefix = "t5", _head_of(checkpoint, "Seq2Seq", lambda args: not args.get("copy"))
             tokenizer.require(("pad", "eos", "start"), "export to HF T5")
             lm_head = state.get(f"{head_prefix}decoder.weight") if head_prefix else None
             hf_config = t5_config_to_hf(config, tokenizer.pad_id, tokenizer.eos_id, tokenizer.start_id)
             weights = polyhead_to_t5(backbone, lm_head, config)
+            exported = [*backbone.values(), *([] if lm_head is None else [lm_head])]
         else:
             raise UserError(
                 "a decoder-only backbone has no HF export; polyhead exports BERT (encoder) and T5 (encoder-decoder)"
@@ -429,7 +431,7 @@ def export_hf(checkpoint_path: Path, out: Path) -> Conversion:
         architecture=hf_config["architectures"][0],
         source=str(checkpoint_path),
         written=out,
-        parameters=sum(t.numel() for t in weights.values()),
+        parameters=sum(t.numel() for t in exported),  # ours: a tied copy HF keeps twice counts once
         embedding_rows=config.vocab_size,
         tokenizer=tokenizer,
         tasks={},

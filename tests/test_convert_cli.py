@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from datamodules.tokenizer import HFTokenizer, SentencePieceTokenizer
-from experiments.cli import main
+from experiments.cli import main, run
 from modules.checkpoint import read_checkpoint
 from modules.config import BackboneConfig
 from modules.model import MultiTaskModel
@@ -425,3 +425,41 @@ def test_t5_saved_without_spiece_model_converts_with_its_tokenizer_json(t5_dir, 
         assert [*tokenizer.encode([text])[0], tokenizer.eos_id] == theirs(text)["input_ids"]
     sentinel = theirs.convert_tokens_to_ids("<extra_id_0>")
     assert tokenizer.is_special(torch.tensor([sentinel])).item() and tokenizer.decode([sentinel]) == ""
+
+
+def test_validate_runs_a_converted_bert_where_the_config_names_another_backbone(bert_dir, tmp_path):
+    """--ckpt_path with `--model.backbone null` over a config that names an architecture: the
+    checkpoint's architecture, its MLM/NSP heads loaded strictly by Lightning, its tokenizer."""
+    polyhead("convert", str(bert_dir), str(tmp_path / "bert.ckpt"))
+    documents = [{"text": " ".join(SENTENCES[i : i + 3])} for i in range(4)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in documents))
+    config = {
+        "model": {
+            "tasks": {"mlm_nsp": {"class_path": "MaskedLMNextSentence", "init_args": {"max_length": 32}}},
+            "backbone": {"d_model": 256, "n_heads": 4},  # a from-scratch config's architecture
+        },
+        "data": {
+            "sources": {
+                "mlm_nsp": {
+                    "path": str(tmp_path / "docs.jsonl"),
+                    "validation_path": str(tmp_path / "docs.jsonl"),
+                }
+            },
+            "batch_size": 4,
+        },
+        "trainer": {"logger": False, "enable_progress_bar": False},
+    }
+    (tmp_path / "validate.yaml").write_text(json.dumps(config))
+    cli = run(
+        [
+            "validate",
+            "--config",
+            str(tmp_path / "validate.yaml"),
+            "--ckpt_path",
+            str(tmp_path / "bert.ckpt"),
+            "--model.backbone",
+            "null",
+        ]
+    )
+    assert cli.model.backbone_config.d_model == 32 and isinstance(cli.model.tokenizer, HFTokenizer)
+    assert 0 < cli.trainer.callback_metrics["val/mlm_nsp/mlm_loss"] < 20
