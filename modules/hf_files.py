@@ -56,19 +56,19 @@ from modules.optim import OptimizerConfig
 from tasks.mlm_nsp import MaskedLMNextSentence
 from tasks.seq2seq import Seq2Seq
 
-HUB_FILES = [
+HUB_TEXT_FILES = [
     "config.json",
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "model-*.safetensors",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-    "pytorch_model-*.bin",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "spiece.model",
 ]
+HUB_WEIGHT_FILES = (
+    ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
+    ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"],
+)
+"""What a hub download fetches: the text files, and safetensors weights, or torch's where a repo
+has no safetensors (never both, nor TF / Flax / ONNX copies)."""
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -123,7 +123,13 @@ def locate(source: str) -> Path:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(source, allow_patterns=HUB_FILES, etag_timeout=10))
+        for weights in HUB_WEIGHT_FILES:
+            directory = Path(
+                snapshot_download(source, allow_patterns=HUB_TEXT_FILES + weights, etag_timeout=10)
+            )
+            if any((directory / name).is_file() for name in WEIGHT_FILES):
+                break
+        return directory
     except Exception as error:
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
             reason = "HF_HUB_OFFLINE is set and it is not in the local HF cache"

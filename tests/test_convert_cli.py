@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from modules.model import MultiTaskModel
 from tasks.generative import IGNORE
 from tasks.mlm_nsp import MaskedLMNextSentence
 
+from .conftest import ROOT, offline_env
 from .hf_tokenizers import SENTENCES, bert_wordpiece, t5_sentencepiece
 
 transformers = pytest.importorskip("transformers", reason="transformers (a dev extra) is the reference")
@@ -463,3 +466,28 @@ def test_validate_runs_a_converted_bert_where_the_config_names_another_backbone(
     )
     assert cli.model.backbone_config.d_model == 32 and isinstance(cli.model.tokenizer, HFTokenizer)
     assert 0 < cli.trainer.callback_metrics["val/mlm_nsp/mlm_loss"] < 20
+
+
+def test_a_hub_name_converts_from_the_hf_cache_offline(bert_dir, tmp_path):
+    """A hub name goes through huggingface_hub: here from its cache (HF_HUB_OFFLINE=1), laid out as a
+    download leaves it, in a fresh process (the hub library reads HF_HUB_CACHE when imported)."""
+    snapshot = tmp_path / "hub" / "models--someone--tiny-bert" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    for path in bert_dir.iterdir():
+        (snapshot / path.name).write_bytes(path.read_bytes())
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.cli", "convert", "someone/tiny-bert", str(tmp_path / "hub.ckpt")],
+        cwd=ROOT,
+        env=offline_env(tmp_path) | {"HF_HUB_CACHE": str(tmp_path / "hub")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"from {snapshot}" in done.stdout
+    assert (
+        read_checkpoint(tmp_path / "hub.ckpt")["polyhead"]["tasks"]["mlm_nsp"]["class"]
+        == "MaskedLMNextSentence"
+    )
