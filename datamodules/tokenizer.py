@@ -238,7 +238,10 @@ class SentencePieceTokenizer(Tokenizer):
     ) -> None:
         self.model_proto, self.lowercase, self.extra_ids = model_proto, lowercase, extra_ids
         self.polyhead_layout = special is None
-        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except Exception as error:
+            raise UserError(f"not a readable sentencepiece model ({type(error).__name__})") from None
         if self.polyhead_layout:
             for expected_id, token in enumerate(SPECIAL_TOKENS):
                 if self.sp.piece_to_id(token) != expected_id:

@@ -30,7 +30,6 @@ from types import SimpleNamespace
 
 import lightning
 import safetensors.torch
-import sentencepiece as spm
 import torch
 from torch import Tensor
 
@@ -191,13 +190,17 @@ def read_weights(directory: Path) -> tuple[StateDict, Path]:
     raise UserError(f"{directory}: no weights (model.safetensors or pytorch_model.bin); {FIX}")
 
 
-def _token_names(directory: Path) -> dict[str, str]:
-    """Role -> token text from tokenizer_config.json and special_tokens_map.json (either may be absent;
-    older files write a token as {"content": ...})."""
+def _tokenizer_settings(directory: Path) -> dict:
+    """special_tokens_map.json and tokenizer_config.json merged (either may be absent)."""
     settings: dict = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (directory / name).is_file():
             settings |= read_json(directory / name)
+    return settings
+
+
+def _token_names(settings: dict) -> dict[str, str]:
+    """Role -> token text, from HF's tokenizer settings (older files write a token as {"content": ...})."""
     names = {}
     for role, key in HF_TOKEN_KEYS.items():
         value = settings.get(key)
@@ -209,7 +212,8 @@ def _token_names(directory: Path) -> dict[str, str]:
 
 def read_tokenizer(directory: Path, model_type: str, hf_config: SimpleNamespace) -> Tokenizer:
     """The model's own tokenizer with its special tokens by role (see datamodules/tokenizer.py)."""
-    names = _token_names(directory)
+    settings = _tokenizer_settings(directory)
+    names = _token_names(settings)
     json_file, spiece = directory / "tokenizer.json", directory / "spiece.model"
     if model_type == "bert":
         if not json_file.is_file():
@@ -217,34 +221,20 @@ def read_tokenizer(directory: Path, model_type: str, hf_config: SimpleNamespace)
                 f"{directory}: no tokenizer.json, which polyhead reads BERT's vocabulary from; write one with "
                 "transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
             )
-        return _checked_tokenizer(
-            json_file, lambda: HFTokenizer(json_file.read_text(encoding="utf-8"), BERT_TOKENS | names)
-        )
+        text = json_file.read_text(encoding="utf-8")
+        return _checked_tokenizer(json_file, lambda: HFTokenizer(text, BERT_TOKENS | names))
     special = T5_TOKENS | {role: token for role, token in names.items() if role in T5_TOKENS}
     if spiece.is_file():
-        proto = spiece.read_bytes()
-        try:
-            start = spm.SentencePieceProcessor(model_proto=proto).id_to_piece(
-                hf_config.decoder_start_token_id
-            )
-        except Exception as error:
-            raise UserError(
-                f"{spiece}: not a readable sentencepiece model ({type(error).__name__})"
-            ) from None
-        settings = (
-            read_json(directory / "tokenizer_config.json")
-            if (directory / "tokenizer_config.json").is_file()
-            else {}
-        )
-        extra_ids = settings.get("extra_ids", T5_EXTRA_IDS)
-        return _checked_tokenizer(
+        proto, extra_ids = spiece.read_bytes(), settings.get("extra_ids", T5_EXTRA_IDS)
+        return _with_decoder_start(
             spiece,
-            lambda: SentencePieceTokenizer(proto, special={**special, "start": start}, extra_ids=extra_ids),
+            lambda named: SentencePieceTokenizer(proto, special=named, extra_ids=extra_ids),
+            special,
+            hf_config,
         )
     if json_file.is_file():
         text = json_file.read_text(encoding="utf-8")
-        start_token = HFTokenizer(text, special).id_to_piece([hf_config.decoder_start_token_id])[0]
-        return _checked_tokenizer(json_file, lambda: HFTokenizer(text, {**special, "start": start_token}))
+        return _with_decoder_start(json_file, lambda named: HFTokenizer(text, named), special, hf_config)
     raise UserError(f"{directory}: no tokenizer (spiece.model or tokenizer.json); {FIX}")
 
 
@@ -254,6 +244,23 @@ def _checked_tokenizer(path: Path, build: Callable[[], Tokenizer]) -> Tokenizer:
         return build()
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
+
+
+def _with_decoder_start(
+    path: Path,
+    build: Callable[[dict[str, str]], Tokenizer],
+    special: dict[str, str],
+    hf_config: SimpleNamespace,
+) -> Tokenizer:
+    """T5's config.json names the decoder's first token by id (decoder_start_token_id, its pad); the
+    tokenizer names special tokens by piece, so the piece is looked up first."""
+    start_id = hf_config.decoder_start_token_id
+    probe = _checked_tokenizer(path, lambda: build(special))
+    if not isinstance(start_id, int) or not 0 <= start_id < probe.vocab_size:
+        raise UserError(
+            f"{path}: config.json's decoder_start_token_id={start_id!r} is not an id of this tokenizer"
+        )
+    return _checked_tokenizer(path, lambda: build(special | {"start": probe.id_to_piece([start_id])[0]}))
 
 
 def _agree(config_path: Path, hf: SimpleNamespace, tokenizer: Tokenizer, rows: int) -> None:
