@@ -95,7 +95,7 @@ class Conversion:
     """What a conversion read and wrote, for the command's report."""
 
     model_type: str  # "bert" or "t5"
-    architecture: str  # the HF class whose weights these are
+    architecture: str  # the HF class whose weights were read or written
     source: str
     written: Path
     parameters: int
@@ -354,7 +354,7 @@ def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
     write_atomically(out, lambda path: torch.save(checkpoint, path))
     return Conversion(
         model_type=model_type,
-        architecture=(values.get("architectures") or ["?"])[0],
+        architecture="BertForPreTraining" if model_type == "bert" else "T5ForConditionalGeneration",
         source=str(directory),
         written=out,
         parameters=sum(p.numel() for p in model.parameters()),
@@ -408,7 +408,6 @@ def export_hf(checkpoint_path: Path, out: Path) -> Conversion:
     tokenizer = Tokenizer.from_state_dict(saved["tokenizer"])
     state = checkpoint["state_dict"]
     backbone = _strip(state, "backbone.")
-    where = f"{checkpoint_path}"
     try:
         if config.architecture == "encoder":
             model_type, head_prefix = "bert", _head_of(checkpoint, "MaskedLMNextSentence")
@@ -428,7 +427,7 @@ def export_hf(checkpoint_path: Path, out: Path) -> Conversion:
                 "a decoder-only backbone has no HF export; polyhead exports BERT (encoder) and T5 (encoder-decoder)"
             )
     except UserError as error:
-        raise UserError(f"{where}: {error}") from None
+        raise UserError(f"{checkpoint_path}: {error}") from None
     files = _tokenizer_files(tokenizer, model_type)
 
     def write(directory: Path) -> None:
