@@ -148,7 +148,7 @@ class Tokenizer(ABC):
         """Refuse a vocabulary that lacks a special token `who` (a task) needs, naming both."""
         for role in roles:
             if getattr(self, f"{role}_id") is None:
-                token = POLYHEAD_SPECIALS[role] if role != "start" else "decoder start token"
+                token = POLYHEAD_SPECIALS[role] if role != "start" else "decoder start"
                 raise UserError(
                     f"{who} needs a {token} token ({role}_id), which this vocabulary ({self.backend}) does "
                     f"not have; it defines {sorted(self.special)}. Use a task this model's vocabulary supports"

@@ -22,6 +22,7 @@ from datamodules.datamodule import MultiTaskDataModule
 from experiments.callbacks import FinalValidationReport, PredictionsWriter, TokenThroughput
 from experiments.convert_command import convert
 from modules.checkpoint import read_checkpoint
+from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.model import MultiTaskModel
 
@@ -101,8 +102,13 @@ class PolyheadCLI(LightningCLI):
         source = checkpoint_source(self.config)
         if source and not config.data.tokenizer_checkpoint:
             config.data.tokenizer_checkpoint = source
-        if source and config.model.get("backbone") is None:
+        backbone = config.model.get("backbone")
+        if backbone is None and source:
             config.model.backbone = Namespace(**self.checkpoint_backbone)
+        elif backbone is not None:
+            # jsonargparse reports a BackboneConfig that refuses its values (`BackboneConfig | None`)
+            # as matching no member of the union; built here first, its own UserError reaches the user
+            BackboneConfig(**backbone.as_dict())
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
