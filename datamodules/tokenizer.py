@@ -32,6 +32,7 @@ from typing import Literal
 import sentencepiece as spm
 import tokenizers
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from modules.errors import UserError
@@ -60,7 +61,8 @@ def cache_root() -> Path:
 @dataclass
 class TokenizerConfig:
     vocab_size: int = 8000
-    """Pieces in the vocabulary, including the 7 special tokens and 256 byte-fallback pieces."""
+    """Pieces in the vocabulary, including the 7 special tokens and 256 byte-fallback pieces; a
+    corpus too small to fill it gets the pieces it holds (unigram), and the run says so."""
     model_type: Literal["unigram", "bpe"] = "unigram"
     """sentencepiece's algorithm."""
     lowercase: bool = False
@@ -187,6 +189,7 @@ class Tokenizer(ABC):
                 sentence_iterator=text,
                 model_writer=model,
                 vocab_size=config.vocab_size,
+                hard_vocab_limit=False,  # a small corpus gets the pieces it has, not an error
                 model_type=config.model_type,
                 character_coverage=config.character_coverage,
                 input_sentence_size=config.max_training_lines,
@@ -207,13 +210,20 @@ class Tokenizer(ABC):
             reason = str(error).strip().splitlines()[-1]
             raise UserError(
                 f"data.tokenizer: sentencepiece could not train a vocabulary of {config.vocab_size} on {where} "
-                f"({reason}); lower data.tokenizer.vocab_size or add training text"
+                f"({reason}); data.tokenizer.vocab_size must hold the 7 special tokens, the 256 byte pieces and "
+                "every character the text needs"
             ) from None
         cached.parent.mkdir(parents=True, exist_ok=True)
         partial = cached.with_suffix(f".tmp{os.getpid()}")
         partial.write_bytes(model.getvalue())
         partial.replace(cached)  # atomic: a concurrent or killed run never sees half a model
-        return SentencePieceTokenizer(model.getvalue(), config.lowercase)
+        tokenizer = SentencePieceTokenizer(model.getvalue(), config.lowercase)
+        if tokenizer.vocab_size < config.vocab_size:
+            rank_zero_info(
+                f"data.tokenizer: {where} holds only {tokenizer.vocab_size} pieces; the vocabulary has "
+                f"{tokenizer.vocab_size}, not vocab_size {config.vocab_size}"
+            )
+        return tokenizer
 
 
 class SentencePieceTokenizer(Tokenizer):

@@ -72,9 +72,15 @@ def test_lowercase_option(lines):
     assert tok.encode(["The Town"]) == tok.encode(["the town"])
 
 
-def test_too_large_vocabulary_is_a_clear_error():
-    with pytest.raises(UserError, match="data.tokenizer.vocab_size"):
-        Tokenizer.train(["tiny corpus of a few words."] * 3, TokenizerConfig(vocab_size=5000), "tiny")
+def test_a_corpus_too_small_for_the_vocabulary_gets_the_pieces_it_holds():
+    tiny = Tokenizer.train(["tiny corpus of a few words."] * 3, TokenizerConfig(vocab_size=5000), "tiny")
+    assert 7 + 256 < tiny.vocab_size < 5000
+    assert tiny.decode(tiny.encode(["a few words"])[0]) == "a few words"
+
+
+def test_impossible_vocabulary_sizes_are_a_clear_error():
+    with pytest.raises(UserError, match="data.tokenizer.vocab_size must hold"):
+        Tokenizer.train(["tiny corpus of a few words."] * 3, TokenizerConfig(vocab_size=100), "tiny")
     with pytest.raises(UserError, match="empty"):
         Tokenizer.train(["", "  "], TokenizerConfig(), "blank")
 
