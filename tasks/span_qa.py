@@ -11,7 +11,8 @@ window's edge is learned from the window that holds it whole.
 
 Evaluation and predict: all windows of a question go into one batch; the answer is the span with
 the highest start + end logit over every window, end >= start, at most `max_answer_length` tokens,
-inside the context. Its characters are cut from the original context through the tokenizer's
+inside the context, starting at a token read in its window of most context (BERT's rule: a token
+near a window's edge is judged from the window where it sits most centrally, see `max_context`). Its characters are cut from the original context through the tokenizer's
 offsets, so the answer is the context's own text. Scored with SQuAD v1.1 exact match and F1
 against every gold answer, next to the lead-1 baseline: the context's first sentence as the answer.
 """
@@ -83,17 +84,34 @@ def answer_text(question: Question, first: int, last: int) -> str:
     return question.context[question.spans[first, 0] : question.spans[last, 1]].strip()
 
 
+def max_context(starts: list[int], lengths: list[int]) -> list[list[bool]]:
+    """For windows of one context (window w holds tokens starts[w] .. starts[w] + lengths[w] - 1):
+    per window and token of it, whether this window gives that token its most context, i.e. the
+    largest min(tokens left of it, tokens right of it) + 0.01 x window length, the first window
+    winning ties (BERT's `_check_is_max_context`). Each token has exactly one such window."""
+    best: dict[int, tuple[float, int]] = {}  # token -> (score, window)
+    for w, (start, length) in enumerate(zip(starts, lengths, strict=True)):
+        for token in range(start, start + length):
+            score = min(token - start, start + length - 1 - token) + 0.01 * length
+            if token not in best or score > best[token][0]:
+                best[token] = (score, w)
+    return [
+        [best[token][1] == w for token in range(start, start + length)]
+        for w, (start, length) in enumerate(zip(starts, lengths, strict=True))
+    ]
+
+
 def best_spans(
-    start_logits: Tensor, end_logits: Tensor, context: Tensor, max_answer_length: int
+    start_logits: Tensor, end_logits: Tensor, start_ok: Tensor, end_ok: Tensor, max_answer_length: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The best span of each row: (score (R,), first (R,), last (R,)) positions, where score =
-    start + end logit, both ends inside the context (context: (R, T) bool) and
-    0 <= last - first < max_answer_length. Every pair is scored at once: (R, T, T) floats."""
+    start + end logit, the first position allowed by start_ok and the last by end_ok (both (R, T)
+    bool) and 0 <= last - first < max_answer_length. Every pair is scored at once: (R, T, T) floats."""
     length = start_logits.size(1)
     position = torch.arange(length, device=start_logits.device)
     width = position[None, :] - position[:, None]  # (T, T): last - first
     allowed = (width >= 0) & (width < max_answer_length)  # (T, T)
-    allowed = allowed[None] & context[:, :, None] & context[:, None, :]  # (R, T, T)
+    allowed = allowed[None] & start_ok[:, :, None] & end_ok[:, None, :]  # (R, T, T)
     scores = (start_logits[:, :, None] + end_logits[:, None, :]).masked_fill(~allowed, float("-inf"))
     best = scores.flatten(1).max(dim=1)  # over all (first, last) pairs of a row
     return best.values, best.indices // length, best.indices % length
@@ -258,6 +276,13 @@ class SpanQA(Task):
         token_type_ids = torch.zeros((len(rows), length), dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         token_index = torch.full((len(rows), length), -1, dtype=torch.long)  # context piece at each position
+        most_context = torch.zeros((len(rows), length), dtype=torch.bool)
+        for i in range(len(examples)):
+            mine = [r for r, (_, j, _) in enumerate(rows) if j == i]
+            flags = max_context([rows[r][2] for r in mine], [len(windows[r]) for r in mine])
+            for r, row_flags in zip(mine, flags, strict=True):
+                first = len(rows[r][0].question_ids) + 2
+                most_context[r, first : first + len(row_flags)] = torch.tensor(row_flags)
         targets = torch.full((len(rows), 2), NOT_HERE, dtype=torch.long)  # (start, end) positions
         for r, ((q, _, start), window) in enumerate(zip(rows, windows, strict=True)):
             ids = np.concatenate(
@@ -274,6 +299,7 @@ class SpanQA(Task):
             "token_type_ids": token_type_ids,
             "attention_mask": attention_mask,
             "token_index": token_index,  # (R, T), -1 outside the context
+            "max_context": most_context,  # (R, T): this window is the token's window of most context
             "start_positions": targets[:, 0],  # (R,)
             "end_positions": targets[:, 1],
             "question_index": torch.tensor([i for _, i, _ in rows]),  # (R,)
@@ -301,8 +327,13 @@ class SpanQA(Task):
 
     def answers(self, outputs: dict[str, Tensor], batch: dict) -> list[tuple[str, float]]:
         """(answer text, score) per question of the batch: its best span over all its windows."""
+        context = batch["token_index"] >= 0
         scores, firsts, lasts = best_spans(
-            outputs["start_logits"], outputs["end_logits"], batch["token_index"] >= 0, self.max_answer_length
+            outputs["start_logits"],
+            outputs["end_logits"],
+            context & batch["max_context"],
+            context,
+            self.max_answer_length,
         )
         rows = torch.arange(len(scores), device=scores.device)
         firsts, lasts = (

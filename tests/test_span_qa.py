@@ -19,7 +19,7 @@ from modules.errors import UserError
 from modules.model import MultiTaskModel
 from modules.optim import OptimizerConfig
 from tasks.metrics import SquadScore
-from tasks.span_qa import NOT_HERE, SpanQA, best_spans
+from tasks.span_qa import NOT_HERE, SpanQA, answer_text, best_spans, max_context
 
 from .conftest import SHARED_DATA
 
@@ -165,16 +165,67 @@ def test_best_span_search_equals_brute_force():
     context = torch.zeros(rows, length, dtype=torch.bool)
     for r in range(rows):
         context[r, 3 + r % 3 : length - 1 - r % 2] = True
-    scores, firsts, lasts = best_spans(start, end, context, longest)
+    start_ok = context & (torch.rand(rows, length) < 0.7)
+    start_ok[:, 5] = True  # every row keeps an allowed start inside its context
+    scores, firsts, lasts = best_spans(start, end, start_ok, context, longest)
     for r in range(rows):
         candidates = [
             (float(start[r, i] + end[r, j]), i, j)
             for i in range(length)
             for j in range(i, min(i + longest, length))
-            if context[r, i] and context[r, j]
+            if start_ok[r, i] and context[r, j]
         ]
         best = max(candidates)
         assert (float(scores[r]), int(firsts[r]), int(lasts[r])) == pytest.approx(best)
+
+
+@pytest.mark.parametrize(
+    "starts, lengths", [([0, 4, 8], [10, 10, 5]), ([0, 3, 6, 9], [8, 8, 8, 3]), ([0], [7])]
+)
+def test_max_context_gives_each_token_its_most_central_window(starts, lengths):
+    flags = max_context(starts, lengths)
+    for token in range(max(s + n for s, n in zip(starts, lengths, strict=True))):
+        holding = [w for w, (s, n) in enumerate(zip(starts, lengths, strict=True)) if s <= token < s + n]
+        score = {
+            w: min(token - starts[w], starts[w] + lengths[w] - 1 - token) + 0.01 * lengths[w] for w in holding
+        }
+        chosen = [w for w in holding if flags[w][token - starts[w]]]
+        assert chosen == [min(w for w in holding if score[w] == max(score.values()))]
+
+
+def test_evaluation_starts_answers_only_where_the_window_gives_most_context(tokenizer):
+    """A start token seen at a window's edge is not trusted there: its high logit in that window loses
+    to the span read in the window where the token sits centrally."""
+    task = SpanQA(max_length=32, stride=8, max_question_length=8)
+    context = " ".join(f"word{i}" for i in range(60))
+    columns = {
+        "id": ["q"],
+        "question": ["Which word?"],
+        "context": [context],
+        "answers": [[]],
+        "answer_starts": [[]],
+    }
+    ((question, starts),) = questions(task, columns, tokenizer, "predict")
+    assert len(starts) > 2
+    batch = task.collate([(question, starts)], [0], tokenizer)
+    assert (batch["max_context"] <= (batch["token_index"] >= 0)).all()
+    covered = batch["token_index"][batch["max_context"]]
+    assert sorted(covered.tolist()) == list(range(len(question.context_ids)))  # each token once
+    start_logits = torch.zeros(batch["input_ids"].shape)
+    end_logits = torch.zeros(batch["input_ids"].shape)
+    edge_row = 1
+    edge = (batch["token_index"][edge_row] >= 0).nonzero().flatten()[-1]  # last context token of window 1
+    assert not batch["max_context"][edge_row, edge]
+    start_logits[edge_row, edge] = 10.0  # a loud start, but at the window's edge
+    token = int(batch["token_index"][edge_row, edge])
+    home = next(
+        r for r in range(len(starts)) if ((batch["token_index"][r] == token) & batch["max_context"][r]).any()
+    )
+    position = (batch["token_index"][home] == token).nonzero().flatten()[0]
+    start_logits[home, position] = end_logits[home, position] = 1.0
+    ((answer, score),) = task.answers({"start_logits": start_logits, "end_logits": end_logits}, batch)
+    assert score == pytest.approx(2.0)
+    assert answer == answer_text(question, token, token)
 
 
 def test_bad_answers_are_counted_and_left_out_of_training(tokenizer):
