@@ -1,0 +1,517 @@
+"""`polyhead compare`: runs side by side, from a sweep, a group, a project or run directories.
+
+    polyhead compare runs/wandb                         every run under a directory (offline)
+    polyhead compare RUN_DIR RUN_DIR ...                 these runs
+    polyhead compare --sweep ID                          a local sweep (runs/sweeps/ID), else a W&B sweep
+    polyhead compare --group G | --project P             offline from runs/, or online with a W&B key
+    options: --metric NAME[:min|max] (repeat), --sort NAME, --markdown F.md, --csv F.csv,
+             --plots DIR, --best (print only the best run's checkpoint)
+
+One row per configuration: the config keys that differ between runs, then each metric's final
+value (the run's summary) and best value over its history. Runs that differ only in their seed
+(`seed_everything`, `data.seed`) share a row: mean ± std [95% interval], with a note on rows whose
+intervals overlap (the seeds cannot tell those configurations apart). Offline runs are read from
+their .wandb logs (experiments/runs.py); online ones through `wandb.Api`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.table import Table
+
+from experiments.plots import line_chart, point_chart
+from experiments.runs import (
+    STEP_KEY,
+    Run,
+    find_run_dirs,
+    flatten,
+    online_checkpoint,
+    online_runs,
+    read_run_dir,
+)
+from experiments.seed_stats import Aggregate, aggregate
+from experiments.sweep_store import DEFAULT_SWEEPS_DIR, SweepStore
+from experiments.terminal import CommandParser, console, report_user_errors
+from modules.errors import UserError
+
+SEED_KEYS = ("seed_everything", "data.seed")
+# config keys that say where a run wrote, not what it trained (the sweep reporter's trial number
+# sits in trainer.callbacks); `resolved` is derived from the rest
+RUN_SPECIFIC = ("trainer.logger", "trainer.callbacks", "checkpoint.dirpath", "resolved.")
+DEFAULT_RUNS_DIR = "runs"
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    goal: str  # minimize | maximize
+
+    @classmethod
+    def parse(cls, text: str) -> Metric:
+        """ "val/loss" (goal guessed from the name: losses and perplexity fall), "val/f1:max"."""
+        name, _, goal = text.rpartition(":") if text.endswith((":min", ":max")) else (text, "", "")
+        if goal:
+            return cls(name, "minimize" if goal == "min" else "maximize")
+        falls = re.search(r"loss|perplexity|error", name)
+        return cls(name, "minimize" if falls else "maximize")
+
+    def better(self, a: float, b: float) -> bool:
+        return a < b if self.goal == "minimize" else a > b
+
+    def best_of(self, values: list[float]) -> float:
+        return min(values) if self.goal == "minimize" else max(values)
+
+
+@dataclass
+class Row:
+    """One configuration: its runs (one per seed), and per metric the aggregate of their final
+    and of their best values."""
+
+    key: str
+    config: dict
+    runs: list[Run] = field(default_factory=list)
+    final: dict[str, Aggregate] = field(default_factory=dict)
+    best: dict[str, Aggregate] = field(default_factory=dict)
+    overlaps: list[int] = field(default_factory=list)
+
+
+def identity(run: Run) -> dict:
+    """A run's flattened config without its seeds and run-specific keys: what makes it a
+    configuration."""
+    return {
+        key: value
+        for key, value in flatten(run.config).items()
+        if key not in SEED_KEYS and not key.startswith(RUN_SPECIFIC)
+    }
+
+
+def final_value(run: Run, metric: Metric) -> float | None:
+    value = run.summary.get(metric.name)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def best_value(run: Run, metric: Metric) -> float | None:
+    _, values = run.series(metric.name)
+    return metric.best_of(values) if values else final_value(run, metric)
+
+
+def build_rows(runs: list[Run], metrics: list[Metric]) -> tuple[list[Row], list[str]]:
+    """-> the configurations, best first by the first metric, and the config keys that differ."""
+    identities = [identity(run) for run in runs]
+    keys = sorted({k for ident in identities for k in ident})
+    differing = [k for k in keys if len({repr(ident.get(k)) for ident in identities}) > 1]
+    rows: dict[str, Row] = {}
+    for run, ident in zip(runs, identities, strict=True):
+        config = {k: ident.get(k) for k in differing}
+        key = repr(sorted(config.items()))
+        rows.setdefault(key, Row(key, config)).runs.append(run)
+    for row in rows.values():
+        for metric in metrics:
+            finals = [v for run in row.runs if (v := final_value(run, metric)) is not None]
+            bests = [v for run in row.runs if (v := best_value(run, metric)) is not None]
+            if finals:
+                row.final[metric.name] = aggregate(finals)
+            if bests:
+                row.best[metric.name] = aggregate(bests)
+    ordered = sort_rows(list(rows.values()), metrics[0] if metrics else None)
+    if metrics:
+        first = metrics[0].name
+        for i, row in enumerate(ordered):
+            row.overlaps = [
+                j + 1
+                for j, other in enumerate(ordered)
+                if i != j
+                and first in row.final
+                and first in other.final
+                and row.final[first].overlaps(other.final[first])
+            ]
+    return ordered, differing
+
+
+def sort_rows(rows: list[Row], by: Metric | None, key: str | None = None) -> list[Row]:
+    """Best first by a metric's final mean (rows without it last), or ascending by a config key."""
+    if key is not None:
+        return sorted(rows, key=lambda row: _order(row.config.get(key)))
+    if by is None:
+        return rows
+    sign = 1 if by.goal == "minimize" else -1
+    return sorted(
+        rows,
+        key=lambda row: (
+            by.name not in row.final,
+            sign * row.final[by.name].mean if by.name in row.final else 0,
+        ),
+    )
+
+
+def _order(value) -> tuple:
+    """Numbers by value, then everything else by its text, missing values last."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return (value is None, not number, value if number else str(value))
+
+
+def configuration_text(config: dict) -> str:
+    """lr=0.001, warmup=0.1: the keys' last parts, or whole keys where two last parts clash."""
+    last = [k.rsplit(".", 1)[-1] for k in config]
+    names = [short if last.count(short) == 1 else key for key, short in zip(config, last, strict=True)]
+    return ", ".join(
+        f"{name}={_value_text(value)}" for name, value in zip(names, config.values(), strict=True)
+    )
+
+
+def seed_text(row: Row) -> str:
+    seeds = [run.config.get("seed_everything") for run in row.runs]
+    return ", ".join(str(s) for s in seeds)
+
+
+def table_cells(
+    rows: list[Row], differing: list[str], metrics: list[Metric]
+) -> tuple[list[str], list[list[str]]]:
+    """The table as text cells, shared by the terminal, Markdown and the plain-text summary."""
+    aggregated = any(len(row.runs) > 1 for row in rows)
+    headers = ["#", *differing, "runs", "seeds"]
+    for metric in metrics:
+        headers += [f"{metric.name} final", f"{metric.name} best"]
+    if aggregated and metrics:
+        headers.append("overlaps")
+    cells = []
+    for i, row in enumerate(rows, 1):
+        line = [str(i), *(_value_text(row.config[k]) for k in differing), str(len(row.runs)), seed_text(row)]
+        for metric in metrics:
+            line += [row.final[metric.name].text() if metric.name in row.final else "-",
+                     row.best[metric.name].text() if metric.name in row.best else "-"]  # fmt: skip
+        if aggregated and metrics:
+            line.append(", ".join(map(str, row.overlaps)) or "-")
+        cells.append(line)
+    return headers, cells
+
+
+def _value_text(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def overlap_notes(rows: list[Row], metrics: list[Metric]) -> list[str]:
+    if not metrics or not any(len(row.runs) > 1 for row in rows):
+        return []
+    pairs = sorted({tuple(sorted((i, j))) for i, row in enumerate(rows, 1) for j in row.overlaps})
+    if not pairs:
+        return [f"note: no two rows' 95% intervals of {metrics[0].name} (final) overlap"]
+    listed = ", ".join(f"{a} and {b}" for a, b in pairs)
+    return [f"note: the 95% intervals of {metrics[0].name} (final) overlap for rows {listed}: "
+            "those differences are within seed noise; more seeds would tell"]  # fmt: skip
+
+
+def markdown(headers: list[str], cells: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in cells]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: list[Row], differing: list[str], metrics: list[Metric]) -> str:
+    """Full-precision numbers: per metric and kind (final, best) mean, std, 95% interval, n."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    header = ["row", *differing, "runs", "run_ids", "seeds"]
+    for metric in metrics:
+        for kind in ("final", "best"):
+            header += [f"{metric.name} {kind} {part}" for part in ("mean", "std", "ci_low", "ci_high", "n")]
+    writer.writerow(header)
+    for i, row in enumerate(rows, 1):
+        line = [
+            i,
+            *(row.config[k] for k in differing),
+            len(row.runs),
+            " ".join(r.id for r in row.runs),
+            seed_text(row),
+        ]
+        for metric in metrics:
+            for values in (row.final, row.best):
+                agg = values.get(metric.name)
+                line += (
+                    [None, None, None, None, 0]
+                    if agg is None
+                    else [agg.mean, agg.std, agg.low, agg.high, agg.n]
+                )
+        writer.writerow(["" if v is None else repr(v) if isinstance(v, float) else v for v in line])
+    return out.getvalue()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+def write_plots(directory: Path, rows: list[Row], differing: list[str], metrics: list[Metric]) -> list[Path]:
+    """Per metric: its learning curves across runs; and the metric against each differing key."""
+    written = []
+    for metric in metrics:
+        lines = {}
+        for i, row in enumerate(rows, 1):
+            for run in row.runs:
+                steps, values = run.series(metric.name)
+                if values:
+                    seed = run.config.get("seed_everything")
+                    label = f"#{i} {configuration_text(row.config) or run.name}"
+                    lines[label + (f" (seed {seed})" if len(row.runs) > 1 else "")] = (steps, values)
+        if lines:
+            written.append(line_chart(directory / f"{_slug(metric.name)}_curves.png", lines,
+                                      title=f"{metric.name} during training", xlabel=STEP_KEY, ylabel=metric.name))  # fmt: skip
+        for key in differing:
+            xs, ys, intervals = [], [], {}
+            for row in rows:
+                finals = [v for run in row.runs if (v := final_value(run, metric)) is not None]
+                xs += [row.config[key]] * len(finals)
+                ys += finals
+                agg = row.final.get(metric.name)
+                if agg is not None and agg.std is not None:
+                    intervals[row.config[key]] = (agg.mean, agg.low, agg.high)
+            if ys and all(x is not None for x in xs):
+                written.append(point_chart(directory / f"{_slug(metric.name)}_vs_{_slug(key)}.png", xs, ys,
+                                           title=f"final {metric.name} against {key}", xlabel=key,
+                                           ylabel=metric.name, intervals=intervals))  # fmt: skip
+    return written
+
+
+@dataclass
+class Selection:
+    runs: list[Run]
+    metrics: list[Metric]  # the sweep's metric when the runs come from one; else empty
+    title: str
+
+
+def _online() -> bool:
+    from experiments.cli import has_wandb_credentials
+
+    return os.environ.get("WANDB_MODE") not in ("offline", "disabled") and has_wandb_credentials()
+
+
+def _offline_runs(runs_dir: str, **match: str) -> list[Run]:
+    runs = [read_run_dir(path) for path in find_run_dirs(runs_dir)]
+    return [run for run in runs if all(getattr(run, k) == v for k, v in match.items())]
+
+
+def local_sweep_runs(store: SweepStore) -> Selection:
+    """A local sweep's runs: the latest attempt of each configuration x seed that has a W&B run
+    (a trial that failed before training has none); pruned trials keep their state."""
+    from experiments.sweep_local import outcomes
+
+    spec, _ = store.load()
+    runs = []
+    for outcome in outcomes(store, spec):
+        if outcome.run_dir and Path(outcome.run_dir).is_dir():
+            run = read_run_dir(outcome.run_dir)
+            run.state = "pruned" if outcome.state == "pruned" else run.state
+            runs.append(run)
+    metrics = [Metric(spec.metric, spec.goal)] if spec.metric else []
+    return Selection(runs, metrics, f"sweep {store.id} ({spec.method}, local)")
+
+
+def select(options) -> Selection:
+    """The runs the command line names."""
+    named = [bool(options.run_dirs), bool(options.sweep), bool(options.group), bool(options.project)]
+    if sum(named) != 1:
+        raise UserError("compare: name the runs one way: RUN_DIR ..., --sweep ID, --group G or --project P")
+    if options.run_dirs:
+        runs = []
+        for path in options.run_dirs:
+            found = (
+                find_run_dirs(path)
+                if Path(path).is_dir() and not list(Path(path).glob("run-*.wandb"))
+                else [path]
+            )
+            if not found:
+                raise UserError(f"compare: no W&B runs under {path}")
+            runs += [read_run_dir(p) for p in found]
+        return Selection(runs, [], "runs")
+    if options.sweep:
+        store = SweepStore(Path(options.sweeps_dir) / options.sweep)
+        if store.exists():
+            return local_sweep_runs(store)
+        if not _online():
+            raise UserError(
+                f"compare: no local sweep {options.sweep} under {options.sweeps_dir}, and W&B is offline"
+            )
+        return _online_sweep(options.sweep)
+    if options.group:
+        runs = _offline_runs(options.runs_dir, group=options.group)
+        if not runs and _online():
+            runs = online_runs(group=options.group)
+        return Selection(runs, [], f"group {options.group}")
+    runs = (
+        online_runs(project=options.project)
+        if _online()
+        else _offline_runs(options.runs_dir, project=options.project)
+    )
+    return Selection(runs, [], f"project {options.project}")
+
+
+def _online_sweep(sweep_id: str) -> Selection:
+    import wandb
+
+    runs = online_runs(sweep=sweep_id)
+    metric = []
+    try:
+        api = wandb.Api()
+        path = (
+            sweep_id
+            if sweep_id.count("/") == 2
+            else f"{api.default_entity}/{os.environ.get('WANDB_PROJECT', 'polyhead')}/{sweep_id}"
+        )
+        config = api.sweep(path).config.get("metric")
+        if config:
+            metric = [Metric(config["name"], config.get("goal", "minimize"))]
+    except wandb.errors.CommError:
+        pass  # the runs came back; without the sweep's metric the defaults apply
+    return Selection(runs, metric, f"W&B sweep {sweep_id}")
+
+
+def default_metrics(runs: list[Run]) -> list[Metric]:
+    """Without a sweep's metric: val/score (polyhead's one number across tasks) and val/loss,
+    whichever the runs logged."""
+    logged = {key for run in runs for key in run.summary}
+    return [m for m in (Metric("val/score", "maximize"), Metric("val/loss", "minimize")) if m.name in logged]
+
+
+def best_run(rows: list[Row], metric: Metric) -> Run:
+    """The best row's best run by the metric's final value."""
+    candidates = [run for run in rows[0].runs if final_value(run, metric) is not None] if rows else []
+    if not candidates:
+        raise UserError(f"compare: no run logged {metric.name}")
+    best = candidates[0]
+    for run in candidates[1:]:
+        if metric.better(final_value(run, metric), final_value(best, metric)):
+            best = run
+    return best
+
+
+def checkpoint_of(run: Run, metric: Metric) -> str:
+    path = run.checkpoint(metric.name)
+    if path is None and "/" in run.path and not Path(run.path).exists():
+        path = online_checkpoint(run)
+    if path is None:
+        raise UserError(
+            f"compare: the best run ({run.name}, {run.path}) has no checkpoint on this machine "
+            "(checkpointing off, files moved, or an online run without a logged model artifact)"
+        )
+    return str(path)
+
+
+def best_checkpoint(
+    reference: str, sweeps_dir: str = DEFAULT_SWEEPS_DIR, runs_dir: str = DEFAULT_RUNS_DIR
+) -> str:
+    """`--model.init_from best:REFERENCE` -> the checkpoint of the best run of a local sweep (its
+    id under `sweeps_dir`), else of a run group (offline under `runs_dir`, or online), else of a W&B
+    sweep: judged by the sweep's metric, or by val/score / val/loss for a group."""
+    store = SweepStore(Path(sweeps_dir) / reference)
+    if store.exists():
+        selection = local_sweep_runs(store)
+    else:
+        runs = _offline_runs(runs_dir, group=reference)
+        if runs:
+            selection = Selection(runs, [], f"group {reference}")
+        elif _online():
+            selection = _online_sweep(reference)
+            if not selection.runs:
+                selection = Selection(online_runs(group=reference), [], f"group {reference}")
+        else:
+            raise UserError(
+                f"best:{reference}: no local sweep under {sweeps_dir} and no run group under {runs_dir}"
+            )
+    metrics = selection.metrics or default_metrics(selection.runs)
+    if not selection.runs or not metrics:
+        raise UserError(f"best:{reference}: no runs with a metric to judge them by")
+    rows, _ = build_rows(selection.runs, metrics[:1])
+    return checkpoint_of(best_run(rows, metrics[0]), metrics[0])
+
+
+def parser() -> CommandParser:
+    compare = CommandParser(
+        prog="polyhead compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    compare.add_argument(
+        "run_dirs", nargs="*", metavar="RUN_DIR", help="run directories, or directories holding runs"
+    )
+    compare.add_argument("--sweep", help="a local sweep id (under --sweeps-dir), else a W&B sweep id")
+    compare.add_argument(
+        "--group", help="the runs of a W&B run group (a local sweep's runs share its id as group)"
+    )
+    compare.add_argument("--project", help="every run of a W&B project")
+    compare.add_argument("--metric", action="append", default=[], metavar="NAME[:min|max]",
+                         help="a metric column (repeat); default: the sweep's metric, else val/score and val/loss")  # fmt: skip
+    compare.add_argument(
+        "--sort", help="a metric (best first) or config key (ascending); default the first metric"
+    )
+    compare.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
+    compare.add_argument("--csv", metavar="FILE", help="also write the table as CSV, full precision")
+    compare.add_argument(
+        "--plots", metavar="DIR", help="write PNG learning curves and metric-vs-parameter plots"
+    )
+    compare.add_argument("--best", action="store_true", help="print only the best run's checkpoint path")
+    compare.add_argument(
+        "--runs-dir", default=DEFAULT_RUNS_DIR, help="where offline runs are searched (default runs)"
+    )
+    compare.add_argument(
+        "--sweeps-dir", default=DEFAULT_SWEEPS_DIR, help="where local sweeps live (default runs/sweeps)"
+    )
+    return compare
+
+
+def compare(argv: list[str]) -> list[Row]:
+    """Run `polyhead compare ARGV`; -> the rows shown. User mistakes raise UserError."""
+    options = parser().parse_args(argv)
+    selection = select(options)
+    if not selection.runs:
+        raise UserError(f"compare: {selection.title} has no runs")
+    metrics = (
+        [Metric.parse(m) for m in options.metric] or selection.metrics or default_metrics(selection.runs)
+    )
+    rows, differing = build_rows(selection.runs, metrics)
+    if options.best:
+        if not metrics:
+            raise UserError("compare --best: no metric to judge by; name one with --metric")
+        print(checkpoint_of(best_run(rows, metrics[0]), metrics[0]))
+        return rows
+    if options.sort:
+        by = next((m for m in metrics if m.name == options.sort), None)
+        if by is None and options.sort not in differing:
+            raise UserError(f"compare --sort {options.sort}: not a metric column ({', '.join(m.name for m in metrics)}) "
+                            f"nor a config key that differs ({', '.join(differing) or 'none'})")  # fmt: skip
+        rows = sort_rows(rows, by, None if by else options.sort)
+    headers, cells = table_cells(rows, differing, metrics)
+    table = Table(title=f"{selection.title}: {len(selection.runs)} run(s), {len(rows)} configuration(s)")
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    for line in cells:
+        table.add_row(*line)
+    out = console()
+    out.print(table)
+    for note in overlap_notes(rows, metrics):
+        out.print(note)
+    if options.markdown:
+        Path(options.markdown).write_text(
+            markdown(headers, cells) + "".join(f"\n{n}\n" for n in overlap_notes(rows, metrics))
+        )
+        out.print(f"wrote {options.markdown}")
+    if options.csv:
+        Path(options.csv).write_text(csv_text(rows, differing, metrics))
+        out.print(f"wrote {options.csv}")
+    if options.plots:
+        for path in write_plots(Path(options.plots), rows, differing, metrics):
+            out.print(f"wrote {path}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`polyhead compare ...`: user mistakes end in one `polyhead: error:` line, exit 1."""
+    report_user_errors(compare, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()
