@@ -38,11 +38,11 @@ from experiments.runs import (
     read_run_dir,
 )
 from experiments.seed_stats import Aggregate, aggregate
+from experiments.sweep_spec import SEED_KEY, SEED_KEYS
 from experiments.sweep_store import DEFAULT_SWEEPS_DIR, SweepStore
 from experiments.terminal import CommandParser, console, report_user_errors
 from modules.errors import UserError
 
-SEED_KEYS = ("seed_everything", "data.seed")
 # config keys that say where a run wrote, not what it trained (the sweep reporter's trial number
 # sits in trainer.callbacks); `resolved` is derived from the rest
 RUN_SPECIFIC = ("trainer.logger", "trainer.callbacks", "checkpoint.dirpath", "resolved.")
@@ -168,7 +168,7 @@ def configuration_text(config: dict) -> str:
 
 
 def seed_text(row: Row) -> str:
-    seeds = [run.config.get("seed_everything") for run in row.runs]
+    seeds = [run.config.get(SEED_KEY) for run in row.runs]
     return ", ".join(str(s) for s in seeds)
 
 
@@ -257,7 +257,7 @@ def write_plots(directory: Path, rows: list[Row], differing: list[str], metrics:
             for run in row.runs:
                 steps, values = run.series(metric.name)
                 if values:
-                    seed = run.config.get("seed_everything")
+                    seed = run.config.get(SEED_KEY)
                     label = f"#{i} {configuration_text(row.config) or run.name}"
                     lines[label + (f" (seed {seed})" if len(row.runs) > 1 else "")] = (steps, values)
         if lines:

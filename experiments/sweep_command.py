@@ -20,13 +20,12 @@ from pathlib import Path
 
 from rich.table import Table
 
-from experiments.sweep_local import SEED_KEY, LocalSweep, TrialOutcome
-from experiments.sweep_spec import SweepSpec, check_with_cli, load_spec, spec_fingerprint
+from experiments.sweep_local import LocalSweep, TrialOutcome
+from experiments.sweep_spec import SEED_KEY, SEED_KEYS, SweepSpec, check_with_cli, load_spec, spec_fingerprint
 from experiments.sweep_store import DEFAULT_SWEEPS_DIR, SweepStore
+from experiments.sweep_wandb import join_sweep, require_online, start_sweep, wandb_config
 from experiments.terminal import CommandParser, console, report_user_errors
 from modules.errors import UserError
-
-SEED_PARAMETERS = (SEED_KEY, "data.seed")
 
 
 def parser() -> CommandParser:
@@ -59,7 +58,7 @@ def checked_spec(path: str, seeds: int) -> SweepSpec:
     """Load the spec and refuse, before launching anything, what W&B would refuse, what the
     seeds would clash with, and any parameter polyhead's CLI does not accept."""
     spec = load_spec(path)
-    clash = [p.name for p in spec.parameters if p.name in SEED_PARAMETERS]
+    clash = [p.name for p in spec.parameters if p.name in SEED_KEYS]
     if seeds > 1 and clash:
         raise UserError(
             f"{path}: --seeds sets seed_everything itself; the spec sweeps {', '.join(clash)} too"
@@ -127,28 +126,27 @@ def run_local(options, spec: SweepSpec) -> list[TrialOutcome]:
 
 def sweep(argv: list[str]) -> list[TrialOutcome] | None:
     """Run `polyhead sweep ARGV`; user mistakes raise UserError."""
-    from experiments.cli import configure_offline_defaults, has_wandb_credentials
+    from experiments.cli import has_wandb_credentials
 
     options = parser().parse_args(argv)
-    configure_offline_defaults()
     online = has_wandb_credentials() and os.environ.get("WANDB_MODE") not in ("offline", "disabled")
     backend = options.backend or ("wandb" if online or options.join else "local")
     if options.parallel < 1:
         raise UserError("sweep: --parallel must be at least 1")
+    if backend == "wandb":
+        require_online()
     if options.join:
         if options.spec or backend != "wandb":
             raise UserError("sweep --join SWEEP_ID joins a W&B sweep: give no spec and no --backend local")
-        from experiments.sweep_wandb import join_sweep
-
         join_sweep(options.join, options.count, options.parallel, options.project, options.entity)
         return None
     if not options.spec:
         raise UserError("sweep: give a spec (experiments/sweeps/*.yaml), or --join SWEEP_ID")
     spec = checked_spec(options.spec, options.seeds)
+    if backend == "wandb":
+        wandb_config(spec, options.seeds)  # refuses --seeds W&B cannot honour, before creating anything
     if backend == "local":
         return run_local(options, spec)
-    from experiments.sweep_wandb import start_sweep
-
     start_sweep(spec, options.seeds, options.count, options.parallel, options.project, options.entity)
     return None
 

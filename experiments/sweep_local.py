@@ -16,6 +16,7 @@ of its log, and the others go on.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -35,11 +36,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from experiments.sweep_space import check_local_support, configuration, grid_suggestions, search_space
-from experiments.sweep_spec import SweepSpec
+from experiments.sweep_spec import SEED_KEY, SweepSpec
 from experiments.sweep_store import CONFIG, ERROR, FINAL, LOG, PRUNED_AT, RUN_DIR, SEED, SweepStore
 from modules.errors import UserError
 
-SEED_KEY = "seed_everything"
 STATE_NAMES = {TrialState.COMPLETE: "finished", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
                TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}  # fmt: skip
 REPORTER = "experiments.sweep_trial.SweepTrialReporter"
@@ -169,26 +169,30 @@ class LocalSweep:
             optuna.samplers.TPESampler() if self.spec.method == "bayes" else optuna.samplers.RandomSampler()
         )
 
-    def run(self) -> list[TrialOutcome]:
-        """Run every missing trial; -> the latest attempt of every configuration x seed."""
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the sweep: one controller at a time. Trials inherit the lock, so a relaunch while a
+        killed controller's trials still run is refused rather than running them twice."""
         self.store.path.mkdir(parents=True, exist_ok=True)
-        with open(self.store.path / "controller.lock", "w") as lock:
+        with open(self.store.path / "controller.lock", "w") as handle:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise UserError(
                     f"sweep {self.store.id} is already running (its controller, or a trial left by a killed "
                     "one, still holds it); wait for it or stop it first"
                 ) from None
-            self.lock_fd = lock.fileno()
-            self.storage = self.store.storage()
-            self.study = self.store.study(self.spec, self.sampler(), self.storage)
-            self._recover()
-            pending, configurations = self._plan()
+            self.lock_fd = handle.fileno()
+            yield
+
+    def run(self) -> list[TrialOutcome]:
+        """Run every missing trial; -> the latest attempt of every configuration x seed."""
+        with self.lock():
+            pending, configurations = self.resume()
             done = sum(1 for t in latest_attempts(self.study).values() if t.state in SETTLED)
             self.echo(
                 f"sweep {self.store.id} ({self.spec.method}, local): {self.target} configuration(s) x "
-                f"{len(self.seeds)} seed(s); {done} run(s) done, {len(pending)} to rerun; state in {self.store.path}"
+                f"{len(self.seeds)} seed(s); {done} run(s) done, {len(pending)} to run; state in {self.store.path}"
             )
             self._loop(pending, configurations)
         return outcomes(self.store, self.spec)
@@ -197,17 +201,18 @@ class LocalSweep:
         study_id = self.storage.get_study_id_from_name(self.store.id)
         return self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
-    def _recover(self) -> None:
-        """Trials a killed controller left running (their processes are gone: a live one would
-        hold the lock) or enqueued are marked failed, to be rerun."""
+    def resume(self) -> tuple[list[Work], list[str]]:
+        """Open the sweep's study (under the lock) and -> the configurations x seeds to run now,
+        and the configurations the sweep has so far. Trials a killed controller left running
+        (their processes are gone: a live one would hold the lock) or enqueued are marked failed
+        first, so they are run again."""
+        self.storage = self.store.storage()
+        self.study = self.store.study(self.spec, self.sampler(), self.storage)
         for _ in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             self.study.tell(self.study.ask(), state=TrialState.FAIL)
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             self.storage.set_trial_user_attr(self._trial_id(trial.number), ERROR, "interrupted")
             self.study.tell(trial.number, state=TrialState.FAIL)
-
-    def _plan(self) -> tuple[list[Work], list[str]]:
-        """-> the configurations x seeds to run now, and the configurations the sweep has so far."""
         latest = latest_attempts(self.study)
         settled = {k for k, t in latest.items() if t.state in SETTLED}
         if self.spec.method == "grid":

@@ -27,6 +27,8 @@ import yaml
 from modules.errors import UserError
 
 METHODS = ("grid", "random", "bayes")
+SEED_KEY = "seed_everything"  # what --seeds sets
+SEED_KEYS = (SEED_KEY, "data.seed")  # keys that only pick random streams: runs differing in them are seeds
 GOALS = ("minimize", "maximize")
 # W&B's top-level keys; the second set is valid W&B that a local polyhead sweep cannot honour
 SPEC_KEYS = {"method", "metric", "parameters", "early_terminate", "run_cap", "command", "program",

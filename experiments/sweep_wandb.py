@@ -1,0 +1,113 @@
+"""The W&B backend of `polyhead sweep`: the sweep lives on the W&B server, whose controller picks
+configurations (grid, random, Bayesian) and stops runs by hyperband, and `wandb agent` processes
+on any number of machines run its trials. Each trial is the spec's command (`polyhead fit ...
+${args}`): its parameters arrive on the command line, so every DDP rank sees them.
+
+It needs a W&B API key and the network (`wandb.sweep` and `wandb agent` cannot run offline); the
+local backend (experiments/sweep_local.py) runs the same spec without either.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from experiments.sweep_spec import SEED_KEY, SweepSpec
+from modules.errors import UserError
+
+
+def require_online() -> None:
+    """Refuse at once, before W&B's own client would wait on the network."""
+    from experiments.cli import has_wandb_credentials
+
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        raise UserError(
+            f"the wandb backend needs W&B online, but WANDB_MODE={os.environ['WANDB_MODE']}; use --backend local"
+        )
+    if not has_wandb_credentials():
+        raise UserError(
+            "the wandb backend needs a W&B API key (`wandb login` or WANDB_API_KEY); without one use --backend local"
+        )
+
+
+def wandb_config(spec: SweepSpec, seeds: int) -> dict:
+    """The spec as W&B receives it; --seeds S adds seed_everything 0..S-1 as a grid dimension (a
+    W&B agent cannot repeat a sampled configuration, so random and bayes cannot take seeds)."""
+    config = copy.deepcopy(spec.raw)
+    if seeds > 1:
+        if spec.method != "grid":
+            raise UserError(
+                f"--seeds with method {spec.method} needs --backend local: a W&B agent cannot repeat a configuration"
+            )
+        config["parameters"][SEED_KEY] = {"values": list(range(seeds))}
+    return config
+
+
+def sweep_path(sweep: str, project: str | None, entity: str | None) -> str:
+    """entity/project/id, filling what a bare id or project/id leaves out."""
+    import wandb
+
+    parts = sweep.split("/")
+    if len(parts) == 3:
+        return sweep
+    project = parts[0] if len(parts) == 2 else project or os.environ.get("WANDB_PROJECT", "polyhead")
+    entity = entity or os.environ.get("WANDB_ENTITY") or wandb.Api().default_entity
+    return f"{entity}/{project}/{parts[-1]}"
+
+
+def start_sweep(
+    spec: SweepSpec, seeds: int, count: int | None, parallel: int, project: str | None, entity: str | None
+) -> str:
+    """Create the sweep on W&B, print its URL and how other machines join, and run `parallel`
+    agents here. -> entity/project/sweep id."""
+    import wandb
+
+    require_online()
+    project = project or spec.project or os.environ.get("WANDB_PROJECT", "polyhead")
+    try:
+        sweep_id = wandb.sweep(wandb_config(spec, seeds), project=project, entity=entity or spec.entity)
+    except (wandb.errors.CommError, wandb.errors.UsageError) as error:
+        raise UserError(f"W&B refused the sweep: {' '.join(str(error).split())}") from None
+    path = sweep_path(sweep_id, project, entity or spec.entity)
+    entity_name, project_name, _ = path.split("/")
+    print(f"sweep {path}: https://wandb.ai/{entity_name}/{project_name}/sweeps/{sweep_id}")
+    print(f"join from other machines: polyhead sweep --join {path} [--parallel K]")
+    run_agents(path, count, parallel)
+    return path
+
+
+def join_sweep(sweep: str, count: int | None, parallel: int, project: str | None, entity: str | None) -> str:
+    require_online()
+    path = sweep_path(sweep, project, entity)
+    run_agents(path, count, parallel)
+    return path
+
+
+def run_agents(path: str, count: int | None, parallel: int) -> None:
+    """`parallel` `wandb agent` processes for the sweep, `count` runs in all split among them;
+    `polyhead` resolves to this environment's. Runs are tagged and grouped by the sweep, as the
+    local backend's are. Ends with the comparison table of the sweep's runs."""
+    from experiments.compare_command import compare
+
+    sweep_id = path.rsplit("/", 1)[-1]
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "WANDB_TAGS": f"sweep,{sweep_id}",
+        "WANDB_RUN_GROUP": sweep_id,
+    }
+    per_agent = ["--count", str(math.ceil(count / parallel))] if count else []
+    command = [str(Path(sys.executable).with_name("wandb")), "agent", *per_agent, path]
+    agents = [subprocess.Popen(command, env=env) for _ in range(parallel)]
+    try:
+        codes = [agent.wait() for agent in agents]
+    except KeyboardInterrupt:
+        for agent in agents:
+            agent.terminate()
+        raise UserError(f"agents stopped; the sweep goes on: polyhead sweep --join {path}") from None
+    if any(codes):
+        raise UserError(f"wandb agent exited with {max(codes)}; see its output above")
+    compare(["--sweep", path])
