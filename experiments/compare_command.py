@@ -47,6 +47,7 @@ from modules.errors import UserError
 # sits in trainer.callbacks); `resolved` is derived from the rest
 RUN_SPECIFIC = ("trainer.logger", "trainer.callbacks", "checkpoint.dirpath", "resolved.")
 DEFAULT_RUNS_DIR = "runs"
+OBJECT_ADDRESS = re.compile(r" object at 0x[0-9a-fA-F]+")
 
 
 @dataclass(frozen=True)
@@ -85,12 +86,21 @@ class Row:
 
 def identity(run: Run) -> dict:
     """A run's flattened config without its seeds and run-specific keys: what makes it a
-    configuration."""
+    configuration. An object logged by its repr loses its memory address, which differs in
+    every process."""
     return {
-        key: value
+        key: _stable(value)
         for key, value in flatten(run.config).items()
         if key not in SEED_KEYS and not key.startswith(RUN_SPECIFIC)
     }
+
+
+def _stable(value):
+    if isinstance(value, str):
+        return OBJECT_ADDRESS.sub(" object", value)
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
 
 
 def final_value(run: Run, metric: Metric) -> float | None:
@@ -106,8 +116,10 @@ def best_value(run: Run, metric: Metric) -> float | None:
 def build_rows(runs: list[Run], metrics: list[Metric]) -> tuple[list[Row], list[str]]:
     """-> the configurations, best first by the first metric, and the config keys that differ."""
     identities = [identity(run) for run in runs]
-    keys = sorted({k for ident in identities for k in ident})
-    differing = [k for k in keys if len({repr(ident.get(k)) for ident in identities}) > 1]
+    # a key only some runs have was added (or dropped) by another version of the code: it cannot
+    # tell those runs apart, so only keys every run has are compared
+    shared = set.intersection(*(set(ident) for ident in identities)) if identities else set()
+    differing = [k for k in sorted(shared) if len({repr(ident[k]) for ident in identities}) > 1]
     rows: dict[str, Row] = {}
     for run, ident in zip(runs, identities, strict=True):
         config = {k: ident.get(k) for k in differing}
@@ -264,14 +276,14 @@ def write_plots(directory: Path, rows: list[Row], differing: list[str], metrics:
             written.append(line_chart(directory / f"{_slug(metric.name)}_curves.png", lines,
                                       title=f"{metric.name} during training", xlabel=STEP_KEY, ylabel=metric.name))  # fmt: skip
         for key in differing:
-            xs, ys, intervals = [], [], {}
+            xs, ys, intervals = [], [], []
             for row in rows:
                 finals = [v for run in row.runs if (v := final_value(run, metric)) is not None]
                 xs += [row.config[key]] * len(finals)
                 ys += finals
                 agg = row.final.get(metric.name)
                 if agg is not None and agg.std is not None:
-                    intervals[row.config[key]] = (agg.mean, agg.low, agg.high)
+                    intervals.append((row.config[key], agg.mean, agg.low, agg.high))
             if ys and all(x is not None for x in xs):
                 written.append(point_chart(directory / f"{_slug(metric.name)}_vs_{_slug(key)}.png", xs, ys,
                                            title=f"final {metric.name} against {key}", xlabel=key,

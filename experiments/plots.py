@@ -60,17 +60,17 @@ def point_chart(
     title: str,
     xlabel: str,
     ylabel: str,
-    intervals: dict | None = None,
+    intervals: Sequence[tuple] = (),
 ) -> Path:
-    """One point per run at its setting x. intervals: x -> (mean, low, high), drawn as a bar with
-    a cap. Positive numeric settings spanning a decade or more get a log axis; other settings (names,
+    """One point per run at its setting x. intervals: (x, mean, low, high) each, drawn as a bar
+    with a cap. Positive numeric settings spanning a decade or more get a log axis; other settings (names,
     lists) are categories in first-seen order."""
     figure, axes = plt.subplots(figsize=SIZE)
     numeric = _numeric(xs)
     categories = list(dict.fromkeys(str(x) for x in xs))
     where = (lambda x: x) if numeric else (lambda x: categories.index(str(x)))
     axes.scatter([where(x) for x in xs], ys, s=18, alpha=0.7, label="runs")
-    for x, (mean, low, high) in (intervals or {}).items():
+    for x, mean, low, high in intervals:
         axes.errorbar([where(x)], [mean], yerr=[[mean - low], [high - mean]], fmt="D", color="black",
                       capsize=4, markersize=4)  # fmt: skip
     if numeric and min(xs) > 0 and max(xs) / min(xs) >= 10:

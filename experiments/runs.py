@@ -43,7 +43,7 @@ class Run:
     config: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
-    root: str = ""  # the W&B `dir` the run was started with (its logger's save_dir)
+    root: str = ""  # the directory holding the run's wandb/ folder: its logger's save_dir
 
     def series(self, metric: str) -> tuple[list[float], list[float]]:
         """(steps, values) of every logged row that has `metric`."""
@@ -149,7 +149,8 @@ def read_run_dir(path: str | Path) -> Run:
     log = path if path.suffix == ".wandb" else next(iter(sorted(path.glob("run-*.wandb"))), None)
     if log is None or not log.is_file():
         raise UserError(f"{path}: not a W&B run directory (no run-*.wandb inside)")
-    run = Run(id="", name="", path=str(log.parent))
+    # <save_dir>/wandb/<run dir>/run-<id>.wandb: found here, so absolute however the run named it
+    run = Run(id="", name="", path=str(log.parent.resolve()), root=str(log.parent.resolve().parent.parent))
     explicit_summary: dict = {}
     exit_code = None
     for record in read_records(log):
@@ -168,8 +169,6 @@ def read_run_dir(path: str | Path) -> Run:
             run.history.append({k: v for k, v in row.items() if isinstance(v, int | float | str | None)})
         elif kind == "summary":
             _apply(explicit_summary, record.summary.update, record.summary.remove)
-        elif kind == "environment" and record.environment.root:
-            run.root = record.environment.root
         elif kind == "exit":
             exit_code = record.exit.exit_code
     run.config.pop("_wandb", None)

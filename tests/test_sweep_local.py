@@ -270,3 +270,40 @@ def test_a_killed_controller_s_trials_run_again_and_finished_ones_do_not(tmp_pat
     states = [t.state for t in store.study(spec).get_trials()]
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
     assert [o.error for o in outcomes(store, spec)] == [None, None, "interrupted"]
+
+
+def test_hyperband_prunes_a_lagging_trial_through_the_journal(tmp_path):
+    """What a trial's reporter does at each validation, in separate storage connections as the
+    trial processes have: report the metric to the sweep's journal, ask the pruner. A trial far
+    behind finished ones is stopped at a rung; one ahead of them is not."""
+    spec = parse_spec(
+        {
+            "method": "random",
+            "metric": {"name": "val/loss", "goal": "minimize"},
+            "parameters": {"model.optimizer.lr": {"min": 0.0001, "max": 0.01}},
+            "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 3},
+            "command": ["polyhead", "fit", "${args}"],
+        }
+    )
+    store = SweepStore(tmp_path / "sweeps" / "hyperband")
+    store.save(spec, seeds=1)
+    controller = store.study(spec, optuna.samplers.RandomSampler(seed=0))
+
+    def validations(values: list[float]) -> int | None:
+        """Run one trial's reports; -> the validation at which it was told to stop, or None."""
+        number = controller.ask(
+            {"model.optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)}
+        ).number
+        trial = store.trial(spec, number)  # opened afresh, as the trial process opens it
+        for step, value in enumerate(values, 1):
+            trial.report(value, step)
+            if trial.should_prune():
+                controller.tell(number, state=TrialState.PRUNED)
+                return step
+        controller.tell(number, values[-1])
+        return None
+
+    for i in range(12):
+        assert validations([3.0 - 0.1 * step - 0.01 * i for step in range(9)]) is None
+    assert validations([9.0] * 9) is not None, "far behind: stopped at a rung"
+    assert validations([1.0] * 9) is None, "ahead of every finished trial: runs to the end"
