@@ -54,13 +54,16 @@ def _decode_error(path: str, raw: bytes, error: UnicodeDecodeError, encoding: st
     return f"{path}, line {line}: not valid {encoding} (byte 0x{raw[error.start]:02x}); set the source's encoding (e.g. latin-1)"
 
 
-def _diagnose(path: str, fmt: str, encoding: str) -> str | None:
-    """Find the first line of a local file that cannot be read, for a precise error message."""
+def _diagnose(path: str, fmt: str, encoding: str, header: bool) -> str | None:
+    """Find the first line of a local file that cannot be read, for a precise error message
+    (`header`: a CSV/TSV file's first line names its columns)."""
     raw = Path(path).read_bytes()
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as error:
         return _decode_error(path, raw, error, encoding)
+    if fmt in ("csv", "tsv") and header and len([line for line in text.splitlines() if line.strip()]) < 2:
+        return f"{path}: a header line and no rows; point it at a file with data"
     if fmt == "json" and not text.lstrip().startswith("["):
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -77,6 +80,10 @@ def _diagnose(path: str, fmt: str, encoding: str) -> str | None:
 
 def _check_file(path: str, where: str, globs: bool) -> None:
     """Stop on a missing or empty file, naming its config key (a glob is left to `datasets`)."""
+    if os.path.isdir(path):
+        raise UserError(
+            f"{where}: {path!r} is a directory; point it at a file (or a glob such as {path}/*.jsonl)"
+        )
     if not (globs and any(ch in path for ch in "*?[")) and not os.path.isfile(path):
         raise UserError(
             f"{where}: file not found: {path!r}; fix the path (relative paths start at {os.getcwd()})"
@@ -269,10 +276,16 @@ def load_local(path: str | dict[str, str], source: DataSource, where: str) -> tu
         if not source.quoting:
             kwargs.update(quoting=csv.QUOTE_NONE)
     try:
-        return datasets.load_dataset(
+        dataset = datasets.load_dataset(
             "text" if fmt == "text" else "json" if fmt == "json" else "csv", **kwargs
-        ), fmt
+        )
+        if fmt == "json":
+            # pyarrow's JSON reader keeps bytes that are not UTF-8 in text columns unchecked (to fail
+            # far later, or be miscounted as rows): a full validation finds them now
+            dataset.with_format("arrow")[:].validate(full=True)
+        return dataset, fmt
     except Exception as error:  # datasets wraps parser errors; find the line ourselves
-        problem = _diagnose(path, fmt, source.encoding) if os.path.isfile(path) else None
+        header = not source.column_names
+        problem = _diagnose(path, fmt, source.encoding, header) if os.path.isfile(path) else None
         detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise UserError(problem or f"{where}: could not read {path!r} as {fmt}: {detail}") from None

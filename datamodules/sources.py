@@ -8,16 +8,20 @@ message naming the file and the fix.
 
 from __future__ import annotations
 
-import os
+import json
+import math
 import re
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from datamodules.readers import check_label_text, load_local
 from modules.errors import UserError
+from modules.network import hub_offline
 
 TEXT_DTYPES = ("string", "large_string")
 
@@ -84,6 +88,10 @@ class DataSource:
     The column need not be one the task uses. Only with documents: row."""
     max_examples: int | None = None
     """Use only the first n examples of each split (quick experiments)."""
+    max_text_chars: int | None = 1_000_000
+    """A text longer than this stops the run, naming its line: a row of a million characters is
+    nearly always a file read with the wrong format or line breaks. Raise it (None: no limit) for
+    corpora whose examples are whole books."""
 
 
 def is_text_feature(feature) -> bool:
@@ -105,11 +113,12 @@ def texts_of(value) -> list[str]:
 
 
 def _load_hub(source: DataSource, split: str, where: str) -> datasets.Dataset:
+    """A hub split: downloaded, or from the HF cache when offline (set, or no network: hub_offline)."""
+    offline = hub_offline()
     try:
         return datasets.load_dataset(source.hub, source.hub_config, split=split)
     except Exception as error:
-        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = "the hub is unreachable offline; " if offline else ""
+        hint = "offline, only datasets in the local HF cache load; " if offline else ""
         raise UserError(
             f"{where}.hub: could not load {source.hub!r} (config {source.hub_config!r}, split {split!r}): "
             f"{type(error).__name__}; {hint}set {where}.path to a local file instead"
@@ -134,10 +143,11 @@ def _group_by_heading(dataset: datasets.Dataset, source: DataSource, column: str
 
 
 def _documents(
-    dataset: datasets.Dataset, source: DataSource, columns: list[str], name: str, where: str
+    dataset: datasets.Dataset, source: DataSource, columns: list[str], name: str, where: str, fmt: str | None
 ) -> datasets.Dataset:
-    """Keep `columns`, group lines into documents when asked, and keep the first max_examples.
-    A column named `parent.child` reaches into a nested record (the hub's SQuAD `answers.text`)."""
+    """Keep `columns`, group lines into documents when asked, keep the first max_examples, and stop
+    at a text longer than max_text_chars. A column named `parent.child` reaches into a nested record
+    (the hub's SQuAD `answers.text`)."""
     if any("." in col and col not in dataset.column_names for col in columns):
         dataset = dataset.flatten()  # {"answers": {"text": ...}} -> column "answers.text"
     missing = [col for col in columns if col not in dataset.column_names]
@@ -151,6 +161,9 @@ def _documents(
         dataset = _group_by_heading(dataset, source, columns[0])
     if source.max_examples is not None:
         dataset = dataset.select(range(min(source.max_examples, len(dataset))))
+    for column in columns:
+        if source.max_text_chars is not None and is_text_feature(dataset.features[column]):
+            _check_length(dataset, column, source, fmt, name, where)
     if not any(has_text(v) for column in columns for v in dataset[column]):
         raise UserError(f"{name}: no non-empty text in column(s) {columns}; the data is empty")
     return dataset
@@ -176,6 +189,37 @@ def _line_of(source: DataSource, fmt: str | None, row: int) -> str:
     return f"line {row + 1}" if fmt in ("json", "text") else f"row {row + 1}"
 
 
+def _position(source: DataSource, fmt: str | None, row: int) -> str:
+    """Where example `row` (0-based) comes from: a line (or row) of a file, or a grouped document."""
+    return _line_of(source, fmt, row) if source.documents == "row" else f"document {row + 1}"
+
+
+def _check_length(
+    dataset: datasets.Dataset, column: str, source: DataSource, fmt: str | None, name: str, where: str
+) -> None:
+    """Stop at the first text of `column` longer than max_text_chars (counted by Arrow, without
+    turning the column into Python strings)."""
+    values = dataset.with_format("arrow")[column]
+    rows = None
+    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        rows, values = pc.list_parent_indices(values), pc.list_flatten(values)
+    lengths = pc.utf8_length(values)
+    first = pc.index(pc.greater(lengths, source.max_text_chars), True).as_py()
+    if first >= 0:
+        row = rows[first].as_py() if rows is not None else first
+        raise UserError(
+            f"{name}, {_position(source, fmt, row)}: column {column!r} holds a text of {lengths[first].as_py():,} "
+            f"characters, more than {where}.max_text_chars ({source.max_text_chars:,}); is the file read "
+            f"with the right format and line breaks? Split the text, or raise {where}.max_text_chars"
+        )
+
+
+def _is_text(value, lists: bool) -> bool:
+    return isinstance(value, str) or (
+        lists and isinstance(value, list) and all(isinstance(v, str) for v in value)
+    )
+
+
 def _check_fields(
     dataset: datasets.Dataset,
     source: DataSource,
@@ -186,7 +230,7 @@ def _check_fields(
     list_fields: tuple[str, ...] = (),
 ) -> None:
     """Text fields must hold text (`list_fields` may hold lists of texts), value fields (scores,
-    labels) must be present in every example.
+    labels) must be present in every example, and a number among them must be finite.
 
     Rows of a structured file (JSON, CSV, TSV, SQuAD) are examples, so an empty text there is a mistake in
     the data and stops the run, naming the line; empty lines of plain text are just skipped later.
@@ -196,14 +240,28 @@ def _check_fields(
         if task_field in list_fields and is_text_feature(feature):
             continue
         if getattr(feature, "dtype", None) not in TEXT_DTYPES:
-            allowed = "text or a list of texts" if task_field in list_fields else "text"
-            raise UserError(f"{name}: field {task_field!r} must hold {allowed}, found {feature}")
+            lists = task_field in list_fields
+            allowed = "text or a list of texts" if lists else "text"
+            values = dataset[task_field]
+            row = next((r for r, v in enumerate(values) if v is not None and not _is_text(v, lists)), None)
+            if row is None:
+                raise UserError(f"{name}: field {task_field!r} must hold {allowed}, found {feature}")
+            raise UserError(
+                f"{name}: field {task_field!r} must hold {allowed}, found {feature}: "
+                f"{json.dumps(values[row])[:60]} at {_position(source, fmt, row)}; fix or remove that line"
+            )
     structured = source.documents == "row" and fmt in ("json", "csv", "tsv", "squad")
     for task_field in value_fields + (fields if structured else ()):
         for row, value in enumerate(dataset[task_field]):
             if value is None or (task_field in fields and not has_text(value)):
+                blank = "is empty" if task_field in fields else "is empty (no value, null or NaN)"
                 raise UserError(
-                    f"{name}, {_line_of(source, fmt, row)}: field {task_field!r} is empty; fill it in or remove the line"
+                    f"{name}, {_line_of(source, fmt, row)}: field {task_field!r} {blank}; fill it in or remove the line"
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(
+                    f"{name}, {_line_of(source, fmt, row)}: field {task_field!r} is {value}, not a finite "
+                    "number; fix or remove the line"
                 )
 
 
@@ -313,7 +371,7 @@ def load_split(
         return None
     raw, name, fmt = loaded
     groups = _holdout_groups(raw, source, name, where) if held_out else None
-    documents = _class_names(_documents(raw, source, list(mapping.values()), name, where))
+    documents = _class_names(_documents(raw, source, list(mapping.values()), name, where, fmt))
     documents = documents.rename_columns({col: f for f, col in mapping.items() if col != f})
     _check_fields(documents, source, fmt, fields, value_fields, name, list_fields)
     if held_out:
@@ -329,9 +387,9 @@ def read_text_lines(source: DataSource, where: str) -> list[str]:
     the tasks, and hence their field names, are known. Held-out validation documents are left
     out, exactly as load_source leaves them out, so the vocabulary never sees validation text.
     """
-    raw, name, _ = _load_split(source, "train", where)
+    raw, name, fmt = _load_split(source, "train", where)
     columns = [c for c, feature in raw.features.items() if is_text_feature(feature)]
-    documents = _documents(raw, source, columns, name, where)
+    documents = _documents(raw, source, columns, name, where, fmt)
     if _uses_holdout(source):
         groups = _holdout_groups(raw, source, name, where)
         documents, _ = _holdout(documents, source.holdout_every, where, groups)
