@@ -16,15 +16,23 @@ from jsonargparse import ArgumentError, Namespace, lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins import CheckpointIO
 
 import tasks  # noqa: F401  (registers every Task subclass for class_path lookup)
 from datamodules.datamodule import MultiTaskDataModule
 from experiments.callbacks import FinalValidationReport, PredictionsWriter, TokenThroughput
 from experiments.convert_command import convert
-from modules.checkpoint import read_checkpoint
+from experiments.fault_messages import explain
+from experiments.graceful_stop import GracefulStop
+from experiments.objective_guard import ObjectiveGuard
+from modules.atomic_io import AtomicCheckpointIO
+from modules.checkpoint import check_same_model, read_checkpoint
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.model import MultiTaskModel
+from modules.network import reachable
+
+WANDB_SERVER = "https://api.wandb.ai"
 
 
 def has_wandb_credentials() -> bool:
@@ -37,9 +45,17 @@ def has_wandb_credentials() -> bool:
 
 
 def configure_offline_defaults() -> None:
-    """Without W&B credentials log offline (never wait on the network); WANDB_MODE set by the user wins."""
+    """Without W&B credentials, or with them but no W&B server answering, log offline (never wait
+    on the network); WANDB_MODE set by the user wins."""
     if "WANDB_MODE" not in os.environ and not has_wandb_credentials():
         os.environ["WANDB_MODE"] = "offline"
+    elif "WANDB_MODE" not in os.environ and not reachable(os.environ.get("WANDB_BASE_URL", WANDB_SERVER)):
+        os.environ["WANDB_MODE"] = "offline"
+        print(
+            f"polyhead: W&B ({os.environ.get('WANDB_BASE_URL', WANDB_SERVER)}) does not answer: logging "
+            "offline; upload the run later with `wandb sync <run dir>`",
+            file=sys.stderr,
+        )
     os.environ.setdefault("WANDB_PROJECT", "polyhead")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -71,7 +87,12 @@ class PolyheadCLI(LightningCLI):
         """Add the learning-rate monitor only when there is a logger, and the checkpoint callback
         only when checkpointing is on: either would stop the run otherwise. Plain "ddp" gets DDP's
         unused-parameter detection: a step trains one task, so the other tasks' heads (and e.g. the
-        pooler) get no gradient in it, which DDP otherwise refuses."""
+        pooler) get no gradient in it, which DDP otherwise refuses. Checkpoints are written atomically
+        and read with weights_only (AtomicCheckpointIO) unless the trainer is given another CheckpointIO."""
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
         if config.get("strategy") == "ddp":
             config["strategy"] = "ddp_find_unused_parameters_true"
         if config.get("enable_checkpointing") is False:
@@ -89,22 +110,28 @@ class PolyheadCLI(LightningCLI):
         given = sys.argv[1:] if args is None else args
         first = parser.parse_args([arg for arg in given if not arg.startswith("--print_config")])
         source = checkpoint_source(first)
-        self.checkpoint_backbone = read_checkpoint(source)["polyhead"]["backbone"] if source else None
+        self.checkpoint_saved = read_checkpoint(source)["polyhead"] if source else None
         if source:
-            self._parser(first.get("subcommand")).set_defaults({"model.backbone": self.checkpoint_backbone})
+            self._parser(first.get("subcommand")).set_defaults(
+                {"model.backbone": self.checkpoint_saved["backbone"]}
+            )
         super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         """A run from a checkpoint file uses the checkpoint's tokenizer, never a newly trained one,
         and its architecture where the config says `model.backbone: null` (over a config that
-        names one: `--model.backbone null`)."""
+        names one: `--model.backbone null`). A run from --ckpt_path must name no other architecture
+        or tasks than the checkpoint's: its weights load only into the model that wrote them."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         source = checkpoint_source(self.config)
         if source and not config.data.tokenizer_checkpoint:
             config.data.tokenizer_checkpoint = source
         backbone = config.model.get("backbone")
+        if config.get("ckpt_path") and source == config.ckpt_path:
+            tasks = {name: task.class_path.rsplit(".", 1)[-1] for name, task in config.model.tasks.items()}
+            check_same_model(self.checkpoint_saved, backbone and backbone.as_dict(), tasks, source)
         if backbone is None and source:
-            config.model.backbone = Namespace(**self.checkpoint_backbone)
+            config.model.backbone = Namespace(**self.checkpoint_saved["backbone"])
         elif backbone is not None:
             # jsonargparse reports a BackboneConfig that refuses its values (`BackboneConfig | None`)
             # as matching no member of the union; built here first, its own UserError reaches the user
@@ -135,6 +162,8 @@ TRAINER_DEFAULTS = {
     "callbacks": [
         lazy_instance(FinalValidationReport),
         lazy_instance(TokenThroughput),
+        lazy_instance(GracefulStop),
+        lazy_instance(ObjectiveGuard),
     ],
     # the mixture sampler shards data across processes itself
     "use_distributed_sampler": False,
@@ -168,9 +197,14 @@ def main(args: list[str] | None = None) -> None:
         else:
             run(args)
     except UserError as error:
-        sys.exit(f"polyhead: error: {error}")
+        sys.exit(f"polyhead: error: {explain(error) or error}")
     except ArgumentError as error:
         message = " ".join(str(error).split())
+        sys.exit(f"polyhead: error: {message}")
+    except Exception as error:  # a fault the user can act on (a data worker died), else a bug: traceback
+        message = explain(error)
+        if message is None:
+            raise
         sys.exit(f"polyhead: error: {message}")
 
 

@@ -1,8 +1,11 @@
-"""Reading polyhead checkpoints safely: `torch.load(weights_only=True)` never runs code from the file."""
+"""Reading polyhead checkpoints safely: `torch.load(weights_only=True)` never runs code from the file,
+and every way a file can fail to be a usable checkpoint ends in one UserError naming it."""
 
 from __future__ import annotations
 
+import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,21 +13,83 @@ import torch
 
 from modules.errors import UserError
 
+SECTIONS = ("backbone", "tasks", "tokenizer")
+"""What the "polyhead" section must hold for the checkpoint to run on its own."""
 
-def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
-    """-> the checkpoint dict; its "polyhead" section holds the backbone config, tasks and tokenizer."""
+
+def load_weights_only(path: str | Path, map_location: str = "cpu") -> object:
+    """torch.load with weights_only=True: tensors, containers and plain values only. A file whose
+    pickle names anything else (a function to call, a class to build) is refused before any of it
+    runs; a missing, truncated or foreign file is a UserError naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(
+            f"{path}: is a directory; a polyhead checkpoint is one file (.ckpt). For a HuggingFace model "
+            "directory, convert it first: polyhead convert DIR OUT.ckpt"
+        )
     if not path.is_file():
         raise UserError(f"checkpoint not found: {str(path)!r}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserError(
+            f"{path}: refused: loading it would run code{what}, which a checkpoint never needs; nothing "
+            "from it was run. Use a checkpoint that polyhead fit or polyhead convert wrote"
+        ) from None
     except Exception as error:
         raise UserError(
-            f"{path}: not a readable checkpoint ({type(error).__name__}); it may be truncated or not a polyhead file"
+            f"{path}: not a readable checkpoint ({type(error).__name__}); it may be truncated or not a "
+            "checkpoint at all: use another one (last.ckpt, or a step=N.ckpt beside it)"
         ) from None
+
+
+def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
+    """-> the checkpoint dict; its "polyhead" section holds the backbone config, tasks and tokenizer."""
+    checkpoint = load_weights_only(path, map_location)
     if not isinstance(checkpoint, dict) or not checkpoint.get("polyhead"):
         raise UserError(f"{path}: not a polyhead checkpoint (no 'polyhead' section)")
+    missing = [name for name in SECTIONS if name not in checkpoint["polyhead"]]
+    if "state_dict" not in checkpoint:
+        missing.append("state_dict (the weights)")
+    if missing:
+        raise UserError(
+            f"{path}: incomplete polyhead checkpoint, it lacks {', '.join(missing)}; it cannot run on its "
+            "own: use a checkpoint that polyhead fit or polyhead convert wrote"
+        )
     return checkpoint
+
+
+FREE_IN_A_RUN = ("vocab_size", "dropout", "attention_dropout", "init", "init_std")
+"""Backbone fields a run from a checkpoint may set as it likes: the vocabulary comes from the
+checkpoint's tokenizer, and the others change training, not what the weights compute."""
+
+
+def check_same_model(saved: dict, backbone: dict | None, tasks: dict[str, str], path: str) -> None:
+    """A run that continues or evaluates a checkpoint (--ckpt_path) must build the model that wrote it.
+
+    saved: the checkpoint's "polyhead" section; backbone: the run's backbone settings (None: the
+    checkpoint's); tasks: the run's task name -> task class name. Any other architecture or set of
+    tasks is a UserError naming each difference, before anything is built."""
+    differences = [
+        f"model.backbone.{key} is {backbone[key]!r} (checkpoint: {value!r})"
+        for key, value in saved["backbone"].items()
+        if backbone is not None and key not in FREE_IN_A_RUN and key in backbone and backbone[key] != value
+    ]
+    saved_tasks = {name: spec["class"] for name, spec in saved["tasks"].items()}
+    if tasks != saved_tasks:
+        differences.append(f"model.tasks are {tasks} (checkpoint: {saved_tasks})")
+    if not differences:
+        return
+    shown = "; ".join(differences[:4]) + (
+        f"; and {len(differences) - 4} more" if len(differences) > 4 else ""
+    )
+    raise UserError(
+        f"{path} holds another model than this config builds: {shown}. Drop those settings (a run from "
+        f"--ckpt_path takes the checkpoint's architecture; --model.backbone null drops a config's), or "
+        f"start a new run from its matching weights with --model.init_from {path}"
+    )
 
 
 def load_matching(module: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, list[str]]:

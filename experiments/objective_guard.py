@@ -1,0 +1,61 @@
+"""`ObjectiveGuard`: a run stops as soon as its training objective cannot improve the model.
+
+A loss that is NaN or infinite (a learning rate far too high, an extreme value in the data) would
+turn every weight into NaN at the next optimizer step, and every checkpoint after it would hold a
+broken model. The guard checks the loss of each step before its backward pass, so the step is
+never applied: the run stops with one line naming the step, the task whose batch it was and the
+last checkpoint, which was saved from a finite loss and is left as it is. It also refuses to start
+training when every task's loss_weight is 0: the weights that mix the tasks' losses sum to nothing,
+and the run would spend its steps changing nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as pl
+import torch
+
+from modules.errors import UserError
+
+
+class ObjectiveGuard(pl.Callback):
+    def __init__(self) -> None:
+        self.task: str | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and not any(task.loss_weight for task in pl_module.tasks.values()):
+            raise UserError(
+                "model.tasks: every task has loss_weight 0, so the training loss is always 0 and nothing "
+                "would train; give at least one task a positive loss_weight"
+            )
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx
+    ) -> None:
+        self.task = batch["task"]
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        broken = not bool(torch.isfinite(loss).all())
+        if trainer.strategy.reduce_boolean_decision(broken, all=False):
+            step = trainer.global_step + 1
+            value = f"{loss.item()}" if broken else "non-finite in another process"
+            saved = last_checkpoint(trainer)
+            kept = f"the last good checkpoint is {saved}" if saved else "no checkpoint was saved before it"
+            raise UserError(
+                f"non-finite loss ({value}) at step {step} in task {self.task}; {kept} (this step was not "
+                f"applied); lower model.optimizer.lr, or look for extreme values in data.sources.{self.task}"
+            )
+
+
+def last_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The newest checkpoint file the run saved, if any."""
+    callback = trainer.checkpoint_callback
+    if callback is None:
+        return None
+    saved = [
+        path for path in (callback.last_model_path, callback.best_model_path) if path and os.path.isfile(path)
+    ]
+    return max(saved, key=os.path.getmtime) if saved else None
