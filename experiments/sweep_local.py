@@ -10,8 +10,8 @@ once per seed (`--seed_everything=0..S-1`), each seed its own run.
 State lives in the sweep's directory (experiments/sweep_store.py). A relaunch of the same spec
 finds it and runs only what is missing: configurations x seeds never started, interrupted by a
 killed controller, or failed (a failed trial is retried once per launch, so a fixed data file or
-freed memory lets the sweep complete). A crashing trial is recorded as failed, with the last line
-of its log, and the others go on.
+freed memory lets the sweep complete). A crashing trial is recorded as failed, with the error
+read from its log, and the others go on.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -92,7 +93,7 @@ class Work:
 class Running:
     trial: optuna.trial.Trial
     process: subprocess.Popen
-    log: object
+    log: IO[str]
     started: float = field(default_factory=time.monotonic)
 
 
@@ -258,6 +259,7 @@ class LocalSweep:
                     entry.process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     entry.process.kill()
+                entry.log.close()
                 entry.trial.set_user_attr(ERROR, "interrupted")
                 self.study.tell(entry.trial, state=TrialState.FAIL)
             raise UserError(
@@ -325,7 +327,7 @@ class LocalSweep:
             self.echo(
                 f"trial {trial.number}: pruned by hyperband after validation {attrs[PRUNED_AT]} ({seconds})"
             )
-        elif metric and not math.isfinite(attrs.get(FINAL) or math.nan):
+        elif metric and (attrs.get(FINAL) is None or not math.isfinite(attrs[FINAL])):
             problem = "never logged" if attrs.get(FINAL) is None else f"ended at {attrs[FINAL]}"
             trial.set_user_attr(ERROR, f"the metric {metric} {problem}")
             self.study.tell(trial, state=TrialState.FAIL)

@@ -404,8 +404,14 @@ def check_with_cli(spec: SweepSpec, extra: list[str] = ()) -> None:
                 raise UserError(f"{spec.source}: polyhead fit refused {values}: exit {done.code}") from None
         except (ArgumentError, UserError) as error:
             message = " ".join(str(error).split())
+            named = [
+                p.name
+                for p in spec.parameters
+                if p.name in message or f"'{p.name.rsplit('.', 1)[-1]}'" in message
+            ]
+            culprit = f"parameter {', '.join(named)}: " if named else ""
             raise UserError(
-                f"{spec.source}: polyhead fit refuses a trial's command line ({message})"
+                f"{spec.source}: {culprit}polyhead fit refuses a trial's command line ({message})"
             ) from None
 
 

@@ -35,7 +35,8 @@ from .conftest import ROOT, SEED_CORPUS, offline_env
 QUICKSTART = str(ROOT / "experiments" / "configs" / "quickstart.yaml")
 TINY = ["--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
         "--model.backbone.d_model=32", "--model.backbone.n_heads=2", "--model.backbone.d_ff=64",
-        "--trainer.enable_progress_bar=false", "--data.batch_size=8"]  # fmt: skip
+        "--trainer.enable_progress_bar=false", "--data.batch_size=8", "--trainer.num_sanity_val_steps=0",
+        "--model.tasks.summarize.init_args.generation.max_new_tokens=2"]  # fmt: skip
 LEARNING_RATES = [1e-3, 1e-2]
 
 
@@ -212,6 +213,7 @@ def test_a_ddp_trial_gets_its_parameters_on_every_rank(tmp_path):
                     str(two_tasks),
                     "--trainer.max_steps=2",
                     "--trainer.val_check_interval=1",
+                    "--trainer.num_sanity_val_steps=0",
                     "--model.backbone.d_model=32",
                     "--model.backbone.n_heads=2",
                     "--model.backbone.d_ff=64",
