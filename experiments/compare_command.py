@@ -22,6 +22,7 @@ import io
 import os
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,12 +185,24 @@ def seed_text(row: Row) -> str:
     return ", ".join(str(s) for s in seeds)
 
 
+def state_text(row: Row) -> str:
+    """ "finished", or the count of each state ("2 finished, 1 pruned")."""
+    counts = Counter(run.state for run in row.runs)
+    return (
+        next(iter(counts))
+        if len(counts) == 1
+        else ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    )
+
+
 def table_cells(
     rows: list[Row], differing: list[str], metrics: list[Metric]
 ) -> tuple[list[str], list[list[str]]]:
-    """The table as text cells, shared by the terminal, Markdown and the plain-text summary."""
+    """The table as text cells, shared by the terminal and Markdown. A state column appears when
+    some run did not finish normally (pruned, failed, still running)."""
     aggregated = any(len(row.runs) > 1 for row in rows)
-    headers = ["#", *differing, "runs", "seeds"]
+    unfinished = any(run.state != "finished" for row in rows for run in row.runs)
+    headers = ["#", *differing, "runs", "seeds", *(["state"] if unfinished else [])]
     for metric in metrics:
         headers += [f"{metric.name} final", f"{metric.name} best"]
     if aggregated and metrics:
@@ -197,6 +210,7 @@ def table_cells(
     cells = []
     for i, row in enumerate(rows, 1):
         line = [str(i), *(_value_text(row.config[k]) for k in differing), str(len(row.runs)), seed_text(row)]
+        line += [state_text(row)] if unfinished else []
         for metric in metrics:
             line += [row.final[metric.name].text() if metric.name in row.final else "-",
                      row.best[metric.name].text() if metric.name in row.best else "-"]  # fmt: skip

@@ -191,9 +191,10 @@ class LocalSweep:
         with self.lock():
             pending, configurations = self.resume()
             done = sum(1 for t in latest_attempts(self.study).values() if t.state in SETTLED)
+            to_run = len(pending) + (self.target - len(configurations)) * len(self.seeds)
             self.echo(
                 f"sweep {self.store.id} ({self.spec.method}, local): {self.target} configuration(s) x "
-                f"{len(self.seeds)} seed(s); {done} run(s) done, {len(pending)} to run; state in {self.store.path}"
+                f"{len(self.seeds)} seed(s); {done} run(s) done, {to_run} to run; state in {self.store.path}"
             )
             self._loop(pending, configurations)
         return outcomes(self.store, self.spec)

@@ -103,3 +103,13 @@ def test_single_runs_show_their_value_without_an_interval():
     assert [row.final["val/loss"].text() for row in rows] == ["2", "2.5"]
     assert all(row.final["val/loss"].std is None for row in rows)
     assert overlap_notes(rows, [Metric("val/loss", "minimize")]) == []
+
+
+def test_runs_that_did_not_finish_show_their_state():
+    stopped = run(1e-2, 1, 3.5)
+    stopped.state = "pruned"
+    runs = [run(1e-3, 0, 2.5), run(1e-2, 0, 3.0), stopped]
+    rows, differing = build_rows(runs, [Metric("val/loss", "minimize")])
+    headers, cells = table_cells(rows, differing, [Metric("val/loss", "minimize")])
+    state = headers.index("state")
+    assert [line[state] for line in cells] == ["finished", "1 finished, 1 pruned"]
