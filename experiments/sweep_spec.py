@@ -116,7 +116,6 @@ class SweepSpec:
     name: str | None = None
     project: str | None = None
     entity: str | None = None
-    program: str | None = None
     source: str = "spec"  # where it came from, for messages
     raw: dict | None = None  # the YAML as written: what the W&B backend sends
 
@@ -344,7 +343,6 @@ def parse_spec(config, source: str = "spec") -> SweepSpec:
         name=config.get("name"),
         project=config.get("project"),
         entity=config.get("entity"),
-        program=config.get("program"),
         source=source,
         raw=config,
     )

@@ -28,7 +28,7 @@ from modules.errors import UserError
 
 DEFAULT_SWEEPS_DIR = "runs/sweeps"
 # what a trial records about itself (Optuna user attributes)
-CONFIG, SEED, RUN_DIR, RUN_ID, FINAL, PRUNED_AT = "config", "seed", "run_dir", "run_id", "final", "pruned_at"
+CONFIG, SEED, RUN_DIR, FINAL, PRUNED_AT = "config", "seed", "run_dir", "final", "pruned_at"
 ERROR, LOG = "error", "log"
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import optuna
 
-from experiments.sweep_store import FINAL, PRUNED_AT, RUN_DIR, RUN_ID, SweepStore
+from experiments.sweep_store import FINAL, PRUNED_AT, RUN_DIR, SweepStore
 
 
 class SweepTrialReporter(pl.Callback):
@@ -37,7 +37,6 @@ class SweepTrialReporter(pl.Callback):
         files_dir = getattr(experiment, "dir", None)  # a W&B run's <run dir>/files
         if files_dir:
             self.trial.set_user_attr(RUN_DIR, str(Path(files_dir).parent.resolve()))
-            self.trial.set_user_attr(RUN_ID, experiment.id)
 
     def _metric(self, trainer: pl.Trainer) -> float | None:
         value = trainer.callback_metrics.get(self.spec.metric) if self.spec.metric else None
