@@ -3,7 +3,6 @@ and every way a file can fail to be a usable checkpoint ends in one UserError na
 
 from __future__ import annotations
 
-import pickle
 import random
 import re
 from pathlib import Path
@@ -31,14 +30,13 @@ def load_weights_only(path: str | Path, map_location: str = "cpu") -> object:
         raise UserError(f"checkpoint not found: {str(path)!r}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        what = f" ({found.group(1)})" if found else ""
-        raise UserError(
-            f"{path}: refused: loading it would run code{what}, which a checkpoint never needs; nothing "
-            "from it was run. Use a checkpoint that polyhead fit or polyhead convert wrote"
-        ) from None
     except Exception as error:
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(error))  # what the pickle asked to import and call
+        if wanted:
+            raise UserError(
+                f"{path}: refused: loading it would run code ({wanted.group(1)}), which a checkpoint never "
+                "needs; nothing from it was run. Use a checkpoint that polyhead fit or polyhead convert wrote"
+            ) from None
         raise UserError(
             f"{path}: not a readable checkpoint ({type(error).__name__}); it may be truncated or not a "
             "checkpoint at all: use another one (last.ckpt, or a step=N.ckpt beside it)"
