@@ -35,14 +35,20 @@ SQUAD_FEATURES = datasets.Features(
 )
 JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
 
+# datasets counts every load of its json / csv / text readers with a request to Amazon S3 (the hub's
+# download statistics): a network call for each local file, which without a network waits on a
+# name lookup, or on a timeout where packets are dropped. Local files need no network at all.
+datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+
 
 def _files_format(source: DataSource, where: str, path: str) -> str:
+    """The format of `path`, the file of config key `where` (a source's path or *_path)."""
     if source.format:
         return source.format
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
         raise UserError(
-            f"{where}.format: cannot tell the format of {path!r} from its extension; set it to one of "
+            f"{where.rsplit('.', 1)[0]}.format: cannot tell the format of {path!r} from its extension; set it to one of "
             "text, json, csv, tsv, squad, label_text"
         )
     return FORMATS[suffix]
