@@ -17,14 +17,17 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 import tasks  # noqa: F401  (registers every Task subclass for class_path lookup)
 from datamodules.datamodule import MultiTaskDataModule
 from experiments.callbacks import FinalValidationReport, PredictionsWriter, TokenThroughput
+from experiments.compare_command import best_checkpoint, compare
 from experiments.convert_command import convert
 from experiments.fault_messages import explain
 from experiments.graceful_stop import GracefulStop
 from experiments.objective_guard import ObjectiveGuard
+from experiments.sweep_command import sweep
 from modules.atomic_io import AtomicCheckpointIO
 from modules.checkpoint import check_same_model, read_checkpoint
 from modules.config import BackboneConfig
@@ -109,13 +112,19 @@ class PolyheadCLI(LightningCLI):
         what it prints must be the run's config); the real parse then runs over its defaults."""
         given = sys.argv[1:] if args is None else args
         first = parser.parse_args([arg for arg in given if not arg.startswith("--print_config")])
+        reference = (first[first.subcommand] if first.get("subcommand") else first).model.get("init_from")
+        if isinstance(reference, str) and reference.startswith("best:"):
+            # the best run of a sweep or group (polyhead compare --best), resolved once, here
+            given = [*given, "--model.init_from", best_checkpoint(reference.removeprefix("best:"))]
+            rank_zero_info(f"model.init_from {reference} -> {given[-1]}")
+            first = parser.parse_args([arg for arg in given if not arg.startswith("--print_config")])
         source = checkpoint_source(first)
         self.checkpoint_saved = read_checkpoint(source)["polyhead"] if source else None
         if source:
             self._parser(first.get("subcommand")).set_defaults(
                 {"model.backbone": self.checkpoint_saved["backbone"]}
             )
-        super().parse_arguments(parser, args)
+        super().parse_arguments(parser, given)
 
     def before_instantiate_classes(self) -> None:
         """A run from a checkpoint file uses the checkpoint's tokenizer, never a newly trained one,
@@ -188,12 +197,16 @@ def run(args: list[str] | None = None) -> PolyheadCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """The `polyhead` command: `convert`, or `run` (LightningCLI's subcommands), with user mistakes
+    """The `polyhead` command: `convert`, `sweep`, `compare`, or `run` (LightningCLI's subcommands), with user mistakes
     reported in one line and a non-zero exit."""
     command = sys.argv[1:] if args is None else args
     try:
         if command[:1] == ["convert"]:
             convert(command[1:])
+        elif command[:1] == ["sweep"]:
+            sweep(command[1:])
+        elif command[:1] == ["compare"]:
+            compare(command[1:])
         else:
             run(args)
     except UserError as error:

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from experiments.cli import main as cli_main
 from experiments.compare_command import best_checkpoint
 from experiments.compare_command import main as compare
 from experiments.runs import read_records, read_run_dir
@@ -185,6 +186,20 @@ def test_compare_shows_the_values_in_the_run_files(grid_sweep, capsys):
     best_run = records[0]["run_ids"]
     assert Path(checkpoint).is_file() and f"/{best_run}/checkpoints/" in checkpoint
     assert best_checkpoint(sweep_id, sweeps_dir=str(tmp / "sweeps")) == checkpoint
+
+
+def test_init_from_best_fine_tunes_from_the_sweeps_best_checkpoint(grid_sweep, tmp_path, monkeypatch, capsys):
+    """`--model.init_from best:SWEEP` resolves to the checkpoint `compare --best` names."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "sweeps").symlink_to(grid_sweep["tmp"] / "sweeps")  # the default sweeps dir
+    monkeypatch.chdir(tmp_path)
+    best = best_checkpoint(grid_sweep["id"])
+    with pytest.raises(SystemExit) as printed:
+        cli_main(
+            ["fit", "--config", QUICKSTART, "--model.init_from", f"best:{grid_sweep['id']}", "--print_config"]
+        )
+    assert printed.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_from"] == best
 
 
 def test_a_ddp_trial_gets_its_parameters_on_every_rank(tmp_path):
