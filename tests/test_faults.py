@@ -18,8 +18,10 @@ import pytest
 import torch
 
 from experiments.cli import main, run
+from experiments.fault_messages import explain
 from modules.atomic_io import AtomicCheckpointIO, save_atomically
 from modules.checkpoint import read_checkpoint
+from modules.errors import UserError
 
 from .conftest import ROOT, offline_env
 
@@ -233,3 +235,28 @@ def test_a_non_finite_loss_stops_before_its_step_and_keeps_the_last_good_checkpo
     assert latest == step - 1, "nothing was saved from the broken step"
     assert "Traceback" not in capsys.readouterr().err
     assert not math.isfinite(float(stopped.group(1)))
+
+
+class Unreadable(torch.utils.data.Dataset):
+    """Data whose second example cannot be read."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index == 1:
+            raise UserError("corpus.jsonl, line 2: malformed JSON")
+        return torch.zeros(2)
+
+
+def test_an_error_in_a_data_loader_worker_reads_as_the_worker_raised_it():
+    """torch re-raises a worker's exception with the worker's whole traceback as its message;
+    polyhead reports the worker's own message in one line."""
+    loader = torch.utils.data.DataLoader(Unreadable(), batch_size=1, num_workers=1)
+    with pytest.raises(UserError) as raised:
+        list(loader)
+    assert "Traceback" in str(raised.value)
+    assert (
+        explain(raised.value)
+        == "data loader worker 0 failed: UserError: corpus.jsonl, line 2: malformed JSON"
+    )

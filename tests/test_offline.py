@@ -1,7 +1,7 @@
 """Without a network no command waits on one: fit, validate, test and predict on local data open no
 connection beyond this machine; a hub name fails within seconds, saying to pass a local path; a
-W&B key with no W&B server answering logs offline. (`polyhead sweep` and `compare` are tested
-offline in tests/test_sweep_local.py and tests/test_compare.py.)
+W&B key with no W&B server answering logs offline. (`polyhead sweep` and `compare` have their own
+tests, tests/test_sweep_local.py and tests/test_compare.py, which run them with W&B offline.)
 
 "No network" here is a hub and a W&B server at an address nothing answers from (10.255.255.1),
 with the HF_*_OFFLINE settings of the other tests removed."""
