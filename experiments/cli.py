@@ -26,6 +26,7 @@ from experiments.compare_command import best_checkpoint, compare
 from experiments.convert_command import convert
 from experiments.fault_messages import explain
 from experiments.graceful_stop import GracefulStop
+from experiments.latest_checkpoint import LatestCheckpoint
 from experiments.objective_guard import ObjectiveGuard
 from experiments.sweep_command import sweep
 from modules.atomic_io import AtomicCheckpointIO
@@ -147,7 +148,7 @@ class PolyheadCLI(LightningCLI):
             BackboneConfig(**backbone.as_dict())
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LatestCheckpoint, "checkpoint")  # last.ckpt: the latest state
         parser.add_lightning_class_args(PredictionsWriter, "predictions")
         parser.set_defaults(
             {"checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.save_last": True}

@@ -260,3 +260,26 @@ def test_an_error_in_a_data_loader_worker_reads_as_the_worker_raised_it():
         explain(raised.value)
         == "data loader worker 0 failed: UserError: corpus.jsonl, line 2: malformed JSON"
     )
+
+
+def test_last_ckpt_follows_the_run_when_the_monitored_metric_stops_improving(shared_cache, tmp_path):
+    """At a learning rate of 1e-30 no weight moves, so val/loss never improves on the first
+    validation: the best checkpoint stays at step 2 while last.ckpt follows the run to its end
+    (Lightning 2.6 alone would leave it at step 2)."""
+    frozen = [
+        "--model.optimizer.lr",
+        "1e-30",
+        "--trainer.max_steps",
+        "6",
+        "--trainer.val_check_interval",
+        "2",
+    ]
+    with isolated(tmp_path, shared_cache):
+        run(
+            [
+                *(*FIT, *frozen, "--trainer.limit_val_batches", "1", "--checkpoint.monitor", "val/loss"),
+                *("--checkpoint.every_n_train_steps", "null", "--checkpoint.save_top_k", "1"),
+                *("--checkpoint.dirpath", str(tmp_path / "ckpt")),
+            ]
+        )
+    assert saved_steps(tmp_path / "ckpt") == {"epoch=0-step=2.ckpt": 2, "last.ckpt": 6}
