@@ -162,9 +162,13 @@ class MultiTaskDataModule(pl.LightningDataModule):
                 source, task.predict_fields, "test", f"{where}.predict_path", list_fields=task.list_fields
             )
         elif split == "predict":
-            dataset = load_split(source, task.fields, "test", where, task.value_fields, task.list_fields)
+            dataset = load_split(
+                source, task.fields, "test", where, task.value_fields, task.list_fields, task.number_fields
+            )
         else:
-            dataset = load_split(source, task.fields, split, where, task.value_fields, task.list_fields)
+            dataset = load_split(
+                source, task.fields, split, where, task.value_fields, task.list_fields, task.number_fields
+            )
         if dataset is None:
             raise UserError(
                 f"this command needs {split} data: set data.sources.{name}.{split}_path (a local file) "

@@ -228,9 +228,11 @@ def _check_fields(
     value_fields: tuple[str, ...],
     name: str,
     list_fields: tuple[str, ...] = (),
+    number_fields: tuple[str, ...] = (),
 ) -> None:
     """Text fields must hold text (`list_fields` may hold lists of texts), value fields (scores,
-    labels) must be present in every example, and a number among them must be finite.
+    labels) must be present in every example, `number_fields` must read as numbers, and a number
+    among them must be finite.
 
     Rows of a structured file (JSON, CSV, TSV, SQuAD) are examples, so an empty text there is a mistake in
     the data and stops the run, naming the line; empty lines of plain text are just skipped later.
@@ -258,11 +260,22 @@ def _check_fields(
                 raise UserError(
                     f"{name}, {_line_of(source, fmt, row)}: field {task_field!r} {blank}; fill it in or remove the line"
                 )
+            if task_field in number_fields and isinstance(value, str):
+                value = _as_number(value, task_field, f"{name}, {_line_of(source, fmt, row)}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(
                     f"{name}, {_line_of(source, fmt, row)}: field {task_field!r} is {value}, not a finite "
                     "number; fix or remove the line"
                 )
+
+
+def _as_number(text: str, field: str, at: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(
+            f"{at}: field {field!r} is {text[:40]!r}, not a number; fix or remove the line"
+        ) from None
 
 
 def _drop_empty(dataset: datasets.Dataset, fields: tuple[str, ...], name: str) -> datasets.Dataset:
@@ -354,10 +367,11 @@ def load_split(
     where: str,
     value_fields: tuple[str, ...] = (),
     list_fields: tuple[str, ...] = (),
+    number_fields: tuple[str, ...] = (),
 ) -> datasets.Dataset | None:
     """One split ("train", "validation" or "test") with the task's field names, or None
     when the source has no such split. `fields` hold text (those in `list_fields` may hold lists
-    of texts); `value_fields` hold scores or labels. `where` is the source's config key, for messages."""
+    of texts); `value_fields` hold scores or labels, those in `number_fields` numbers. `where` is the source's config key, for messages."""
     all_fields = fields + value_fields
     unknown_fields = sorted(set(source.columns) - set(all_fields))
     if unknown_fields:
@@ -373,7 +387,7 @@ def load_split(
     groups = _holdout_groups(raw, source, name, where) if held_out else None
     documents = _class_names(_documents(raw, source, list(mapping.values()), name, where, fmt))
     documents = documents.rename_columns({col: f for f, col in mapping.items() if col != f})
-    _check_fields(documents, source, fmt, fields, value_fields, name, list_fields)
+    _check_fields(documents, source, fmt, fields, value_fields, name, list_fields, number_fields)
     if held_out:
         train, validation = _holdout(documents, source.holdout_every, where, groups)
         documents, name = (train, name) if split == "train" else (validation, f"{name} (held out)")

@@ -27,6 +27,8 @@ class Task:
     """Text fields every raw example must have (after the source's column mapping)."""
     value_fields: tuple[str, ...] = ()
     """Non-text fields every raw example must have: scores, labels."""
+    number_fields: tuple[str, ...] = ()
+    """Those of `value_fields` read as numbers (scores): a value that is not one stops the run, naming the line."""
     list_fields: tuple[str, ...] = ()
     """Text fields that may hold a list of texts instead of one (sentences of a document, several
     references); the task's tokenize receives them as lists."""

@@ -170,6 +170,7 @@ class SentenceEmbedding(Task):
             "pairs": ("score",) if threshold is not None else (),
             "labelled": ("label",),
         }.get(input, ())
+        self.number_fields = ("score",) if "score" in self.value_fields else ()
         self.train_pool: GroupChunks | None = None
 
     def init_args(self) -> dict:

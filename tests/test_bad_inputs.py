@@ -281,6 +281,18 @@ CASES = [
         ),
         ("scores.tsv, line 3: field 'score' is empty (no value, null or NaN)",),
     ),
+    Case(
+        "a word where a TSV score belongs",
+        lambda i: i.pairs(
+            "words.tsv",
+            "4.0\tA cat sat.\tA cat sits.\nhigh\tA dog ran.\tThe dog runs.\n"
+            + "".join(f"{k % 5}.0\tSentence {k}.\tOther {k}.\n" for k in range(20)),
+            format="tsv",
+            quoting=False,
+            column_names=["score", "sentence1", "sentence2"],
+        ),
+        ("words.tsv, line 2: field 'score' is 'high', not a number",),
+    ),
     # ---------------------------------------------------------------------------------- configs
     Case(
         "an unknown key in a data source",
