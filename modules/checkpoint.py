@@ -16,6 +16,13 @@ SECTIONS = ("backbone", "tasks", "tokenizer")
 """What the "polyhead" section must hold for the checkpoint to run on its own."""
 
 
+def code_the_pickle_wants(error: Exception) -> str | None:
+    """The global a refused weights_only load asked to import and call (torch names it in its error),
+    or None when the load failed for another reason (truncated, not a pickle)."""
+    wanted = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return wanted.group(1) if wanted else None
+
+
 def load_weights_only(path: str | Path, map_location: str = "cpu") -> object:
     """torch.load with weights_only=True: tensors, containers and plain values only. A file whose
     pickle names anything else (a function to call, a class to build) is refused before any of it
@@ -31,10 +38,10 @@ def load_weights_only(path: str | Path, map_location: str = "cpu") -> object:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        wanted = re.search(r"GLOBAL ([\w.]+)", str(error))  # what the pickle asked to import and call
+        wanted = code_the_pickle_wants(error)
         if wanted:
             raise UserError(
-                f"{path}: refused: loading it would run code ({wanted.group(1)}), which a checkpoint never "
+                f"{path}: refused: loading it would run code ({wanted}), which a checkpoint never "
                 "needs; nothing from it was run. Use a checkpoint that polyhead fit or polyhead convert wrote"
             ) from None
         raise UserError(

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from datamodules.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
-from modules.checkpoint import read_checkpoint
+from modules.checkpoint import code_the_pickle_wants, read_checkpoint
 from modules.config import BackboneConfig
 from modules.convert import (
     BERT_DEFAULTS,
@@ -160,6 +160,12 @@ def _load_weight_file(path: Path) -> StateDict:
             return safetensors.torch.load_file(path, device="cpu")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        wanted = code_the_pickle_wants(error)
+        if wanted:
+            raise UserError(
+                f"{path}: refused: loading it would run code ({wanted}), which model weights never need; "
+                "nothing from it was run. Save the model with safetensors (save_pretrained's default) and convert that"
+            ) from None
         reason = " ".join(str(error).split())[:160] or type(error).__name__
         raise UserError(
             f"{path}: not a readable weights file ({reason}); it may be truncated: save or download it again"

@@ -115,7 +115,10 @@ def test_hf_weights_that_would_run_code_are_refused(tmp_path, capsys):
     crafted(model / "pytorch_model.bin", marker, "weights")
     (model / "config.json").write_text(json.dumps({"model_type": "bert"}))
     message = refused(["convert", str(model), str(tmp_path / "out.ckpt")], capsys)
-    assert "pytorch_model.bin: not a readable weights file" in message
+    assert "pytorch_model.bin: refused: loading it would run code (posix.system)" in message, message
+    assert "weights_only" not in message, (
+        "torch's own hint (load with weights_only=False) must not be passed on"
+    )
     assert not marker.exists() and not (tmp_path / "out.ckpt").exists()
 
 
