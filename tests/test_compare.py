@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from experiments.compare_command import Metric, build_rows, csv_text, markdown, overlap_notes, table_cells
+from experiments.compare_table import Metric, build_rows, csv_text, markdown, overlap_notes, table_cells
 from experiments.runs import Run
 from experiments.seed_stats import aggregate, t_quantile
 
