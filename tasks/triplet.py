@@ -46,6 +46,7 @@ from tasks.groups import (
     members_by_group,
 )
 from tasks.metrics import EmbeddingRetrieval
+from tasks.mining import mine_negatives
 from tasks.sentences import split_sentences
 
 LOSSES = (*MINERS, "in_batch_negatives")
@@ -54,7 +55,6 @@ INPUT_FIELDS = {
     "labelled": ("text",),
     "triplets": ("anchor", "positive", "negative"),
 }
-EMBED_BATCH = 256  # texts per forward pass when embedding a whole pool
 BAG_WIDTH = 4096  # columns of the bag-of-pieces baseline embedding
 
 
@@ -502,47 +502,7 @@ class SentenceEmbedding(Task):
             and epoch
             and epoch % self.mine_every_n_epochs == 0
         ):
-            self.mine_negatives(model, name)
+            mine_negatives(model, name, self.train_pool, self._pad, self.mined_negatives, self.mining_skip)
             rank_zero_info(
                 f"{name}: mined {self.mined_negatives} hard negative(s) per grouped text at epoch {epoch}"
             )
-
-    def mine_negatives(self, model, name: str) -> None:
-        """Embed the training pool with the current weights and attach to every grouped text its
-        nearest texts of other groups, ranks mining_skip + 1 ... mining_skip + mined_negatives."""
-        pool = self.train_pool
-        embeddings = self.embed_texts(model, name, pool.texts)  # (n_texts, E), the same on every process
-        queries = np.flatnonzero(pool.group >= 0)
-        group = torch.as_tensor(pool.group, device=embeddings.device)
-        wanted = self.mining_skip + self.mined_negatives
-        for start in range(0, len(queries), EMBED_BATCH):
-            rows = torch.as_tensor(queries[start : start + EMBED_BATCH], device=embeddings.device)
-            scores = embeddings[rows] @ embeddings.T  # (q, n_texts)
-            same_group = group[rows, None] == group[None, :]  # includes the text itself
-            scores = scores.masked_fill(same_group, float("-inf"))
-            top = scores.topk(min(wanted, scores.shape[1]), dim=1)
-            nearest = torch.where(torch.isfinite(top.values), top.indices, -1)[:, self.mining_skip :]
-            pool.mined[rows.cpu()] = -1
-            pool.mined[rows.cpu(), : nearest.shape[1]] = nearest.cpu()
-
-    @torch.no_grad()
-    def embed_texts(self, model, name: str, texts: TextTable) -> Tensor:
-        """Embed every text with the current weights, each process a share, gathered in order."""
-        was_training = model.training
-        model.eval()
-        ranks, rank = world_size(), model.global_rank
-        mine = list(range(rank, len(texts), ranks))
-        parts = []
-        for start in range(0, len(mine), EMBED_BATCH):
-            input_ids, attention_mask = self._pad(
-                [texts[i] for i in mine[start : start + EMBED_BATCH]], model.tokenizer
-            )
-            hidden = model.backbone.encode(input_ids.to(model.device), attention_mask.to(model.device))
-            parts.append(model.heads[name](hidden, attention_mask.to(model.device)))
-        local = torch.cat(parts) if parts else torch.zeros(0, model.heads[name].dim, device=model.device)
-        gathered, _ = gather_rows(local)
-        index, _ = gather_rows(torch.as_tensor(mine, dtype=torch.long, device=model.device))
-        embeddings = torch.empty_like(gathered)
-        embeddings[index] = gathered
-        model.train(was_training)
-        return embeddings

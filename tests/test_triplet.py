@@ -18,6 +18,7 @@ from modules.errors import UserError
 from modules.losses import MINERS, triplet_margin_loss
 from modules.model import MultiTaskModel
 from tasks.metrics import EmbeddingRetrieval
+from tasks.mining import mine_negatives
 from tasks.sentences import split_sentences
 from tasks.triplet import SentenceEmbedding, pair_rows
 
@@ -229,7 +230,7 @@ def test_offline_mining_attaches_the_nearest_non_positives(documents, tokenizer)
     task = SentenceEmbedding(input="labelled", mined_negatives=2, mining_skip=1, max_length=64)
     pool = build(task, labelled_sentences(documents, n_docs=6, per_doc=3), tokenizer)
     model = tiny_model(task, tokenizer).eval()
-    task.mine_negatives(model, "t")
+    mine_negatives(model, "t", pool, task._pad, task.mined_negatives, task.mining_skip)
     # reference: every text embedded alone (no padding), all similarities, ranks 2-3 of the non-positives
     with torch.no_grad():
         alone = []
