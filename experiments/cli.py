@@ -29,6 +29,7 @@ from experiments.graceful_stop import GracefulStop
 from experiments.latest_checkpoint import LatestCheckpoint
 from experiments.objective_guard import ObjectiveGuard
 from experiments.sweep_command import sweep
+from experiments.yaml_files import check_config_files
 from modules.atomic_io import AtomicCheckpointIO
 from modules.checkpoint import check_same_model, read_checkpoint
 from modules.config import BackboneConfig
@@ -120,7 +121,11 @@ class PolyheadCLI(LightningCLI):
             rank_zero_info(f"model.init_from {reference} -> {given[-1]}")
             first = parser.parse_args([arg for arg in given if not arg.startswith("--print_config")])
         source = checkpoint_source(first)
-        self.checkpoint_saved = read_checkpoint(source)["polyhead"] if source else None
+        checkpoint = read_checkpoint(source) if source else None
+        self.checkpoint_saved = checkpoint["polyhead"] if checkpoint else None
+        config = first[first.subcommand] if first.get("subcommand") else first
+        if checkpoint and first.get("subcommand") == "fit" and source == config.get("ckpt_path"):
+            check_resumable(checkpoint, source)
         if source:
             self._parser(first.get("subcommand")).set_defaults(
                 {"model.backbone": self.checkpoint_saved["backbone"]}
@@ -157,6 +162,16 @@ class PolyheadCLI(LightningCLI):
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
 
 
+def check_resumable(checkpoint: dict, path: str) -> None:
+    """`fit --ckpt_path` continues a run: it needs the optimizer's state, which a converted or
+    weights-only checkpoint lacks (Lightning would stop with a KeyError)."""
+    if "optimizer_states" not in checkpoint:
+        raise UserError(
+            f"{path}: holds weights only (no optimizer state), so --ckpt_path cannot resume from it; "
+            "start a new run from its weights with --model.init_from instead"
+        )
+
+
 def checkpoint_source(parsed) -> str | None:
     """The checkpoint file a run starts from: --ckpt_path (a path, not "last" / "best"), else
     --model.init_from; None for a run from scratch. `parsed`: the whole parsed command line."""
@@ -183,6 +198,7 @@ TRAINER_DEFAULTS = {
 def run(args: list[str] | None = None) -> PolyheadCLI:
     """Parse `args` (default: the command line), build everything and run the subcommand; user
     mistakes raise UserError or ArgumentError. -> the CLI, whose trainer holds the final metrics."""
+    check_config_files(sys.argv[1:] if args is None else args)
     configure_offline_defaults()
     datasets.logging.set_verbosity_error()  # our own messages name the bad file and line
     return PolyheadCLI(
@@ -191,7 +207,7 @@ def run(args: list[str] | None = None) -> PolyheadCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=ConfigToRun,
         save_config_kwargs={"save_to_log_dir": False},
-        parser_kwargs={"exit_on_error": False, "default_env": False},
+        parser_kwargs={"exit_on_error": False, "default_env": False, "allow_abbrev": False},
         args=args,
         auto_configure_optimizers=False,
     )

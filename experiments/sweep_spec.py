@@ -22,8 +22,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from experiments.yaml_files import load_yaml_file
 from modules.errors import UserError
 
 METHODS = ("grid", "random", "bayes")
@@ -352,11 +351,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"sweep spec not found: {str(path)!r}")
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise UserError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
-    return parse_spec(config, str(path))
+    return parse_spec(load_yaml_file(path), str(path))
 
 
 def representative_configurations(spec: SweepSpec) -> list[dict]:

@@ -5,8 +5,8 @@ Import (`import_hf`): a local directory, or a hub name fetched with huggingface_
 sharded index of either) and the tokenizer (BERT: tokenizer.json; T5: spiece.model, else
 tokenizer.json). It becomes a checkpoint laid out exactly as a polyhead run writes one, with the
 pretraining heads as a task (BERT: `mlm_nsp`, MaskedLMNextSentence; T5: `seq2seq`, Seq2Seq), so
-`--model.init_from`, `--ckpt_path` and `MultiTaskModel.from_checkpoint` take it as they take a
-trained one.
+`--model.init_from` (fine-tune), `validate|test|predict --ckpt_path` and `MultiTaskModel.from_checkpoint`
+take it as they take a trained one; it holds no optimizer state, so `fit --ckpt_path` (resume) refuses it.
 
 Export (`export_hf`): a polyhead checkpoint whose backbone BERT or T5 can compute -> a directory
 that `BertForPreTraining` / `BertModel` / `T5ForConditionalGeneration.from_pretrained` load.

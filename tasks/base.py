@@ -20,6 +20,15 @@ from modules.config import BackboneConfig
 from modules.errors import UserError
 
 
+def check_fits_positions(config: BackboneConfig, length: int, what: str) -> None:
+    """Refuse, when the model is built, an input length beyond the backbone's learned or sinusoidal
+    positions: otherwise the first long enough batch would fail mid-run. Relative positions have no limit."""
+    if length > config.max_len and config.position != "relative":
+        raise UserError(
+            f"{what} = {length} exceeds model.backbone.max_len={config.max_len}; lower it or raise max_len"
+        )
+
+
 class Task:
     stacks: ClassVar[str] = "encoder"
     """Which backbone stacks the task needs: "encoder", "decoder" or "encoder-decoder"."""

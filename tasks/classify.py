@@ -30,7 +30,7 @@ from modules.backbone import Backbone, init_weights
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.heads import PooledClassifierHead
-from tasks.base import Task
+from tasks.base import Task, check_fits_positions
 from tasks.metrics import ClassificationScores
 
 Example = tuple[np.ndarray, np.ndarray | None, str | None]
@@ -187,11 +187,7 @@ class Classify(Task):
             raise UserError(
                 "a sentence-pair Classify task needs model.backbone.type_vocab_size >= 2 (segment ids 0 and 1)"
             )
-        if self.max_length > config.max_len and config.position != "relative":
-            raise UserError(
-                f"Classify.max_length={self.max_length} exceeds model.backbone.max_len={config.max_len}; "
-                "lower the task's max_length or raise max_len"
-            )
+        check_fits_positions(config, self.max_length, "Classify.max_length")
         self.head = LabelledClassifierHead(config, self.labels, self.dropout)
         return self.head
 

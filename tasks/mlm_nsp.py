@@ -25,7 +25,7 @@ from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.heads import MaskedLMHead, PooledClassifierHead
-from tasks.base import Task
+from tasks.base import Task, check_fits_positions
 from tasks.sentences import split_sentences
 
 IS_NEXT, RANDOM_NEXT = 0, 1
@@ -173,6 +173,7 @@ class MaskedLMNextSentence(Task):
             raise UserError(
                 "task MaskedLMNextSentence needs model.backbone.pooler: true (NSP reads the pooled [CLS])"
             )
+        check_fits_positions(config, self.max_length, "MaskedLMNextSentence.max_length")
         return nn.ModuleDict(
             {"mlm": MaskedLMHead(config), "nsp": PooledClassifierHead(config, num_classes=2)}
         )

@@ -21,6 +21,7 @@ from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.generation import GenerationConfig, generate
+from tasks.base import check_fits_positions
 from tasks.generative import IGNORE, GenerativeTask, pad_rows
 
 
@@ -64,12 +65,11 @@ class PrefixLM(GenerativeTask):
         return super().init_args() | {"loss_on": self.loss_on}
 
     def build_head(self, config: BackboneConfig) -> nn.Module:
-        longest = self.max_source_length + self.max_target_length
-        if longest > config.max_len and config.position != "relative":
-            raise UserError(
-                f"PrefixLM: max_source_length + max_target_length = {longest} exceeds "
-                f"model.backbone.max_len={config.max_len}; lower them or raise max_len"
-            )
+        check_fits_positions(
+            config,
+            self.max_source_length + self.max_target_length,
+            "PrefixLM.max_source_length + max_target_length",
+        )
         return super().build_head(config)
 
     def collate(self, examples: list[dict], seeds: list[int], tokenizer: Tokenizer) -> dict[str, Any]:

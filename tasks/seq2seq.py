@@ -22,6 +22,7 @@ from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.generation import GenerationConfig, generate
 from modules.heads import PointerGeneratorHead
+from tasks.base import check_fits_positions
 from tasks.generative import IGNORE, GenerativeTask, pad_rows
 
 
@@ -64,6 +65,8 @@ class Seq2Seq(GenerativeTask):
         return super().init_args() | {"copy": self.copy}
 
     def build_head(self, config: BackboneConfig) -> nn.Module:
+        check_fits_positions(config, self.max_source_length, "Seq2Seq.max_source_length")
+        check_fits_positions(config, self.max_target_length, "Seq2Seq.max_target_length")
         return PointerGeneratorHead(config) if self.copy else super().build_head(config)
 
     def use_tokenizer(self, tokenizer: Tokenizer, name: str) -> None:

@@ -34,7 +34,7 @@ from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.heads import SpanHead
-from tasks.base import Task
+from tasks.base import Task, check_fits_positions
 from tasks.metrics import SquadScore
 from tasks.sentences import split_sentences
 
@@ -174,11 +174,7 @@ class SpanQA(Task):
         return "f1", "max"
 
     def build_head(self, config: BackboneConfig) -> nn.Module:
-        if self.max_length > config.max_len and config.position != "relative":
-            raise UserError(
-                f"SpanQA max_length={self.max_length} exceeds model.backbone.max_len={config.max_len}; "
-                "lower it or raise max_len"
-            )
+        check_fits_positions(config, self.max_length, "SpanQA.max_length")
         if config.type_vocab_size == 1:
             raise UserError(
                 "SpanQA marks question and context as segments 0 and 1: set model.backbone.type_vocab_size "

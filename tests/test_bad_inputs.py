@@ -152,6 +152,14 @@ def without_tokenizer(path: str) -> dict:
     return checkpoint
 
 
+def weights_only(path: str) -> dict:
+    """The checkpoint as `polyhead convert` or save_weights_only writes it: no optimizer or loop state."""
+    checkpoint = torch.load(path, weights_only=True)
+    for key in ("optimizer_states", "lr_schedulers", "loops"):
+        checkpoint.pop(key, None)
+    return checkpoint
+
+
 def save(inputs: Inputs, name: str, checkpoint: dict) -> str:
     path = inputs.missing(name)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -299,6 +307,21 @@ CASES = [
         lambda i: i.fit("--data.sources.mlm_nsp.paht", "corpus.jsonl"),
         ("data.sources", "'paht' is not accepted"),
     ),
+    Case(
+        "an MLM input longer than the backbone's positions",
+        lambda i: i.fit("--model.tasks.mlm_nsp.init_args.max_length", "128"),
+        ("MaskedLMNextSentence.max_length = 128 exceeds model.backbone.max_len=64",),
+    ),
+    Case(
+        "a seq2seq target longer than the backbone's positions",
+        lambda i: i.fit("--model.tasks.summarize.init_args.max_target_length", "100"),
+        ("Seq2Seq.max_target_length = 100 exceeds model.backbone.max_len=64",),
+    ),
+    Case(
+        "an abbreviated option, which must not silently mean a longer one",
+        lambda i: i.fit("--trainer.max_step", "5"),
+        ("unrecognized arguments: --trainer.max_step 5",),
+    ),
     Case("an unknown trainer key", lambda i: i.fit("--trainer.max_stepz", "5"), ("--trainer.max_stepz",)),
     Case(
         "a word where a number belongs",
@@ -319,7 +342,7 @@ CASES = [
     Case(
         "a config file that is not YAML",
         lambda i: ["fit", "--config", i.file("broken.yaml", "model:\n  tasks: [\n  backbone: {d_model: 3\n")],
-        ("Problems parsing config", "line 3"),
+        ("broken.yaml, line 4, column 1: not valid YAML", "fix the file"),
     ),
     Case(
         "a config file that does not exist",
@@ -418,6 +441,11 @@ CASES = [
             "validate", checkpoint=save(i, "bare.ckpt", without_tokenizer(i.checkpoint))
         ),
         ("bare.ckpt: incomplete polyhead checkpoint, it lacks tokenizer",),
+    ),
+    Case(
+        "resuming from a checkpoint of weights only",
+        lambda i: i.fit("--ckpt_path", save(i, "weights.ckpt", weights_only(i.checkpoint))),
+        ("weights.ckpt: holds weights only", "--model.init_from"),
     ),
     Case(
         "a model directory to start from",
