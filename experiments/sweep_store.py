@@ -24,6 +24,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from experiments.sweep_spec import SweepSpec, parse_spec
+from experiments.yaml_files import load_yaml_file
 from modules.errors import UserError
 
 DEFAULT_SWEEPS_DIR = "runs/sweeps"
@@ -81,7 +82,16 @@ class SweepStore:
         """-> the spec the sweep was launched with, and its seed count."""
         if not self.exists():
             raise UserError(f"no local sweep at {self.path} (no spec.yaml)")
-        saved = yaml.safe_load(self.spec_file.read_text(encoding="utf-8"))
+        saved = load_yaml_file(self.spec_file)
+        if not (
+            isinstance(saved, dict)
+            and isinstance(saved.get("spec"), dict)
+            and isinstance(saved.get("seeds"), int)
+        ):
+            raise UserError(
+                f"{self.spec_file}: damaged (it must hold `seeds: N` and the sweep's `spec:`); restore it, or "
+                "delete the sweep directory to start it over"
+            )
         return parse_spec(saved["spec"], str(self.spec_file)), saved["seeds"]
 
     def storage(self) -> JournalStorage:

@@ -36,7 +36,7 @@ from modules.distributed import gather_rows, scale_gathered_loss, world_size
 from modules.errors import UserError
 from modules.heads import EmbeddingHead
 from modules.losses import MINERS, in_batch_negatives_loss, triplet_margin_loss
-from tasks.base import Task
+from tasks.base import Task, check_fits_positions
 from tasks.groups import (
     EvalRows,
     GroupChunks,
@@ -204,11 +204,7 @@ class SentenceEmbedding(Task):
         return ("spearman", "max") if self.value_fields == ("score",) else ("mrr@10", "max")
 
     def build_head(self, config: BackboneConfig) -> nn.Module:
-        if self.max_length > config.max_len and config.position != "relative":
-            raise UserError(
-                f"SentenceEmbedding.max_length={self.max_length} exceeds model.backbone.max_len={config.max_len}; "
-                "lower the task's max_length or raise max_len"
-            )
+        check_fits_positions(config, self.max_length, "SentenceEmbedding.max_length")
         return EmbeddingHead(config, self.pooling, self.projection)
 
     # ----- data -----

@@ -160,6 +160,11 @@ def weights_only(path: str) -> dict:
     return checkpoint
 
 
+def damaged_sweep(inputs: Inputs, spec_text: str) -> str:
+    """A sweeps directory holding sweep `lr` with `spec_text` as its saved spec -> the directory."""
+    return str(Path(inputs.file("sweeps/lr/spec.yaml", spec_text)).parents[1])
+
+
 def save(inputs: Inputs, name: str, checkpoint: dict) -> str:
     path = inputs.missing(name)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -458,6 +463,16 @@ CASES = [
             "--checkpoint.dirpath", str(Path(truncated(i, "run/last.ckpt")).parent), "--ckpt_path", "last"
         ),
         ("last.ckpt: not a readable checkpoint",),
+    ),
+    Case(
+        "a local sweep whose saved spec was damaged",
+        lambda i: ["compare", "--sweep", "lr", "--sweeps-dir", damaged_sweep(i, "seeds: 1\n")],
+        ("spec.yaml: damaged", "`seeds: N` and the sweep's `spec:`"),
+    ),
+    Case(
+        "a local sweep whose saved spec is not YAML",
+        lambda i: ["compare", "--sweep", "lr", "--sweeps-dir", damaged_sweep(i, "spec: {method: grid\n")],
+        ("spec.yaml, line 2, column 1: not valid YAML",),
     ),
     # ------------------------------------------------------------------------------ command line
     Case(
