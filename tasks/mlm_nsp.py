@@ -41,10 +41,13 @@ class SentenceTable:
     doc_starts: np.ndarray  # (n_docs + 1,) offsets into sentences
 
     @classmethod
-    def from_documents(cls, documents: list[list[list[int]]]) -> SentenceTable:
-        sentences = [s for doc in documents for s in doc if s]
+    def from_documents(cls, documents: list[list[list[int]]], special: np.ndarray) -> SentenceTable:
+        """special: (V,) bool, True for ids that are not text. A sentence of special ids only (empty,
+        or all [UNK]: text the vocabulary cannot spell) is left out, as MLM could mask nothing in it."""
+        kept = [[s for s in doc if s and not special[s].all()] for doc in documents]
+        sentences = [s for doc in kept for s in doc]
         lengths = [len(s) for s in sentences]
-        doc_sizes = [sum(1 for s in doc if s) for doc in documents]
+        doc_sizes = [len(doc) for doc in kept]
         return cls(
             tokens=np.fromiter((t for s in sentences for t in s), dtype=np.int32, count=sum(lengths)),
             sentence_starts=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
@@ -191,7 +194,7 @@ class MaskedLMNextSentence(Task):
         return {"sentences": out}
 
     def build_examples(self, tokenized, tokenizer: Tokenizer, split: str, seed: int) -> PairedSegments:
-        table = SentenceTable.from_documents(tokenized["sentences"])
+        table = SentenceTable.from_documents(tokenized["sentences"], tokenizer.special_mask.numpy())
         n_docs = len(table.doc_starts) - 1
         if n_docs < 2:
             raise UserError(
@@ -245,7 +248,7 @@ class MaskedLMNextSentence(Task):
         never selected; random replacements are drawn from the tokenizer's text pieces."""
         candidate = ~tokenizer.is_special(ids)
         selected = (torch.rand(ids.shape, generator=generator) < self.mlm_probability) & candidate
-        if not selected.any():  # every input teaches something: pick one candidate
+        if not selected.any() and candidate.any():  # every input teaches something: pick one candidate
             options = candidate.nonzero().flatten()
             selected[options[torch.randint(len(options), (1,), generator=generator)]] = True
         action = torch.rand(ids.shape, generator=generator)

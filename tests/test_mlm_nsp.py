@@ -160,3 +160,20 @@ def test_overfits_one_batch(examples, tokenizer):
             break
     assert first > 5.0
     assert loss.item() < 0.05, f"MLM+NSP loss only fell to {loss.item():.3f} in 150 steps"
+
+
+def test_sentences_the_vocabulary_cannot_spell_are_left_out(tokenizer):
+    """A sentence of [UNK]s only (emoji lines under an imported vocabulary) has nothing MLM may mask:
+    it never enters a pair, so every pair has a masked target."""
+    unk, text = tokenizer.unk_id, tokenizer.encode(["A short sentence.", "Another one here."])
+    documents = [
+        [[unk] * 3, text[0], [unk], text[1]] if d % 2 else [[unk, unk], text[d % 2]] for d in range(40)
+    ]
+    task = MaskedLMNextSentence(max_length=32)
+    pairs = task.build_examples(
+        datasets.Dataset.from_dict({"sentences": documents}), tokenizer, "train", seed=0
+    )
+    assert unk not in pairs.table.tokens.tolist()
+    assert len(pairs.table.sentence_starts) - 1 == sum(2 if d % 2 else 1 for d in range(40))
+    batch = task.collate([pairs[i] for i in range(len(pairs))], list(range(len(pairs))), tokenizer)
+    assert ((batch["mlm_labels"] != IGNORE).sum(dim=1) >= 1).all()
