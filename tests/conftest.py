@@ -1,4 +1,5 @@
-"""Shared fixtures: every test writes caches, W&B files and checkpoints under a temp dir, offline."""
+"""Shared fixtures: every test writes caches, W&B files and checkpoints under a temp dir, offline;
+tiny models run on one thread; the HF reference directories of the conversion tests."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -51,3 +53,40 @@ def python() -> str:
 def documents() -> list[dict]:
     """The quickstart's seed corpus: small real documents written for this project."""
     return [json.loads(line) for line in SEED_CORPUS.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: more intra-op threads only add contention (seconds of it on a busy
+    machine). Used as `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# The HF reference directories are built once per session; tests/hf_models.py is imported inside
+# the fixtures because importing it skips the test where transformers (a dev extra) is missing.
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory) -> Path:
+    """A tiny BertForPreTraining directory as save_pretrained writes it, with its tokenizer.json."""
+    from .hf_models import bert_directory
+
+    return bert_directory(tmp_path_factory.mktemp("hf-bert"))
+
+
+T5_VARIANTS = {  # (feed_forward_proj, tie_word_embeddings, an LM head of its own)
+    "v1.0-relu-tied": ("relu", True, False),
+    "v1.1-gated-gelu-tied-unscaled": ("gated-gelu", False, False),
+    "v1.1-gated-gelu-own-lm-head": ("gated-gelu", False, True),
+}
+
+
+@pytest.fixture(scope="session", params=list(T5_VARIANTS))
+def t5_dir(request, tmp_path_factory) -> Path:
+    """A tiny T5ForConditionalGeneration directory with its tokenizer, in each of T5_VARIANTS."""
+    from .hf_models import t5_directory
+
+    return t5_directory(tmp_path_factory.mktemp(f"hf-t5-{request.param}"), *T5_VARIANTS[request.param])

@@ -16,12 +16,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-transformers = pytest.importorskip(
-    "transformers", reason="transformers (a dev extra) is needed as the reference"
-)
-
-from modules.backbone import Backbone  # noqa: E402
-from modules.convert import (  # noqa: E402
+from modules.backbone import Backbone
+from modules.convert import (
     backbone_config_from_bert,
     backbone_config_from_t5,
     bert_config_to_hf,
@@ -31,30 +27,16 @@ from modules.convert import (  # noqa: E402
     t5_config_to_hf,
     t5_to_polyhead,
 )
-from modules.errors import UserError  # noqa: E402
-from modules.heads import MaskedLMHead, PooledClassifierHead  # noqa: E402
+from modules.errors import UserError
+from modules.heads import MaskedLMHead, PooledClassifierHead
 
-ATOL = RTOL = 1e-5
+from .hf_models import ATOL, RTOL, perturb, tiny_t5_config, transformers
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: more intra-op threads only add contention (seconds of it on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_close(ours: Tensor, theirs: Tensor) -> None:
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=RTOL)
-
-
-@torch.no_grad()
-def perturb(model: nn.Module, scale: float = 0.1) -> None:
-    """Add noise to every parameter (tied ones once), so zero biases and unit norms become distinct."""
-    for param in model.parameters():
-        param.add_(scale * torch.randn_like(param))
 
 
 def padded_mask(lengths: list[int], total: int) -> Tensor:
@@ -161,19 +143,7 @@ def test_bert_unconsumed_missing_and_legacy_names() -> None:
 
 def t5_pair(feed_forward_proj: str, tie: bool, model_class: str = "T5ForConditionalGeneration"):
     torch.manual_seed(0)
-    hf_config = transformers.T5Config(
-        vocab_size=120,
-        d_model=32,
-        d_kv=16,  # n_heads * d_kv = 64 != d_model: head_dim is independent
-        d_ff=48,
-        num_layers=2,
-        num_decoder_layers=3,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=20,
-        feed_forward_proj=feed_forward_proj,
-        tie_word_embeddings=tie,
-    )
+    hf_config = tiny_t5_config(120, feed_forward_proj, tie)
     hf = getattr(transformers, model_class)(hf_config).eval()
     perturb(hf)
     if not tie and hasattr(hf, "lm_head"):

@@ -1,0 +1,100 @@
+"""Small HF models shaped like BERT's and T5's, the reference the conversion tests compare against:
+random weights (no downloads), every parameter perturbed so that a swapped or dropped tensor
+(biases and norms start at 0 and 1) cannot go unnoticed, saved as `save_pretrained` lays them out.
+
+Importing this module skips the importing test module where transformers (a dev extra) is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from .hf_tokenizers import SENTENCES, bert_wordpiece, t5_sentencepiece
+
+transformers = pytest.importorskip("transformers", reason="transformers (a dev extra) is the reference")
+
+ATOL = RTOL = 1e-5  # ours and HF's outputs agree to this, absolute (and relative), in fp32
+T5_EXTRA_IDS = 5
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, scale: float = 0.1) -> None:
+    """Add noise to every parameter (tied ones once), so zero biases and unit norms become distinct."""
+    for param in model.parameters():
+        param.add_(scale * torch.randn_like(param))
+
+
+def tiny_t5_config(vocab_size: int, feed_forward_proj: str, tie: bool):
+    """A T5 small enough for CPU whose shapes still tell its dimensions apart: n_heads * d_kv = 64
+    != d_model (head_dim is independent), more decoder layers than encoder layers."""
+    return transformers.T5Config(
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=16,
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=3,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        feed_forward_proj=feed_forward_proj,
+        tie_word_embeddings=tie,
+        decoder_start_token_id=0,  # as hub T5 configs say; transformers 5 leaves it out
+    )
+
+
+def bert_directory(root: Path) -> Path:
+    """A BertForPreTraining directory as save_pretrained writes it, with its tokenizer.json."""
+    trained = bert_wordpiece(SENTENCES * 4)
+    hf_tokenizer = transformers.BertTokenizerFast(tokenizer_object=trained)
+    config = transformers.BertConfig(
+        vocab_size=trained.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=trained.token_to_id("[PAD]"),
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForPreTraining(config).eval()
+    perturb(model)
+    model.save_pretrained(root)
+    hf_tokenizer.save_pretrained(root)
+    return root
+
+
+def t5_directory(root: Path, feed_forward_proj: str, tie: bool, own_lm_head: bool) -> Path:
+    """A T5ForConditionalGeneration directory with T5's spiece.model (and the tokenizer.json that
+    transformers 5 writes beside it, as hub T5s have both). transformers 5 ties even an unscaled LM
+    head to `shared` unless it is given weights of its own (`own_lm_head`, as flan-t5 has)."""
+    proto = t5_sentencepiece(SENTENCES * 5)
+    (root / "spiece.model").write_bytes(proto)
+    (root / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": T5_EXTRA_IDS})
+    )
+    hf_tokenizer = transformers.T5Tokenizer.from_pretrained(root)
+    config = tiny_t5_config(len(hf_tokenizer), feed_forward_proj, tie)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    if own_lm_head:
+        model.lm_head.weight = nn.Parameter(
+            torch.randn(config.vocab_size, config.d_model) * config.d_model**-0.5
+        )
+    perturb(model)
+    model.save_pretrained(root)
+    hf_tokenizer.save_pretrained(root)
+    (root / "spiece.model").write_bytes(proto)  # save_pretrained of transformers 5 leaves it out
+    return root
+
+
+def loaded_cleanly(model_class, directory: Path):
+    """`model_class.from_pretrained(directory)` in eval mode, with no missing, unexpected or misshapen key."""
+    model, info = model_class.from_pretrained(directory, output_loading_info=True)
+    assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()
