@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from modules.atomic_write import write_atomically
 from modules.errors import UserError
 
 SPECIAL_ROLES = ("pad", "unk", "start", "eos", "cls", "sep", "mask")
@@ -213,10 +214,7 @@ class Tokenizer(ABC):
                 f"({reason}); data.tokenizer.vocab_size must hold the 7 special tokens, the 256 byte pieces and "
                 "every character the text needs"
             ) from None
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_suffix(f".tmp{os.getpid()}")
-        partial.write_bytes(model.getvalue())
-        partial.replace(cached)  # atomic: a concurrent or killed run never sees half a model
+        write_atomically(cached, lambda handle: handle.write(model.getvalue()))  # no run sees half a model
         tokenizer = SentencePieceTokenizer(model.getvalue(), config.lowercase)
         if tokenizer.vocab_size < config.vocab_size:
             rank_zero_info(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info
 
+from modules.atomic_write import write_atomically
 from tasks.base import batch_examples, batch_tokens
 
 BASELINE_PREFIX = "baseline_"
@@ -77,12 +77,6 @@ class PredictionsWriter(BasePredictionWriter):
         target = Path(self.path)
         if trainer.world_size > 1:
             target = target.with_name(f"{target.stem}.rank{trainer.global_rank}{target.suffix}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + f".tmp{os.getpid()}")
-        count = 0
-        with open(partial, "w", encoding="utf-8") as handle:
-            for record in _records(predictions):
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(partial, target)
-        rank_zero_info(f"wrote {count} predictions to {target}")
+        lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in _records(predictions)]
+        write_atomically(target, lambda handle: handle.writelines(line.encode("utf-8") for line in lines))
+        rank_zero_info(f"wrote {len(lines)} predictions to {target}")

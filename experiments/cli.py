@@ -5,10 +5,8 @@ experiments/convert_command.py."""
 
 from __future__ import annotations
 
-import netrc
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import datasets
@@ -29,40 +27,14 @@ from experiments.graceful_stop import GracefulStop
 from experiments.latest_checkpoint import LatestCheckpoint
 from experiments.objective_guard import ObjectiveGuard
 from experiments.sweep_command import sweep
+from experiments.wandb_mode import configure_wandb_mode
 from experiments.yaml_files import check_config_files
 from modules.atomic_io import AtomicCheckpointIO
+from modules.atomic_write import write_text_atomically
 from modules.checkpoint import check_same_model, read_checkpoint
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.model import MultiTaskModel
-from modules.network import reachable
-
-WANDB_SERVER = "https://api.wandb.ai"
-
-
-def has_wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
-
-
-def configure_offline_defaults() -> None:
-    """Without W&B credentials, or with them but no W&B server answering, log offline (never wait
-    on the network); WANDB_MODE set by the user wins."""
-    if "WANDB_MODE" not in os.environ and not has_wandb_credentials():
-        os.environ["WANDB_MODE"] = "offline"
-    elif "WANDB_MODE" not in os.environ and not reachable(os.environ.get("WANDB_BASE_URL", WANDB_SERVER)):
-        os.environ["WANDB_MODE"] = "offline"
-        print(
-            f"polyhead: W&B ({os.environ.get('WANDB_BASE_URL', WANDB_SERVER)}) does not answer: logging "
-            "offline; upload the run later with `wandb sync <run dir>`",
-            file=sys.stderr,
-        )
-    os.environ.setdefault("WANDB_PROJECT", "polyhead")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class ConfigToRun(SaveConfigCallback):
@@ -81,10 +53,9 @@ class ConfigToRun(SaveConfigCallback):
         logger.log_hyperparams(config.as_dict() | {"resolved": resolved})
         run_dir = getattr(getattr(logger, "experiment", None), "dir", None)
         if run_dir:
-            target = Path(run_dir) / "polyhead-config.yaml"
-            with tempfile.NamedTemporaryFile("w", dir=run_dir, delete=False, suffix=".tmp") as handle:
-                handle.write(self.parser.dump(config, skip_none=False))
-            os.replace(handle.name, target)
+            write_text_atomically(
+                Path(run_dir) / "polyhead-config.yaml", self.parser.dump(config, skip_none=False)
+            )
 
 
 class PolyheadCLI(LightningCLI):
@@ -199,7 +170,8 @@ def run(args: list[str] | None = None) -> PolyheadCLI:
     """Parse `args` (default: the command line), build everything and run the subcommand; user
     mistakes raise UserError or ArgumentError. -> the CLI, whose trainer holds the final metrics."""
     check_config_files(sys.argv[1:] if args is None else args)
-    configure_offline_defaults()
+    configure_wandb_mode()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     datasets.logging.set_verbosity_error()  # our own messages name the bad file and line
     return PolyheadCLI(
         MultiTaskModel,

@@ -41,6 +41,7 @@ from experiments.runs import STEP_KEY, Run, find_run_dirs, online_checkpoint, on
 from experiments.sweep_spec import SEED_KEY
 from experiments.sweep_store import DEFAULT_SWEEPS_DIR, SweepStore
 from experiments.terminal import CommandParser, console, report_user_errors
+from experiments.wandb_mode import wandb_online
 from modules.errors import UserError
 
 DEFAULT_RUNS_DIR = "runs"
@@ -88,12 +89,6 @@ class Selection:
     title: str
 
 
-def _online() -> bool:
-    from experiments.cli import has_wandb_credentials
-
-    return os.environ.get("WANDB_MODE") not in ("offline", "disabled") and has_wandb_credentials()
-
-
 def _offline_runs(runs_dir: str, **match: str) -> list[Run]:
     runs = [read_run_dir(path) for path in find_run_dirs(runs_dir)]
     return [run for run in runs if all(getattr(run, k) == v for k, v in match.items())]
@@ -136,19 +131,19 @@ def select(options) -> Selection:
         store = SweepStore(Path(options.sweeps_dir) / options.sweep)
         if store.exists():
             return local_sweep_runs(store)
-        if not _online():
+        if not wandb_online():
             raise UserError(
                 f"compare: no local sweep {options.sweep} under {options.sweeps_dir}, and W&B is offline"
             )
         return _online_sweep(options.sweep)
     if options.group:
         runs = _offline_runs(options.runs_dir, group=options.group)
-        if not runs and _online():
+        if not runs and wandb_online():
             runs = online_runs(group=options.group)
         return Selection(runs, [], f"group {options.group}")
     runs = (
         online_runs(project=options.project)
-        if _online()
+        if wandb_online()
         else _offline_runs(options.runs_dir, project=options.project)
     )
     return Selection(runs, [], f"project {options.project}")
@@ -218,7 +213,7 @@ def best_checkpoint(
         runs = _offline_runs(runs_dir, group=reference)
         if runs:
             selection = Selection(runs, [], f"group {reference}")
-        elif _online():
+        elif wandb_online():
             selection = _online_sweep(reference)
             if not selection.runs:
                 selection = Selection(online_runs(group=reference), [], f"group {reference}")

@@ -9,6 +9,11 @@ SIGTERM, 130 for SIGINT), as a process killed by the signal would: a scheduler o
 sees an unfinished run, not a finished one, and can requeue it with `--ckpt_path last`. The same
 signal a second time stops at once, without the checkpoint. Under DDP every process stops at the
 same step.
+
+`polyhead validate|test|predict` stop the same way after the current batch, with the same exit
+codes and a line saying to run the command again: they have nothing to save, and the predictions
+file is written whole at the end or not at all (modules/atomic_write.py). Lightning's own handler
+would only log the signal and go on until the scheduler kills the job.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 import threading
 
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -39,9 +45,41 @@ class GracefulStop(pl.Callback):
         just before, which would stop without a checkpoint and exit 0). Data loader workers start
         after this and inherit the handler, which ignores the signal there: a scheduler signals every
         process of the job, and the workers must keep serving batches until the checkpoint is saved."""
+        self._take_signals()
+
+    def _take_signals(self) -> None:
         self.received, self.pid = None, os.getpid()
         if threading.current_thread() is threading.main_thread():
             self.previous = {number: signal.signal(number, self._note) for number in SIGNALS}
+
+    def _evaluating(self, trainer: pl.Trainer) -> bool:
+        """A validate, test or predict command (not the validation inside fit, which stops after
+        the next training step, where its checkpoint resumes cleanly)."""
+        return trainer.state.fn != TrainerFn.FITTING
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._evaluating(trainer):
+            self._take_signals()
+
+    on_test_start = on_predict_start = on_validation_start
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if not self._evaluating(trainer) or not trainer.strategy.reduce_boolean_decision(
+            self.received is not None, all=False
+        ):
+            return
+        received = self.received or signal.SIGTERM  # another process got it
+        self._restore()
+        if trainer.is_global_zero:
+            print(
+                f"polyhead: stopped by {received.name} during {trainer.state.fn.value}, before its end: no "
+                "results reported, no predictions file written; run the same command again",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise StoppedBySignal(128 + received)
+
+    on_test_batch_end = on_predict_batch_end = on_validation_batch_end
 
     def _note(self, number: int, frame) -> None:
         if os.getpid() != self.pid:
@@ -90,6 +128,12 @@ class GracefulStop(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._evaluating(trainer):
+            self._restore()
+
+    on_test_end = on_predict_end = on_validation_end
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

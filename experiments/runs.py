@@ -19,6 +19,7 @@ from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
 
+from experiments.wandb_mode import wandb_project
 from modules.errors import UserError
 
 FILE_HEADER = struct.Struct("<4sHB")  # ident ":W&B", magic 0xBEE1, version
@@ -195,21 +196,15 @@ def online_runs(
         api = wandb.Api()
         if sweep:
             remote = api.sweep(
-                sweep if sweep.count("/") == 2 else f"{api.default_entity}/{_project()}/{sweep}"
+                sweep if sweep.count("/") == 2 else f"{api.default_entity}/{wandb_project()}/{sweep}"
             )
             runs = list(remote.runs)
         else:
-            path = project or f"{api.default_entity}/{_project()}"
+            path = project or f"{api.default_entity}/{wandb_project()}"
             runs = list(api.runs(path, filters={"group": group} if group else None))
     except (wandb.errors.CommError, wandb.errors.UsageError, ValueError) as error:
         raise UserError(f"W&B: {' '.join(str(error).split())}") from None
     return [_from_api(run) for run in runs]
-
-
-def _project() -> str:
-    import os
-
-    return os.environ.get("WANDB_PROJECT", "polyhead")
 
 
 def _from_api(remote) -> Run:

@@ -13,7 +13,6 @@ spec is checked as W&B would check it and every parameter is parsed by polyhead'
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
@@ -23,8 +22,9 @@ from rich.table import Table
 from experiments.sweep_local import LocalSweep, TrialOutcome
 from experiments.sweep_spec import SEED_KEY, SEED_KEYS, SweepSpec, check_with_cli, load_spec, spec_fingerprint
 from experiments.sweep_store import DEFAULT_SWEEPS_DIR, SweepStore
-from experiments.sweep_wandb import join_sweep, require_online, start_sweep, wandb_config
+from experiments.sweep_wandb import join_sweep, start_sweep, wandb_config
 from experiments.terminal import CommandParser, console, report_user_errors
+from experiments.wandb_mode import require_wandb_online, wandb_online
 from modules.errors import UserError
 
 
@@ -126,15 +126,12 @@ def run_local(options, spec: SweepSpec) -> list[TrialOutcome]:
 
 def sweep(argv: list[str]) -> list[TrialOutcome] | None:
     """Run `polyhead sweep ARGV`; user mistakes raise UserError."""
-    from experiments.cli import has_wandb_credentials
-
     options = parser().parse_args(argv)
-    online = has_wandb_credentials() and os.environ.get("WANDB_MODE") not in ("offline", "disabled")
-    backend = options.backend or ("wandb" if online or options.join else "local")
+    backend = options.backend or ("wandb" if options.join or wandb_online() else "local")
     if options.parallel < 1:
         raise UserError("sweep: --parallel must be at least 1")
     if backend == "wandb":
-        require_online()
+        require_wandb_online("the wandb backend")
     if options.join:
         if options.spec or backend != "wandb":
             raise UserError("sweep --join SWEEP_ID joins a W&B sweep: give no spec and no --backend local")

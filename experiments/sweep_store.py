@@ -13,8 +13,6 @@ their metric at each validation and to read the pruner's decision.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,22 +23,13 @@ from optuna.storages.journal import JournalFileBackend
 
 from experiments.sweep_spec import SweepSpec, parse_spec
 from experiments.yaml_files import load_yaml_file
+from modules.atomic_write import write_text_atomically
 from modules.errors import UserError
 
 DEFAULT_SWEEPS_DIR = "runs/sweeps"
 # what a trial records about itself (Optuna user attributes)
 CONFIG, SEED, RUN_DIR, FINAL, PRUNED_AT = "config", "seed", "run_dir", "final", "pruned_at"
 ERROR, LOG = "error", "log"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write via a temporary file renamed into place: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
-    ) as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
 
 
 def pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
@@ -76,7 +65,9 @@ class SweepStore:
         return self.spec_file.is_file()
 
     def save(self, spec: SweepSpec, seeds: int) -> None:
-        write_atomically(self.spec_file, yaml.safe_dump({"seeds": seeds, "spec": spec.raw}, sort_keys=False))
+        write_text_atomically(
+            self.spec_file, yaml.safe_dump({"seeds": seeds, "spec": spec.raw}, sort_keys=False)
+        )
 
     def load(self) -> tuple[SweepSpec, int]:
         """-> the spec the sweep was launched with, and its seed count."""

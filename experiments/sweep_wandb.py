@@ -17,21 +17,8 @@ import sys
 from pathlib import Path
 
 from experiments.sweep_spec import SEED_KEY, SweepSpec
+from experiments.wandb_mode import wandb_project
 from modules.errors import UserError
-
-
-def require_online() -> None:
-    """Refuse at once, before W&B's own client would wait on the network."""
-    from experiments.cli import has_wandb_credentials
-
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
-        raise UserError(
-            f"the wandb backend needs W&B online, but WANDB_MODE={os.environ['WANDB_MODE']}; use --backend local"
-        )
-    if not has_wandb_credentials():
-        raise UserError(
-            "the wandb backend needs a W&B API key (`wandb login` or WANDB_API_KEY); without one use --backend local"
-        )
 
 
 def wandb_config(spec: SweepSpec, seeds: int) -> dict:
@@ -54,7 +41,7 @@ def sweep_path(sweep: str, project: str | None, entity: str | None) -> str:
     parts = sweep.split("/")
     if len(parts) == 3:
         return sweep
-    project = parts[0] if len(parts) == 2 else project or os.environ.get("WANDB_PROJECT", "polyhead")
+    project = parts[0] if len(parts) == 2 else project or wandb_project()
     entity = entity or os.environ.get("WANDB_ENTITY") or wandb.Api().default_entity
     return f"{entity}/{project}/{parts[-1]}"
 
@@ -66,8 +53,7 @@ def start_sweep(
     agents here. -> entity/project/sweep id."""
     import wandb
 
-    require_online()
-    project = project or spec.project or os.environ.get("WANDB_PROJECT", "polyhead")
+    project = project or spec.project or wandb_project()
     try:
         sweep_id = wandb.sweep(wandb_config(spec, seeds), project=project, entity=entity or spec.entity)
     except (wandb.errors.CommError, wandb.errors.UsageError) as error:
@@ -81,7 +67,6 @@ def start_sweep(
 
 
 def join_sweep(sweep: str, count: int | None, parallel: int, project: str | None, entity: str | None) -> str:
-    require_online()
     path = sweep_path(sweep, project, entity)
     run_agents(path, count, parallel)
     return path

@@ -11,8 +11,6 @@ the temporary file beside the target, flushes it to disk and renames it over the
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,34 +18,13 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
+from modules.atomic_write import write_atomically
 from modules.checkpoint import load_weights_only
 
 
 def save_atomically(checkpoint: dict[str, Any], path: str | Path) -> None:
-    """torch.save to a hidden temporary file in the target's directory, fsync, then rename over
-    the target. A failure or a kill mid-write leaves the target as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(handle.name, 0o666 & ~umask)  # as an ordinary new file (the temp file is private)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a power loss
-    finally:
-        os.close(directory)
+    """torch.save through modules/atomic_write.py: a kill mid-write leaves the target as it was."""
+    write_atomically(path, lambda handle: torch.save(checkpoint, handle))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

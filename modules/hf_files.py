@@ -51,6 +51,7 @@ from modules.convert import (
 )
 from modules.errors import UserError
 from modules.model import MultiTaskModel
+from modules.network import hub_offline
 from modules.optim import OptimizerConfig
 from tasks.mlm_nsp import MaskedLMNextSentence
 from tasks.seq2seq import Seq2Seq
@@ -121,6 +122,7 @@ def locate(source: str) -> Path:
     from huggingface_hub import snapshot_download  # only a hub name needs it
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    offline = hub_offline()  # probes the hub once; unreachable, only the local HF cache is asked
     try:
         for weights in HUB_WEIGHT_FILES:
             directory = Path(
@@ -130,8 +132,8 @@ def locate(source: str) -> Path:
                 break
         return directory
     except Exception as error:
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
-            reason = "HF_HUB_OFFLINE is set and it is not in the local HF cache"
+        if offline:
+            reason = "offline (HF_HUB_OFFLINE, or the hub did not answer) and it is not in the local HF cache"
         elif isinstance(error, GatedRepoError):
             reason = "the model is gated: accept its terms on the hub and log in (hf auth login)"
         elif isinstance(error, RepositoryNotFoundError):
@@ -289,7 +291,7 @@ def _agree(config_path: Path, hf: SimpleNamespace, tokenizer: Tokenizer, rows: i
 # ---------------------------------------------------------------------------------------- writing
 
 
-def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
+def create_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Write a file or directory under a temporary name beside `target`, then rename it into place:
     a failed or killed conversion leaves nothing behind. An existing target is never overwritten."""
     if target.exists():
@@ -340,7 +342,8 @@ def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
         if model_type == "bert":
             name = task or "mlm_nsp"
             backbone, head = bert_to_polyhead(state, config)
-            tasks, heads = {name: MaskedLMNextSentence()}, {f"heads.{name}.{k}": v for k, v in head.items()}
+            pretraining = MaskedLMNextSentence(max_length=min(128, config.max_len))  # BERT's phase-1 length
+            tasks, heads = {name: pretraining}, {f"heads.{name}.{k}": v for k, v in head.items()}
         else:
             name = task or "seq2seq"
             backbone, lm_head = t5_to_polyhead(state, config)
@@ -357,7 +360,7 @@ def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
     checkpoint = {"epoch": 0, "global_step": 0, "pytorch-lightning_version": lightning.__version__}
     checkpoint["state_dict"] = model.state_dict()
     model.on_save_checkpoint(checkpoint)  # the "polyhead" section, exactly as training writes it
-    write_atomically(out, lambda path: torch.save(checkpoint, path))
+    create_atomically(out, lambda path: torch.save(checkpoint, path))
     return Conversion(
         model_type=model_type,
         architecture="BertForPreTraining" if model_type == "bert" else "T5ForConditionalGeneration",
@@ -443,7 +446,7 @@ def export_hf(checkpoint_path: Path, out: Path) -> Conversion:
         for name, content in files.items():
             (directory / name).write_bytes(content)
 
-    write_atomically(out, write)
+    create_atomically(out, write)
     return Conversion(
         model_type=model_type,
         architecture=hf_config["architectures"][0],

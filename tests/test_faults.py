@@ -7,23 +7,28 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
 from experiments.cli import main, run
 from experiments.fault_messages import explain
+from experiments.graceful_stop import GracefulStop
 from modules.atomic_io import AtomicCheckpointIO, save_atomically
+from modules.atomic_write import write_text_atomically
 from modules.checkpoint import read_checkpoint
 from modules.errors import UserError
 
-from .conftest import ROOT, offline_env
+from .conftest import ROOT, SEED_CORPUS, offline_env
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
@@ -211,6 +216,20 @@ def test_a_save_that_fails_midway_leaves_the_previous_file_and_no_litter(tmp_pat
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
 
 
+def test_files_written_atomically_are_readable_as_ordinary_new_files(tmp_path):
+    """The temporary file is private to its owner; the file it becomes must not be, or a run's
+    config and a sweep's spec on a shared filesystem would be hidden from the rest of the team."""
+    umask = os.umask(0o022)
+    try:
+        write_text_atomically(tmp_path / "spec.yaml", "method: grid\n")
+        save_atomically({"weights": torch.zeros(2)}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(umask)
+    for name in ("spec.yaml", "last.ckpt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    assert (tmp_path / "spec.yaml").read_text() == "method: grid\n"
+
+
 def test_a_non_finite_loss_stops_before_its_step_and_keeps_the_last_good_checkpoint(
     shared_cache, tmp_path, capsys
 ):
@@ -283,3 +302,39 @@ def test_last_ckpt_follows_the_run_when_the_monitored_metric_stops_improving(sha
             ]
         )
     assert saved_steps(tmp_path / "ckpt") == {"epoch=0-step=2.ckpt": 2, "last.ckpt": 6}
+
+
+class SignalAtSecondBatch(pl.Callback):
+    """Sends this process SIGTERM as the second evaluation batch starts, as a scheduler would."""
+
+    def _maybe(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    on_validation_batch_start = on_predict_batch_start = _maybe
+
+
+@pytest.mark.parametrize("command", ["validate", "predict"])
+def test_sigterm_stops_an_evaluation_command_and_writes_nothing(
+    command, straight, shared_cache, tmp_path, capsys
+):
+    """Lightning alone only logs the signal and goes on until the scheduler kills the job; polyhead
+    stops after the batch with the signal's exit code, and a predictions file appears whole or not at all."""
+    checkpoint = Path(straight.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+    predictions = tmp_path / "predictions.jsonl"
+    documents = tmp_path / "docs.jsonl"
+    documents.write_text(SEED_CORPUS.read_text(encoding="utf-8"), encoding="utf-8")
+    args = [
+        command, "--config", QUICKSTART, *FIT[3:9], "--data.batch_size", "2", "--trainer.logger", "false",
+        "--ckpt_path", str(checkpoint), "--predictions.path", str(predictions),
+        "--trainer.callbacks+=tests.test_faults.SignalAtSecondBatch",
+        *(f"--data.sources.{task}.test_path={documents}" for task in ("mlm_nsp", "triplet", "summarize")),
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info, isolated(tmp_path, shared_cache):
+        main(args)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"polyhead: stopped by SIGTERM during {command}, before its end"), last
+    assert not predictions.exists() and not list(tmp_path.glob(".predictions*"))
+    handler = signal.getsignal(signal.SIGTERM)
+    assert not isinstance(getattr(handler, "__self__", None), GracefulStop), "the handler was not given back"

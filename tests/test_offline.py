@@ -1,7 +1,8 @@
 """Without a network no command waits on one: fit, validate, test and predict on local data open no
 connection beyond this machine; a hub name fails within seconds, saying to pass a local path; a
-W&B key with no W&B server answering logs offline. (`polyhead sweep` and `compare` have their own
-tests, tests/test_sweep_local.py and tests/test_compare.py, which run them with W&B offline.)
+W&B key with no W&B server answering logs offline, and `polyhead sweep` and `compare` work offline
+instead of waiting on W&B's API client. (Their offline work itself is tested in
+tests/test_sweep_local.py and tests/test_compare.py.)
 
 "No network" here is a hub and a W&B server at an address nothing answers from (10.255.255.1),
 with the HF_*_OFFLINE settings of the other tests removed."""
@@ -137,6 +138,21 @@ def test_every_command_runs_on_local_data_without_the_network(no_network, monkey
     assert "W&B (https://10.255.255.1) does not answer: logging offline" in capsys.readouterr().err
     assert list((tmp_path / "runs" / "wandb").glob("offline-run-*")), "W&B logged offline"
     assert (tmp_path / "predictions.jsonl").stat().st_size > 0
+
+
+def test_sweep_and_compare_with_a_key_but_no_w_and_b_server_do_not_wait(
+    no_network, monkeypatch, tmp_path, capsys
+):
+    """A W&B key alone does not make W&B online: joining a W&B sweep is refused at once, saying why,
+    and compare reads the local runs instead of asking the server."""
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.delenv("WANDB_MODE")
+    message = fails_within(15, ["sweep", "--join", "someone/polyhead/abc123"], capsys)
+    assert "the wandb backend needs the W&B server" in message
+    assert "https://10.255.255.1 did not answer" in message and "--backend local" in message
+    monkeypatch.delenv("WANDB_MODE")  # decided again by the next command
+    message = fails_within(15, ["compare", "--group", "g1", "--runs-dir", str(tmp_path)], capsys)
+    assert "group g1" in message, message
 
 
 def test_the_watch_sees_a_connection(no_network):

@@ -249,5 +249,7 @@ def test_a_task_needing_a_token_the_vocabulary_lacks_stops_when_the_model_is_bui
         MultiTaskModel({"sst2": Classify()}, tiny, tokenizer=tok)
     with pytest.raises(UserError, match=r"model.tasks.mlm \(MaskedLMNextSentence\) needs a \[CLS\] token"):
         MultiTaskModel({"mlm": MaskedLMNextSentence()}, tiny, tokenizer=tok)
-    model = MultiTaskModel({"summarize": Seq2Seq()}, tiny, tokenizer=tok)  # T5's decoder starts from pad
+    model = MultiTaskModel(
+        {"summarize": Seq2Seq(max_source_length=32, max_target_length=16)}, tiny, tokenizer=tok
+    )  # T5's decoder starts from pad
     assert model.tasks["summarize"].start_id == 0 and model.tasks["summarize"].decoding.eos_id == 1
