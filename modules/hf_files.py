@@ -11,7 +11,8 @@ take it as they take a trained one; it holds no optimizer state, so `fit --ckpt_
 Export (`export_hf`): a polyhead checkpoint whose backbone BERT or T5 can compute -> a directory
 that `BertForPreTraining` / `BertModel` / `T5ForConditionalGeneration.from_pretrained` load.
 
-modules/convert.py maps configs and tensors; this module reads and writes the files around them.
+modules/convert_bert.py and modules/convert_t5.py map configs and tensors; this module reads and
+writes the files around them.
 Every problem with the user's files is a UserError naming the file and the fix, raised before
 anything is written; outputs appear whole or not at all (temporary name, then os.replace).
 """
@@ -36,15 +37,17 @@ from torch import Tensor
 from datamodules.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 from modules.checkpoint import code_the_pickle_wants, read_checkpoint
 from modules.config import BackboneConfig
-from modules.convert import (
+from modules.convert import StateDict
+from modules.convert_bert import (
     BERT_DEFAULTS,
-    T5_DEFAULTS,
-    StateDict,
     backbone_config_from_bert,
-    backbone_config_from_t5,
     bert_config_to_hf,
     bert_to_polyhead,
     polyhead_to_bert,
+)
+from modules.convert_t5 import (
+    T5_DEFAULTS,
+    backbone_config_from_t5,
     polyhead_to_t5,
     t5_config_to_hf,
     t5_to_polyhead,

@@ -1,4 +1,4 @@
-"""HF BERT and T5, converted with modules/convert.py, give the same outputs from our Backbone and heads,
+"""HF BERT and T5, converted with modules/convert_bert.py and convert_t5.py, give the same outputs from our Backbone and heads,
 and convert back to the same tensors.
 
 Small randomly initialised HF models (no downloads), every parameter perturbed so that a swapped or
@@ -17,16 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from modules.backbone import Backbone
-from modules.convert import (
+from modules.convert_bert import (
     backbone_config_from_bert,
-    backbone_config_from_t5,
     bert_config_to_hf,
     bert_to_polyhead,
     polyhead_to_bert,
-    polyhead_to_t5,
-    t5_config_to_hf,
-    t5_to_polyhead,
 )
+from modules.convert_t5 import backbone_config_from_t5, polyhead_to_t5, t5_config_to_hf, t5_to_polyhead
 from modules.errors import UserError
 from modules.heads import MaskedLMHead, PooledClassifierHead
 

@@ -23,7 +23,7 @@ HF_STEPS = 12
 def t5_pair():
     """A tiny HF T5 (v1.0: ReLU, tied and scaled output) and our converted backbone + its projection."""
     transformers = pytest.importorskip("transformers", reason="transformers (a dev extra) is the reference")
-    from modules.convert import backbone_config_from_t5, t5_to_polyhead
+    from modules.convert_t5 import backbone_config_from_t5, t5_to_polyhead
 
     torch.manual_seed(0)
     hf_config = transformers.T5Config(
