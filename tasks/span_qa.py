@@ -273,23 +273,24 @@ class SpanQA(Task):
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         token_index = torch.full((len(rows), length), -1, dtype=torch.long)  # context piece at each position
         most_context = torch.zeros((len(rows), length), dtype=torch.bool)
-        for i in range(len(examples)):
-            mine = [r for r, (_, j, _) in enumerate(rows) if j == i]
-            flags = max_context([rows[r][2] for r in mine], [len(windows[r]) for r in mine])
-            for r, row_flags in zip(mine, flags, strict=True):
-                first = len(rows[r][0].question_ids) + 2
-                most_context[r, first : first + len(row_flags)] = torch.tensor(row_flags)
         targets = torch.full((len(rows), 2), NOT_HERE, dtype=torch.long)  # (start, end) positions
-        for r, ((q, _, start), window) in enumerate(zip(rows, windows, strict=True)):
-            ids = np.concatenate(
-                [[tokenizer.cls_id], q.question_ids, [tokenizer.sep_id], window, [tokenizer.sep_id]]
-            )
-            first, n = len(q.question_ids) + 2, len(ids)  # first context position, real length
-            input_ids[r, :n], attention_mask[r, :n] = torch.from_numpy(ids).long(), 1
-            token_type_ids[r, first:n] = 1
-            token_index[r, first : n - 1] = torch.arange(start, start + len(window))
-            if q.answer is not None and start <= q.answer[0] and q.answer[1] < start + len(window):
-                targets[r] = torch.tensor(q.answer) - start + first
+        r = 0  # rows of one question are adjacent, in the order of its window starts
+        for q, starts in examples:
+            first = len(q.question_ids) + 2  # first context position
+            flags = max_context(starts, [len(windows[r + k]) for k in range(len(starts))])
+            for start, window_flags in zip(starts, flags, strict=True):
+                window = windows[r]
+                ids = np.concatenate(
+                    [[tokenizer.cls_id], q.question_ids, [tokenizer.sep_id], window, [tokenizer.sep_id]]
+                )
+                n = len(ids)  # real length
+                input_ids[r, :n], attention_mask[r, :n] = torch.from_numpy(ids).long(), 1
+                token_type_ids[r, first:n] = 1
+                token_index[r, first : n - 1] = torch.arange(start, start + len(window))
+                most_context[r, first : first + len(window_flags)] = torch.tensor(window_flags)
+                if q.answer is not None and start <= q.answer[0] and q.answer[1] < start + len(window):
+                    targets[r] = torch.tensor(q.answer) - start + first
+                r += 1
         return {
             "input_ids": input_ids,  # (R, T)
             "token_type_ids": token_type_ids,
