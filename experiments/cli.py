@@ -33,7 +33,7 @@ from modules.atomic_io import AtomicCheckpointIO
 from modules.atomic_write import write_text_atomically
 from modules.checkpoint import check_same_model, read_checkpoint
 from modules.config import BackboneConfig
-from modules.errors import UserError
+from modules.errors import UserError, one_line
 from modules.model import MultiTaskModel
 
 
@@ -109,6 +109,8 @@ class PolyheadCLI(LightningCLI):
         names one: `--model.backbone null`). A run from --ckpt_path must name no other architecture
         or tasks than the checkpoint's: its weights load only into the model that wrote them."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "fit":
+            check_something_trains(config.model.tasks)
         source = checkpoint_source(self.config)
         if source and not config.data.tokenizer_checkpoint:
             config.data.tokenizer_checkpoint = source
@@ -131,6 +133,16 @@ class PolyheadCLI(LightningCLI):
         )
         # the vocabulary is learned from the data, and fixes the size of the model's embeddings
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
+
+
+def check_something_trains(task_configs: Namespace) -> None:
+    """Before anything is built or logged: with every task's loss_weight 0 the weights that mix the
+    tasks' losses sum to nothing, and the run would spend its steps changing nothing."""
+    if not any(task.init_args.get("loss_weight", 1.0) for task in task_configs.values()):
+        raise UserError(
+            "model.tasks: every task has loss_weight 0, so the training loss is always 0 and nothing "
+            "would train; give at least one task a positive loss_weight"
+        )
 
 
 def check_resumable(checkpoint: dict, path: str) -> None:
@@ -199,15 +211,15 @@ def main(args: list[str] | None = None) -> None:
         else:
             run(args)
     except UserError as error:
-        sys.exit(f"polyhead: error: {explain(error) or error}")
+        # explain() first: a data loader worker re-raises a UserError with its traceback as the message
+        sys.exit(f"polyhead: error: {one_line(explain(error) or str(error))}")
     except ArgumentError as error:
-        message = " ".join(str(error).split())
-        sys.exit(f"polyhead: error: {message}")
+        sys.exit(f"polyhead: error: {one_line(str(error))}")
     except Exception as error:  # a fault the user can act on (a data worker died), else a bug: traceback
         message = explain(error)
         if message is None:
             raise
-        sys.exit(f"polyhead: error: {message}")
+        sys.exit(f"polyhead: error: {one_line(message)}")
 
 
 if __name__ == "__main__":

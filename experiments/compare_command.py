@@ -17,9 +17,9 @@ their .wandb logs (experiments/runs.py); online ones through `wandb.Api`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +40,9 @@ from experiments.plots import line_chart, point_chart
 from experiments.runs import STEP_KEY, Run, find_run_dirs, online_checkpoint, online_runs, read_run_dir
 from experiments.sweep_spec import SEED_KEY
 from experiments.sweep_store import DEFAULT_SWEEPS_DIR, SweepStore
-from experiments.terminal import CommandParser, console, report_user_errors
+from experiments.terminal import CommandParser, console
 from experiments.wandb_mode import wandb_online
+from modules.atomic_write import write_text_atomically
 from modules.errors import UserError
 
 DEFAULT_RUNS_DIR = "runs"
@@ -288,23 +289,27 @@ def compare(argv: list[str]) -> list[Row]:
     for note in overlap_notes(rows, metrics):
         out.print(note)
     if options.markdown:
-        Path(options.markdown).write_text(
-            markdown(headers, cells) + "".join(f"\n{n}\n" for n in overlap_notes(rows, metrics))
-        )
+        with _writing("--markdown", options.markdown):
+            notes = "".join(f"\n{n}\n" for n in overlap_notes(rows, metrics))
+            write_text_atomically(options.markdown, markdown(headers, cells) + notes)
         out.print(f"wrote {options.markdown}")
     if options.csv:
-        Path(options.csv).write_text(csv_text(rows, differing, metrics))
+        with _writing("--csv", options.csv):
+            write_text_atomically(options.csv, csv_text(rows, differing, metrics))
         out.print(f"wrote {options.csv}")
     if options.plots:
-        for path in write_plots(Path(options.plots), rows, differing, metrics):
-            out.print(f"wrote {path}")
+        with _writing("--plots", options.plots):
+            for path in write_plots(Path(options.plots), rows, differing, metrics):
+                out.print(f"wrote {path}")
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`polyhead compare ...`: user mistakes end in one `polyhead: error:` line, exit 1."""
-    report_user_errors(compare, sys.argv[1:] if argv is None else argv)
-
-
-if __name__ == "__main__":
-    main()
+@contextlib.contextmanager
+def _writing(option: str, path: str):
+    """An output the system refuses (no such directory, no permission, disk full) -> one line naming the option."""
+    try:
+        yield
+    except OSError as error:
+        raise UserError(
+            f"compare {option} {path}: cannot write it ({error.strerror or error}); choose another path"
+        ) from None

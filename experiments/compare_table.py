@@ -56,7 +56,9 @@ class Row:
     runs: list[Run] = field(default_factory=list)
     final: dict[str, Aggregate] = field(default_factory=dict)
     best: dict[str, Aggregate] = field(default_factory=dict)
-    overlaps: list[int] = field(default_factory=list)
+    overlaps: list[Row] = field(default_factory=list, compare=False, repr=False)
+    """The rows whose 95% interval of the first metric overlaps this one's (numbered when shown,
+    after any re-sorting)."""
 
 
 def identity(run: Run) -> dict:
@@ -111,11 +113,11 @@ def build_rows(runs: list[Run], metrics: list[Metric]) -> tuple[list[Row], list[
     ordered = sort_rows(list(rows.values()), metrics[0] if metrics else None)
     if metrics:
         first = metrics[0].name
-        for i, row in enumerate(ordered):
+        for row in ordered:
             row.overlaps = [
-                j + 1
-                for j, other in enumerate(ordered)
-                if i != j
+                other
+                for other in ordered
+                if other is not row
                 and first in row.final
                 and first in other.final
                 and row.final[first].overlaps(other.final[first])
@@ -181,7 +183,7 @@ def table_cells(
         headers += [f"{metric.name} final", f"{metric.name} best"]
     if aggregated and metrics:
         headers.append("overlaps")
-    cells = []
+    cells, number = [], _numbers(rows)
     for i, row in enumerate(rows, 1):
         line = [str(i), *(_value_text(row.config[k]) for k in differing), str(len(row.runs)), seed_text(row)]
         line += [state_text(row)] if unfinished else []
@@ -189,7 +191,7 @@ def table_cells(
             line += [row.final[metric.name].text() if metric.name in row.final else "-",
                      row.best[metric.name].text() if metric.name in row.best else "-"]  # fmt: skip
         if aggregated and metrics:
-            line.append(", ".join(map(str, row.overlaps)) or "-")
+            line.append(", ".join(str(n) for n in sorted(number[id(o)] for o in row.overlaps)) or "-")
         cells.append(line)
     return headers, cells
 
@@ -198,10 +200,16 @@ def _value_text(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _numbers(rows: list[Row]) -> dict[int, int]:
+    """Each row's number in the table as shown (1-based), by identity."""
+    return {id(row): i for i, row in enumerate(rows, 1)}
+
+
 def overlap_notes(rows: list[Row], metrics: list[Metric]) -> list[str]:
     if not metrics or not any(len(row.runs) > 1 for row in rows):
         return []
-    pairs = sorted({tuple(sorted((i, j))) for i, row in enumerate(rows, 1) for j in row.overlaps})
+    number = _numbers(rows)
+    pairs = sorted({tuple(sorted((number[id(row)], number[id(o)]))) for row in rows for o in row.overlaps})
     if not pairs:
         return [f"note: no two rows' 95% intervals of {metrics[0].name} (final) overlap"]
     listed = ", ".join(f"{a} and {b}" for a, b in pairs)

@@ -13,22 +13,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from experiments.terminal import CommandParser
 from modules.errors import UserError
 from modules.hf_files import Conversion, export_hf, import_hf
 
-USAGE = "polyhead convert SOURCE OUT.ckpt [--task NAME] | polyhead convert --to-hf CKPT OUT_DIR"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose mistakes are UserErrors, so `polyhead` reports them in its one-line form."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"convert: {message}; usage: {USAGE}")
-
 
 def parser() -> argparse.ArgumentParser:
-    convert = _Parser(
-        prog="polyhead convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    convert = CommandParser(
+        prog="polyhead convert",
+        usage="polyhead convert SOURCE OUT.ckpt [--task NAME] | polyhead convert --to-hf CKPT OUT_DIR",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     convert.add_argument(
         "source", help="HF model directory or hub name (with --to-hf: a polyhead checkpoint)"

@@ -4,9 +4,8 @@ A loss that is NaN or infinite (a learning rate far too high, an extreme value i
 turn every weight into NaN at the next optimizer step, and every checkpoint after it would hold a
 broken model. The guard checks the loss of each step before its backward pass, so the step is
 never applied: the run stops with one line naming the step, the task whose batch it was and the
-last checkpoint, which was saved from a finite loss and is left as it is. It also refuses to start
-training when every task's loss_weight is 0: the weights that mix the tasks' losses sum to nothing,
-and the run would spend its steps changing nothing.
+last checkpoint, which was saved from a finite loss and is left as it is.
+(`polyhead fit` refuses a config whose every task has loss_weight 0 before anything is built.)
 """
 
 from __future__ import annotations
@@ -22,13 +21,6 @@ from modules.errors import UserError
 class ObjectiveGuard(pl.Callback):
     def __init__(self) -> None:
         self.task: str | None = None
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and not any(task.loss_weight for task in pl_module.tasks.values()):
-            raise UserError(
-                "model.tasks: every task has loss_weight 0, so the training loss is always 0 and nothing "
-                "would train; give at least one task a positive loss_weight"
-            )
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx

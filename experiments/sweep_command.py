@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 from rich.table import Table
@@ -23,7 +22,7 @@ from experiments.sweep_local import LocalSweep, TrialOutcome
 from experiments.sweep_spec import SEED_KEY, SEED_KEYS, SweepSpec, check_with_cli, load_spec, spec_fingerprint
 from experiments.sweep_store import DEFAULT_SWEEPS_DIR, SweepStore
 from experiments.sweep_wandb import join_sweep, start_sweep, wandb_config
-from experiments.terminal import CommandParser, console, report_user_errors
+from experiments.terminal import CommandParser, console
 from experiments.wandb_mode import require_wandb_online, wandb_online
 from modules.errors import UserError
 
@@ -146,12 +145,3 @@ def sweep(argv: list[str]) -> list[TrialOutcome] | None:
         return run_local(options, spec)
     start_sweep(spec, options.seeds, options.count, options.parallel, options.project, options.entity)
     return None
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`polyhead sweep ...`: user mistakes (and failed trials) end in one `polyhead: error:` line."""
-    report_user_errors(sweep, sys.argv[1:] if argv is None else argv)
-
-
-if __name__ == "__main__":
-    main()

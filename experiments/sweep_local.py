@@ -295,6 +295,10 @@ class LocalSweep:
             stderr=subprocess.STDOUT,
             env=self._environment(trial.number),
             pass_fds=(self.lock_fd,),
+            # out of the terminal's process group: Ctrl+C reaches the controller alone, which stops
+            # each trial with one SIGTERM (saved at a step boundary); a second signal would stop it
+            # at once, without its checkpoint
+            start_new_session=True,
         )
         return Running(trial, process, log)
 

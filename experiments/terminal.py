@@ -1,6 +1,6 @@
 """What polyhead's own commands (`sweep`, `compare`) share at the terminal: an argparse whose
-mistakes are UserErrors, the wrapper that reports those in polyhead's one-line form with a non-zero
-exit, and a rich console that does not squeeze tables to 80 columns when output is piped or logged.
+mistakes are UserErrors (which `polyhead` reports in its one-line form), and a rich console that
+does not squeeze tables to 80 columns when output is piped or logged.
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from collections.abc import Callable
 
 from rich.console import Console
 
@@ -24,14 +23,6 @@ class CommandParser(argparse.ArgumentParser):
         raise UserError(
             f"{self.prog.removeprefix('polyhead ')}: {message}; usage: {self.format_usage().strip().removeprefix('usage: ')}"
         )
-
-
-def report_user_errors(command: Callable[[list[str]], object], argv: list[str]) -> None:
-    """Run `command(argv)`; a UserError ends the process with `polyhead: error: ...` (one line)."""
-    try:
-        command(argv)
-    except UserError as error:
-        sys.exit(f"polyhead: error: {' '.join(str(error).split())}")
 
 
 def console() -> Console:

@@ -7,3 +7,8 @@ instead of a traceback. Programming errors stay ordinary exceptions.
 
 class UserError(ValueError):
     """A problem the user can fix; the message says where and how."""
+
+
+def one_line(message: str) -> str:
+    """A message as the terminal shows it: every run of whitespace (newlines too) one space."""
+    return " ".join(message.split())

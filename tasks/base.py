@@ -83,7 +83,9 @@ class Task:
         task's name in it): the place for work between epochs, such as mining new hard negatives."""
 
     def collate(self, examples: list[Any], seeds: list[int], tokenizer: Tokenizer) -> dict[str, Tensor]:
-        """Examples -> one batch of tensors. `seeds` make per-example randomness (masking) reproducible."""
+        """Examples -> one batch of tensors. `seeds` make per-example randomness (masking) reproducible.
+        Every stack's (B, T) mask of real tokens goes under a key ending in "attention_mask": that is
+        how throughput (tokens per second, `batch_tokens`) counts what a batch holds."""
         raise NotImplementedError
 
     def forward(self, backbone: Backbone, head: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:

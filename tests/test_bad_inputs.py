@@ -400,9 +400,10 @@ CASES = [
         ("data.mixture.temperature must be positive",),
     ),
     Case(
-        "task weights summing to 0",
+        "task weights summing to 0 (W&B on: not even its run directory may appear)",
         lambda i: i.fit(
-            *(f"--model.tasks.{t}.init_args.loss_weight=0" for t in ("mlm_nsp", "triplet", "summarize"))
+            *(f"--model.tasks.{t}.init_args.loss_weight=0" for t in ("mlm_nsp", "triplet", "summarize")),
+            *("--trainer.logger=WandbLogger", f"--trainer.logger.save_dir={i.tmp / 'out' / 'runs'}"),
         ),
         ("every task has loss_weight 0", "give at least one task a positive loss_weight"),
     ),

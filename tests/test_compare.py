@@ -9,7 +9,15 @@ import statistics
 
 import pytest
 
-from experiments.compare_table import Metric, build_rows, csv_text, markdown, overlap_notes, table_cells
+from experiments.compare_table import (
+    Metric,
+    build_rows,
+    csv_text,
+    markdown,
+    overlap_notes,
+    sort_rows,
+    table_cells,
+)
 from experiments.runs import Run
 from experiments.seed_stats import aggregate, t_quantile
 
@@ -69,11 +77,24 @@ def test_seeds_aggregate_to_mean_std_and_interval():
         assert row.best["val/loss"].mean == pytest.approx(mean), "the best of a falling curve is its end"
         assert sorted(r.config["seed_everything"] for r in row.runs) == [0, 1, 2]
     # the two close learning rates overlap; 1e-2 is clearly worse
-    assert rows[0].overlaps == [2] and rows[1].overlaps == [1] and rows[2].overlaps == []
+    assert rows[0].overlaps == [rows[1]] and rows[1].overlaps == [rows[0]] and rows[2].overlaps == []
     assert overlap_notes(rows, [metric]) == [
         "note: the 95% intervals of val/loss (final) overlap for rows 1 and 2: those differences are within "
         "seed noise; more seeds would tell"
     ]
+
+
+def test_overlaps_are_numbered_as_the_rows_are_shown_after_sorting():
+    """--sort lr puts 1e-3 first, 3e-3 second and 1e-2 third: the overlapping pair is rows 1 and 2
+    as printed, whatever their order by the metric was."""
+    runs = [run(lr, seed, loss) for lr, losses in LOSSES.items() for seed, loss in enumerate(losses)]
+    metric = Metric("val/loss", "minimize")
+    rows, differing = build_rows(runs, [metric])
+    by_lr = sort_rows(list(reversed(rows)), None, "model.optimizer.lr")
+    assert [row.config["model.optimizer.lr"] for row in by_lr] == [1e-3, 3e-3, 1e-2]
+    _, cells = table_cells(by_lr, differing, [metric])
+    assert [line[-1] for line in cells] == ["2", "1", "-"]
+    assert "overlap for rows 1 and 2:" in overlap_notes(by_lr, [metric])[0]
 
 
 def test_exports_carry_the_same_numbers():

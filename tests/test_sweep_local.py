@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -24,12 +27,12 @@ import yaml
 from optuna.trial import TrialState
 
 from experiments.cli import main as cli_main
-from experiments.compare_command import best_checkpoint
-from experiments.compare_command import main as compare
+from experiments.compare_command import best_checkpoint, compare
 from experiments.runs import read_records, read_run_dir
 from experiments.sweep_local import LocalSweep, outcomes
 from experiments.sweep_spec import parse_spec
 from experiments.sweep_store import CONFIG, SEED, SweepStore
+from modules.errors import UserError
 
 from .conftest import ROOT, SEED_CORPUS, offline_env
 
@@ -46,7 +49,8 @@ def sweep(spec: Path, tmp: Path, *options: str) -> subprocess.CompletedProcess:
         [
             sys.executable,
             "-m",
-            "experiments.sweep_command",
+            "experiments.cli",
+            "sweep",
             str(spec),
             "--sweeps-dir",
             str(tmp / "sweeps"),
@@ -187,6 +191,10 @@ def test_compare_shows_the_values_in_the_run_files(grid_sweep, capsys):
     assert Path(checkpoint).is_file() and f"/{best_run}/checkpoints/" in checkpoint
     assert best_checkpoint(sweep_id, sweeps_dir=str(tmp / "sweeps")) == checkpoint
 
+    blocked = tmp / "table.md" / "under-a-file.csv"  # a file where its directory should be
+    with pytest.raises(UserError, match=rf"compare --csv {re.escape(str(blocked))}: cannot write it"):
+        compare([*where, "--csv", str(blocked)])
+
 
 def test_init_from_best_fine_tunes_from_the_sweeps_best_checkpoint(grid_sweep, tmp_path, monkeypatch, capsys):
     """`--model.init_from best:SWEEP` resolves to the checkpoint `compare --best` names."""
@@ -200,6 +208,40 @@ def test_init_from_best_fine_tunes_from_the_sweeps_best_checkpoint(grid_sweep, t
         )
     assert printed.value.code in (0, None)
     assert yaml.safe_load(capsys.readouterr().out)["model"]["init_from"] == best
+
+
+def test_ctrl_c_stops_each_trial_with_one_signal_so_it_saves_its_checkpoint(tmp_path):
+    """Ctrl+C signals the terminal's whole process group. Only the controller may get it: it stops
+    each trial with one SIGTERM, which the trial answers by saving last.ckpt at a step boundary (a
+    second signal, had the trial got the terminal's too, would stop it at once without one)."""
+    spec = tmp_path / "long.yaml"
+    spec.write_text(yaml.safe_dump({
+        "method": "grid",
+        "parameters": {"model.optimizer.lr": {"values": [1e-3]}},
+        "command": ["${env}", "polyhead", "fit", "--config", QUICKSTART, *TINY, "--trainer.max_steps=100000",
+                    "--trainer.limit_val_batches=0", f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+                    "--checkpoint.monitor=null", "--trainer.logger=false", "${args}"],
+    }))  # fmt: skip
+    controller = subprocess.Popen(
+        [sys.executable, "-m", "experiments.cli", "sweep", str(spec), "--sweeps-dir", str(tmp_path / "sweeps")],
+        cwd=ROOT, env=offline_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, as a shell gives a job
+    )  # fmt: skip
+    logs = tmp_path / "sweeps"
+    deadline = time.monotonic() + 300
+    while not any("Total params" in p.read_text() for p in logs.rglob("trials/*.log")):  # the model summary
+        assert controller.poll() is None and time.monotonic() < deadline, controller.communicate()
+        time.sleep(0.5)
+    time.sleep(3)  # a few steps in
+    os.killpg(controller.pid, signal.SIGINT)
+    out, err = controller.communicate(timeout=120)
+    assert controller.returncode != 0 and "interrupted; relaunch the same command to resume it" in err, err
+    (log,) = logs.rglob("trials/*.log")
+    last = log.read_text().strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"polyhead: stopped by SIGTERM after step \d+; checkpoint saved to .*last\.ckpt; .*", last
+    ), last
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
 
 
 def test_a_ddp_trial_gets_its_parameters_on_every_rank(tmp_path):

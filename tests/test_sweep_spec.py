@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from experiments.sweep_command import main
+from experiments.cli import main
 from experiments.sweep_spec import check_with_cli, load_spec, parse_spec
 
 from .conftest import ROOT
@@ -47,7 +47,7 @@ def refused(config: dict, tmp_path, capsys) -> str:
     path.write_text(yaml.safe_dump(config))
     sweeps = tmp_path / "sweeps"
     with pytest.raises(SystemExit) as exit_info:
-        main([str(path), "--backend", "local", "--sweeps-dir", str(sweeps)])
+        main(["sweep", str(path), "--backend", "local", "--sweeps-dir", str(sweeps)])
     message = str(exit_info.value.code)
     assert message.startswith("polyhead: error:") and "\n" not in message, message
     assert "Traceback" not in capsys.readouterr().err

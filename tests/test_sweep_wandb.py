@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from experiments.sweep_command import main
+from experiments.cli import main
 from experiments.sweep_spec import parse_spec
 from experiments.sweep_wandb import wandb_config
 
@@ -24,7 +24,7 @@ def spec(method: str = "grid") -> dict:
 
 def fails(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        main(argv)
+        main(["sweep", *argv])
     message = str(exit_info.value.code)
     assert message.startswith("polyhead: error:") and "Traceback" not in capsys.readouterr().err
     return message
