@@ -32,19 +32,34 @@ def parser() -> CommandParser:
         prog="polyhead sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sweep.add_argument("spec", nargs="?", help="a sweep spec in W&B's format (experiments/sweeps/*.yaml)")
-    sweep.add_argument("--count", type=int, help="configurations to run in all (grid: default all of it)")
+    sweep.add_argument(
+        "--count", type=positive_int, help="configurations to run in all (grid: default all of it)"
+    )
     sweep.add_argument(
         "--backend", choices=("wandb", "local"), help="default: wandb with W&B credentials, else local"
     )
-    sweep.add_argument("--parallel", type=int, default=1, help="trials at once (local), or wandb agents")
     sweep.add_argument(
-        "--seeds", type=int, default=1, help="run each configuration with seed_everything 0..S-1"
+        "--parallel", type=positive_int, default=1, help="trials at once (local), or wandb agents"
+    )
+    sweep.add_argument(
+        "--seeds", type=positive_int, default=1, help="run each configuration with seed_everything 0..S-1"
     )
     sweep.add_argument("--join", metavar="SWEEP_ID", help="run agents for an existing W&B sweep")
     sweep.add_argument("--sweeps-dir", default=DEFAULT_SWEEPS_DIR, help="where local sweeps keep their state")
     sweep.add_argument("--project", help="W&B project (default: the spec's, else $WANDB_PROJECT or polyhead)")
     sweep.add_argument("--entity", help="W&B entity (default: the spec's, else your default entity)")
     return sweep
+
+
+def positive_int(text: str) -> int:
+    """argparse type of --count, --parallel and --seeds: a count of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
 
 
 def sweep_id(spec: SweepSpec, seeds: int) -> str:
@@ -62,8 +77,6 @@ def checked_spec(path: str, seeds: int) -> SweepSpec:
         raise UserError(
             f"{path}: --seeds sets seed_everything itself; the spec sweeps {', '.join(clash)} too"
         )
-    if seeds < 1:
-        raise UserError("sweep: --seeds must be at least 1")
     check_with_cli(spec, [f"--{SEED_KEY}=0"] if seeds > 1 else [])
     return spec
 
@@ -127,8 +140,6 @@ def sweep(argv: list[str]) -> list[TrialOutcome] | None:
     """Run `polyhead sweep ARGV`; user mistakes raise UserError."""
     options = parser().parse_args(argv)
     backend = options.backend or ("wandb" if options.join or wandb_online() else "local")
-    if options.parallel < 1:
-        raise UserError("sweep: --parallel must be at least 1")
     if backend == "wandb":
         require_wandb_online("the wandb backend")
     if options.join:

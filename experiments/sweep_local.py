@@ -148,8 +148,6 @@ class LocalSweep:
         up to `count`. A grid defaults to all of its points; random and bayes need it (or the
         spec's run_cap, which counts runs)."""
         check_local_support(spec)
-        if parallel < 1 or seeds < 1 or (count is not None and count < 1):
-            raise UserError("--parallel, --seeds and --count must be at least 1")
         self.spec, self.store, self.parallel, self.echo = spec, store, parallel, echo
         self.seeds = list(range(seeds)) if seeds > 1 else [None]
         self.space = search_space(spec)

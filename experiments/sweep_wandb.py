@@ -10,7 +10,6 @@ local backend (experiments/sweep_local.py) runs the same spec without either.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import subprocess
 import sys
@@ -72,6 +71,17 @@ def join_sweep(sweep: str, count: int | None, parallel: int, project: str | None
     return path
 
 
+def agent_commands(path: str, count: int | None, parallel: int) -> list[list[str]]:
+    """The `wandb agent` command lines of `parallel` agents (this environment's wandb) that run
+    exactly `count` runs together (the first count % parallel take one more; none idle), or runs
+    until the sweep ends when count is None."""
+    agent = [str(Path(sys.executable).with_name("wandb")), "agent"]
+    if count is None:
+        return [[*agent, path] for _ in range(parallel)]
+    shares = [count // parallel + (k < count % parallel) for k in range(parallel)]
+    return [[*agent, "--count", str(n), path] for n in shares if n]
+
+
 def run_agents(path: str, count: int | None, parallel: int) -> None:
     """`parallel` `wandb agent` processes for the sweep, `count` runs in all split among them;
     `polyhead` resolves to this environment's. Runs are tagged and grouped by the sweep, as the
@@ -84,9 +94,7 @@ def run_agents(path: str, count: int | None, parallel: int) -> None:
         "WANDB_TAGS": f"sweep,{sweep_id}",
         "WANDB_RUN_GROUP": sweep_id,
     }
-    per_agent = ["--count", str(math.ceil(count / parallel))] if count else []
-    command = [str(Path(sys.executable).with_name("wandb")), "agent", *per_agent, path]
-    agents = [subprocess.Popen(command, env=env) for _ in range(parallel)]
+    agents = [subprocess.Popen(command, env=env) for command in agent_commands(path, count, parallel)]
     try:
         codes = [agent.wait() for agent in agents]
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ import yaml
 
 from experiments.cli import main
 from experiments.sweep_spec import parse_spec
-from experiments.sweep_wandb import wandb_config
+from experiments.sweep_wandb import agent_commands, wandb_config
 
 COMMAND = ["${env}", "polyhead", "fit", "--config", "experiments/configs/quickstart.yaml", "${args}"]
 
@@ -51,3 +51,21 @@ def test_seeds_become_a_grid_dimension_and_are_refused_for_sampled_sweeps():
     assert wandb_config(parse_spec(spec("random")), seeds=1) == spec("random")
     with pytest.raises(ValueError, match="needs --backend local"):
         wandb_config(parse_spec(spec("random")), seeds=2)
+
+
+@pytest.mark.parametrize("count, parallel", [(5, 2), (2, 4), (7, 3), (1, 1)])
+def test_agents_run_exactly_count_runs_together(count, parallel):
+    commands = agent_commands("me/polyhead/abc123", count, parallel)
+    shares = [int(command[command.index("--count") + 1]) for command in commands]
+    assert sum(shares) == count and len(commands) == min(count, parallel)
+    assert max(shares) - min(shares) <= 1, "the runs are spread evenly"
+    assert all(command[-1] == "me/polyhead/abc123" and command[1] == "agent" for command in commands)
+    assert len(agent_commands("me/polyhead/abc123", None, parallel)) == parallel
+
+
+@pytest.mark.parametrize("option", ["--count", "--parallel", "--seeds"])
+def test_counts_below_one_are_refused_before_anything_starts(option, tmp_path, capsys):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec()))
+    message = fails([str(path), "--backend", "local", option, "0"], capsys)
+    assert f"argument {option}: '0' is not a whole number of at least 1" in message, message
