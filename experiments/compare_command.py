@@ -205,9 +205,11 @@ def best_checkpoint(
     reference: str, sweeps_dir: str = DEFAULT_SWEEPS_DIR, runs_dir: str = DEFAULT_RUNS_DIR
 ) -> str:
     """`--model.init_from best:REFERENCE` -> the checkpoint of the best run of a local sweep (its
-    id under `sweeps_dir`), else of a run group (offline under `runs_dir`, or online), else of a W&B
-    sweep: judged by the sweep's metric, or by val/score / val/loss for a group."""
-    store = SweepStore(Path(sweeps_dir) / reference)
+    directory, or its id under `sweeps_dir`), else of a run group (offline under `runs_dir`, or
+    online), else of a W&B sweep: judged by the sweep's metric, or by val/score / val/loss for a group."""
+    store = SweepStore(Path(reference))
+    if not store.exists():
+        store = SweepStore(Path(sweeps_dir) / reference)
     if store.exists():
         selection = local_sweep_runs(store)
     else:

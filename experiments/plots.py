@@ -37,15 +37,12 @@ def line_chart(
     title: str,
     xlabel: str,
     ylabel: str,
-    log_y: bool = False,
 ) -> Path:
     """lines: label -> (xs, ys), one line each, legend outside the axes when there are many."""
     figure, axes = plt.subplots(figsize=SIZE)
     for label, (xs, ys) in lines.items():
         axes.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, linewidth=1.2, label=label)
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    if log_y:
-        axes.set_yscale("log")
     axes.grid(alpha=0.3)
     if lines:
         axes.legend(fontsize=7, loc="best" if len(lines) <= 6 else "upper left",

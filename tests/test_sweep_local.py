@@ -189,7 +189,7 @@ def test_compare_shows_the_values_in_the_run_files(grid_sweep, capsys):
     checkpoint = capsys.readouterr().out.strip()
     best_run = records[0]["run_ids"]
     assert Path(checkpoint).is_file() and f"/{best_run}/checkpoints/" in checkpoint
-    assert best_checkpoint(sweep_id, sweeps_dir=str(tmp / "sweeps")) == checkpoint
+    assert best_checkpoint(str(tmp / "sweeps" / sweep_id)) == checkpoint, "a sweep named by its directory"
 
     blocked = tmp / "table.md" / "under-a-file.csv"  # a file where its directory should be
     with pytest.raises(UserError, match=rf"compare --csv {re.escape(str(blocked))}: cannot write it"):
