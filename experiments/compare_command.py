@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,15 @@ from experiments.compare_table import (
     table_cells,
 )
 from experiments.plots import line_chart, point_chart
-from experiments.runs import STEP_KEY, Run, find_run_dirs, online_checkpoint, online_runs, read_run_dir
+from experiments.runs import (
+    STEP_KEY,
+    Run,
+    find_run_dirs,
+    online_checkpoint,
+    online_runs,
+    online_sweep,
+    read_run_dir,
+)
 from experiments.sweep_spec import SEED_KEY
 from experiments.sweep_store import DEFAULT_SWEEPS_DIR, SweepStore
 from experiments.terminal import CommandParser, console
@@ -151,23 +158,9 @@ def select(options) -> Selection:
 
 
 def _online_sweep(sweep_id: str) -> Selection:
-    import wandb
-
-    runs = online_runs(sweep=sweep_id)
-    metric = []
-    try:
-        api = wandb.Api()
-        path = (
-            sweep_id
-            if sweep_id.count("/") == 2
-            else f"{api.default_entity}/{os.environ.get('WANDB_PROJECT', 'polyhead')}/{sweep_id}"
-        )
-        config = api.sweep(path).config.get("metric")
-        if config:
-            metric = [Metric(config["name"], config.get("goal", "minimize"))]
-    except wandb.errors.CommError:
-        pass  # the runs came back; without the sweep's metric the defaults apply
-    return Selection(runs, metric, f"W&B sweep {sweep_id}")
+    runs, metric = online_sweep(sweep_id)
+    metrics = [Metric(metric["name"], metric.get("goal", "minimize"))] if metric else []
+    return Selection(runs, metrics, f"W&B sweep {sweep_id}")
 
 
 def default_metrics(runs: list[Run]) -> list[Metric]:
@@ -217,7 +210,10 @@ def best_checkpoint(
         if runs:
             selection = Selection(runs, [], f"group {reference}")
         elif wandb_online():
-            selection = _online_sweep(reference)
+            try:
+                selection = _online_sweep(reference)
+            except UserError:  # not a sweep of this entity and project: a run group, perhaps
+                selection = Selection([], [], "")
             if not selection.runs:
                 selection = Selection(online_runs(group=reference), [], f"group {reference}")
         else:

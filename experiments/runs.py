@@ -11,6 +11,7 @@ or killed mid-write) rather than failing.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from collections.abc import Iterator
@@ -185,23 +186,40 @@ def find_run_dirs(root: str | Path) -> list[Path]:
     return sorted({log.parent for log in Path(root).glob("**/run-*.wandb")}, key=lambda p: p.name)
 
 
-def online_runs(
-    *, sweep: str | None = None, group: str | None = None, project: str | None = None
-) -> list[Run]:
-    """Runs from the W&B server (needs an API key and the network): a sweep ("entity/project/id"
-    or an id in the default project), a group, or a whole project."""
+def sweep_path(sweep: str, project: str | None = None, entity: str | None = None) -> str:
+    """entity/project/id of a W&B sweep, filling what a bare id or project/id leaves out (the
+    project: `project`, else $WANDB_PROJECT or polyhead; the entity: `entity`, else $WANDB_ENTITY
+    or the key's default entity)."""
+    import wandb
+
+    parts = sweep.split("/")
+    if len(parts) == 3:
+        return sweep
+    project = parts[0] if len(parts) == 2 else project or wandb_project()
+    entity = entity or os.environ.get("WANDB_ENTITY") or wandb.Api().default_entity
+    return f"{entity}/{project}/{parts[-1]}"
+
+
+def online_sweep(sweep: str) -> tuple[list[Run], dict | None]:
+    """A W&B sweep's runs and its `metric` setting ({"name", "goal"}, or None), from the server
+    (needs an API key and the network)."""
+    import wandb
+
+    try:
+        remote = wandb.Api().sweep(sweep_path(sweep))
+        return [_from_api(run) for run in remote.runs], remote.config.get("metric")
+    except (wandb.errors.CommError, wandb.errors.UsageError, ValueError) as error:
+        raise UserError(f"W&B: {' '.join(str(error).split())}") from None
+
+
+def online_runs(*, group: str | None = None, project: str | None = None) -> list[Run]:
+    """Runs from the W&B server (needs an API key and the network): a group, or a whole project."""
     import wandb
 
     try:
         api = wandb.Api()
-        if sweep:
-            remote = api.sweep(
-                sweep if sweep.count("/") == 2 else f"{api.default_entity}/{wandb_project()}/{sweep}"
-            )
-            runs = list(remote.runs)
-        else:
-            path = project or f"{api.default_entity}/{wandb_project()}"
-            runs = list(api.runs(path, filters={"group": group} if group else None))
+        path = project or f"{api.default_entity}/{wandb_project()}"
+        runs = list(api.runs(path, filters={"group": group} if group else None))
     except (wandb.errors.CommError, wandb.errors.UsageError, ValueError) as error:
         raise UserError(f"W&B: {' '.join(str(error).split())}") from None
     return [_from_api(run) for run in runs]

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from experiments.runs import sweep_path
 from experiments.sweep_spec import SEED_KEY, SweepSpec
 from experiments.wandb_mode import wandb_project
 from modules.errors import UserError
@@ -31,18 +32,6 @@ def wandb_config(spec: SweepSpec, seeds: int) -> dict:
             )
         config["parameters"][SEED_KEY] = {"values": list(range(seeds))}
     return config
-
-
-def sweep_path(sweep: str, project: str | None, entity: str | None) -> str:
-    """entity/project/id, filling what a bare id or project/id leaves out."""
-    import wandb
-
-    parts = sweep.split("/")
-    if len(parts) == 3:
-        return sweep
-    project = parts[0] if len(parts) == 2 else project or wandb_project()
-    entity = entity or os.environ.get("WANDB_ENTITY") or wandb.Api().default_entity
-    return f"{entity}/{project}/{parts[-1]}"
 
 
 def start_sweep(
