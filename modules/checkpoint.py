@@ -26,7 +26,9 @@ def code_the_pickle_wants(error: Exception) -> str | None:
 def load_weights_only(path: str | Path, map_location: str = "cpu") -> object:
     """torch.load with weights_only=True: tensors, containers and plain values only. A file whose
     pickle names anything else (a function to call, a class to build) is refused before any of it
-    runs; a missing, truncated or foreign file is a UserError naming it."""
+    runs; a missing, truncated or foreign file is a UserError naming it. Memory-mapped: a run reads
+    a checkpoint up to three times (its architecture, its tokenizer, its weights), and only the
+    tensors it uses are read from disk, once, however large the model."""
     path = Path(path)
     if path.is_dir():
         raise UserError(
@@ -36,7 +38,7 @@ def load_weights_only(path: str | Path, map_location: str = "cpu") -> object:
     if not path.is_file():
         raise UserError(f"checkpoint not found: {str(path)!r}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as error:
         wanted = code_the_pickle_wants(error)
         if wanted:
