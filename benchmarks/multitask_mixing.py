@@ -14,6 +14,7 @@ SQuAD EM / F1 (official v1.1 rules), STS-B Spearman.
 
     python benchmarks/multitask_mixing.py                 # everything (~45 min on 2 cores)
     python benchmarks/multitask_mixing.py --steps 100 --runs single,equal
+    python benchmarks/multitask_mixing.py --runs ""      # the table and plot again, from the saved figures
 
 Updates benchmarks/results/multitask_mixing.json (runs asked for replace their earlier figures),
 prints a markdown table, draws multitask_mixing.png.
@@ -159,7 +160,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xticks(range(len(TASKS)), [f"{n}\n{main_metric[n]}" for n in TASKS])
     ax.set_ylabel("validation score x 100")
     ax.set_title("one backbone, four tasks: single-task vs multi-task at equal total steps")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(runs), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -178,7 +179,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     target = RESULTS / "multitask_mixing.json"
     results = json.loads(target.read_text()) if target.exists() else {}
-    for run_name in [r.strip() for r in args.runs.split(",")]:
+    for run_name in [r.strip() for r in args.runs.split(",") if r.strip()]:
         if run_name == "single":
             for name in TASKS:
                 result = train([name], None, args.steps, args.data, args.work / "single" / name)
