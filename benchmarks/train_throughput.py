@@ -1,0 +1,437 @@
+"""Training throughput and peak memory: polyhead against HuggingFace transformers at the same
+architecture, batch, sequence length, dtype (fp32) and thread count.
+
+Issue 8 ("Speed and scale") asks for polyhead >= 1.3x HF's training throughput on CPU in fp32 at
+this small config, with no more peak memory; this script measures both. Two cases:
+
+- bert: polyhead's post-LN encoder with the MaskedLMNextSentence heads and loss (tasks/mlm_nsp.py)
+  against `BertForPreTraining`;
+- t5: polyhead's pre-RMSNorm encoder-decoder with relative position bias and the Seq2Seq task
+  (tasks/seq2seq.py), in T5 v1.0's layout (ReLU, output tied to the embeddings and scaled), against
+  `T5ForConditionalGeneration`.
+
+Both sides of a case are one `BackboneConfig`: HF's config is written from it by
+`bert_config_to_hf` (modules/convert_bert.py) or `t5_config_to_hf` (modules/convert_t5.py), which
+refuse any field HF would compute differently. The parameter counts must then be equal (no
+difference is allowed for: there is none), HF starts from a copy of polyhead's initial weights, and
+before anything is timed both must give the same loss on the benchmark batch with dropout off.
+
+Default config: 4 layers (and 4 decoder layers for t5), d_model 256, 4 heads, d_ff 1024, vocabulary
+8000, sequence 128 (t5: source 128, target seq / 4 = 32), batch 32, fp32, dropout 0.1 on both sides
+(hidden states and attention probabilities; T5's single dropout_rate is both), torch's default
+thread count unless --threads. Batches are random tokens, all of them real (attention masks all
+ones), the same tensors for both sides: for bert segment A is the first half and B the second, about
+15% of positions carry an MLM label, NSP labels are random; for t5 the decoder reads the labels
+shifted right behind the start token (teacher forcing) and every target token is a label.
+
+The timed unit is one training step: forward, loss, backward, AdamW step (lr 5e-4, weight decay 0.01
+on matrices and embeddings only, grouped for both sides by polyhead's modules/optim.py). Both models
+are built in one process and warmed up (3 steps each), then timed in alternating blocks of --steps
+steps (polyhead, HF, polyhead, ...) --repeats times, so a change in the machine's load touches both
+alike; throughput is the median over repeats of real input tokens per second (t5: source + target
+tokens). Peak memory is measured for each side alone in a fresh process (this script again, with a
+hidden flag): the peak resident set (VmHWM) after warm-up + --steps steps, minus the resident set
+after imports (VmRSS).
+
+What differs is how each library computes the same network, which is what is measured: polyhead
+projects MLM logits at the masked positions only (HF: at every position), fuses q/k/v (and T5's
+cross-attention k/v) into one matmul, and drops out the feed-forward hidden units, which HF BERT
+does not (HF T5 does; with dropout 0 no such difference is left). HF T5 is called with
+use_cache=False: training needs no KV cache.
+
+    python benchmarks/train_throughput.py                           # both cases, default config
+    python benchmarks/train_throughput.py --threads 2 --repeats 9   # the threads the peers used
+    python benchmarks/train_throughput.py --cases t5 --batch 16 --seq 256
+    python benchmarks/train_throughput.py --quick                   # a tiny smoke run
+
+Prints one line per case (tokens/s of both sides and their ratio, peak MiB of both and their ratio)
+and writes benchmarks/results/train_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import Tensor, nn
+from transformers import BertConfig, BertForPreTraining, PreTrainedModel, T5Config, T5ForConditionalGeneration
+
+from modules.backbone import Backbone, init_weights
+from modules.config import BackboneConfig
+from modules.convert_bert import bert_config_to_hf, polyhead_to_bert
+from modules.convert_t5 import polyhead_to_t5, t5_config_to_hf
+from modules.optim import OptimizerConfig, build_optimizer
+from tasks.base import Task, batch_tokens
+from tasks.mlm_nsp import IGNORE, MaskedLMNextSentence
+from tasks.seq2seq import Seq2Seq
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.json"
+VOCAB = 8000
+HEADS = 4
+FIRST_TEXT_ID = 5  # random tokens avoid the low ids special tokens use
+T5_PAD, T5_EOS, T5_START = 0, 1, 0  # T5's ids: its decoder starts from <pad>
+MLM_RATE = 0.15
+OPTIMIZER = OptimizerConfig(lr=5e-4, weight_decay=0.01, warmup=0, schedule="constant")
+WARMUP_STEPS = 3
+SEED = 0
+SIDES = ("polyhead", "hf")
+QUICK = {"steps": 2, "repeats": 2, "batch": 4, "seq": 32, "layers": 1, "d_model": 64}
+"""--quick: a config small enough to run in seconds; flags given explicitly still win."""
+
+
+@dataclass
+class Case:
+    """One comparison: polyhead's architecture and task, HF's counterpart, the batch both train on."""
+
+    config: BackboneConfig
+    task: Task
+    batch: dict[str, Tensor]  # polyhead's batch, as the task's collate gives it
+    hf_inputs: dict[str, Any]  # the same tensors as HF's forward arguments
+    hf_model: Callable[[BackboneConfig], PreTrainedModel]  # HF's model of a config, HF-initialised
+    hf_weights: Callable[[nn.ModuleDict, BackboneConfig], dict[str, Tensor]]  # polyhead's, in HF's names
+
+
+def mlm_nsp_batch(batch: int, seq: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """Random `[CLS] A [SEP] B [SEP]`-shaped inputs: no padding, segment B the second half, about
+    MLM_RATE of the positions labelled with their token, random NSP labels."""
+    input_ids = torch.randint(FIRST_TEXT_ID, VOCAB, (batch, seq), generator=generator)  # (B, T)
+    selected = torch.rand(batch, seq, generator=generator) < MLM_RATE  # (B, T)
+    return {
+        "input_ids": input_ids,
+        "token_type_ids": (torch.arange(seq) >= seq // 2).long().repeat(batch, 1),  # (B, T)
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),  # (B, T)
+        "mlm_labels": torch.where(selected, input_ids, IGNORE),  # (B, T)
+        "nsp_labels": torch.randint(2, (batch,), generator=generator),  # (B,)
+    }
+
+
+def seq2seq_batch(batch: int, source: int, target: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """Random sources and targets, no padding; the decoder input is the target shifted right behind
+    the start token, as Seq2Seq.collate makes it."""
+    labels = torch.randint(FIRST_TEXT_ID, VOCAB, (batch, target), generator=generator)  # (B, T)
+    start = torch.full((batch, 1), T5_START)  # (B, 1)
+    return {
+        "input_ids": torch.randint(FIRST_TEXT_ID, VOCAB, (batch, source), generator=generator),  # (B, S)
+        "attention_mask": torch.ones(batch, source, dtype=torch.long),  # (B, S)
+        "decoder_input_ids": torch.cat([start, labels[:, :-1]], dim=1),  # (B, T)
+        "decoder_attention_mask": torch.ones(batch, target, dtype=torch.long),  # (B, T)
+        "labels": labels,  # (B, T)
+    }
+
+
+def bert_case(args: argparse.Namespace) -> Case:
+    """MLM + NSP on BackboneConfig's defaults, which are BERT's layout, against BertForPreTraining."""
+    config = BackboneConfig(
+        vocab_size=VOCAB,
+        d_model=args.d_model,
+        n_heads=HEADS,
+        d_ff=4 * args.d_model,
+        encoder_layers=args.layers,
+        max_len=args.seq,
+        dropout=args.dropout,
+        attention_dropout=args.dropout,
+    )
+    batch = mlm_nsp_batch(args.batch, args.seq, torch.Generator().manual_seed(SEED))
+    return Case(
+        config=config,
+        task=MaskedLMNextSentence(max_length=args.seq),
+        batch=batch,
+        hf_inputs={
+            "input_ids": batch["input_ids"],
+            "token_type_ids": batch["token_type_ids"],
+            "attention_mask": batch["attention_mask"],
+            "labels": batch["mlm_labels"],
+            "next_sentence_label": batch["nsp_labels"],
+        },
+        hf_model=lambda c: BertForPreTraining(BertConfig.from_dict(bert_config_to_hf(c, 0, with_heads=True))),
+        hf_weights=lambda model, c: polyhead_to_bert(
+            model["backbone"].state_dict(), model["head"].state_dict(), c
+        ),
+    )
+
+
+def t5_case(args: argparse.Namespace) -> Case:
+    """Seq2Seq on T5 v1.0's layout (as backbone_config_from_t5 reads HF's T5Config defaults) against
+    T5ForConditionalGeneration; the target is a quarter of the source."""
+    config = BackboneConfig(
+        vocab_size=VOCAB,
+        d_model=args.d_model,
+        n_heads=HEADS,
+        d_ff=4 * args.d_model,
+        encoder_layers=args.layers,
+        decoder_layers=args.layers,
+        position="relative",
+        type_vocab_size=0,
+        norm="pre",
+        norm_type="rmsnorm",
+        norm_eps=1e-6,
+        embedding_norm=False,
+        activation="relu",
+        bias=False,
+        scale_attention=False,
+        dropout=args.dropout,
+        attention_dropout=args.dropout,  # T5 has one dropout_rate for both
+        pooler=False,
+        scale_tied_output=True,
+        init="t5",
+    )
+    target = args.seq // 4
+    batch = seq2seq_batch(args.batch, args.seq, target, torch.Generator().manual_seed(SEED))
+    return Case(
+        config=config,
+        task=Seq2Seq(max_source_length=args.seq, max_target_length=target),
+        batch=batch,
+        hf_inputs={**batch, "use_cache": False},  # Seq2Seq's batch keys are HF's argument names
+        hf_model=lambda c: T5ForConditionalGeneration(
+            T5Config.from_dict(t5_config_to_hf(c, T5_PAD, T5_EOS, T5_START))
+        ),
+        hf_weights=lambda model, c: polyhead_to_t5(model["backbone"].state_dict(), None, c),
+    )
+
+
+CASES = {"bert": bert_case, "t5": t5_case}
+
+
+def polyhead_model(config: BackboneConfig, task: Task) -> nn.ModuleDict:
+    """The backbone and the task's head, built and initialised as MultiTaskModel builds them."""
+    backbone = Backbone(config)
+    head = task.build_head(config)
+    init_weights(head, config)
+    return nn.ModuleDict({"backbone": backbone, "head": head})
+
+
+def hf_copy(case: Case, config: BackboneConfig, polyhead: nn.ModuleDict) -> PreTrainedModel:
+    """HF's model of `config` holding polyhead's weights. Only tied aliases (HF's decoder / lm_head /
+    embed_tokens copies of the embeddings) and buffers (BERT's position and segment ids) may be left
+    unloaded; anything else means the two models are not the same network."""
+    model = case.hf_model(config)
+    missing, unexpected = model.load_state_dict(case.hf_weights(polyhead, config), strict=False)
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
+        n for n, _ in model.named_parameters()
+    }
+    unloaded = set(missing) - aliases - {n for n, _ in model.named_buffers()}
+    if unexpected or unloaded:
+        raise RuntimeError(f"HF model differs: unexpected {unexpected}, not loaded {sorted(unloaded)}")
+    return model
+
+
+def polyhead_loss(case: Case, model: nn.ModuleDict) -> Callable[[], Tensor]:
+    """The task's own forward and loss on the batch, as MultiTaskModel.training_step runs them."""
+    task = case.task
+    return lambda: task.loss(task.forward(model["backbone"], model["head"], case.batch), case.batch)["loss"]
+
+
+def hf_loss(case: Case, model: PreTrainedModel) -> Callable[[], Tensor]:
+    """HF's forward with labels on the batch: the loss HF computes itself."""
+    return lambda: model(**case.hf_inputs).loss
+
+
+def loss_of(case: Case, side: str, model: nn.Module) -> Callable[[], Tensor]:
+    """The loss closure of `side` ("polyhead" or "hf") for its model."""
+    return polyhead_loss(case, model) if side == "polyhead" else hf_loss(case, model)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Distinct parameters: a tied matrix counts once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_same_loss(case: Case, polyhead: nn.ModuleDict) -> float:
+    """Refuse to time two models that do not compute the same thing: with dropout off, in train mode
+    as they are timed, polyhead's weights must give the same loss in polyhead and in HF. -> the loss."""
+    quiet = dataclasses.replace(case.config, dropout=0.0, attention_dropout=0.0)
+    ours = polyhead_model(quiet, case.task)
+    ours.load_state_dict(polyhead.state_dict())
+    theirs = hf_copy(case, quiet, polyhead)
+    with torch.no_grad():
+        loss, reference = polyhead_loss(case, ours.train())(), hf_loss(case, theirs.train())()
+    if not torch.allclose(loss, reference, rtol=1e-5, atol=1e-4):
+        raise RuntimeError(f"polyhead's loss {loss.item():.6f} != HF's {reference.item():.6f}")
+    return loss.item()
+
+
+def training_step(model: nn.Module, loss: Callable[[], Tensor]) -> Callable[[], None]:
+    """-> the timed unit for `model` (put in train mode): forward + loss + backward + AdamW step.
+
+    Both sides get polyhead's AdamW (decay on matrices and embeddings, not on biases or norm scales)
+    at a constant learning rate; the schedule build_optimizer also returns is not stepped.
+    """
+    model.train()
+    optimizer = build_optimizer(model, OPTIMIZER, total_steps=1, depth=lambda name: 0)["optimizer"]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+        optimizer.step()
+
+    return step
+
+
+def tokens_per_second(step: Callable[[], None], steps: int, tokens: int) -> float:
+    """Real input tokens per second over `steps` consecutive steps."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * tokens / (time.perf_counter() - start)
+
+
+def measure_throughput(case: Case, args: argparse.Namespace) -> dict:
+    """Both sides in this process, warmed up, then timed in alternating blocks (see the docstring)."""
+    torch.manual_seed(SEED)
+    ours = polyhead_model(case.config, case.task)
+    theirs = hf_copy(case, case.config, ours)
+    parameters = parameter_count(ours)
+    if parameter_count(theirs) != parameters:
+        raise RuntimeError(f"polyhead has {parameters} parameters, HF {parameter_count(theirs)}")
+    start_loss = check_same_loss(case, ours)
+    steps = {
+        side: training_step(model, loss_of(case, side, model))
+        for side, model in zip(SIDES, (ours, theirs), strict=True)
+    }
+    for step in steps.values():
+        for _ in range(WARMUP_STEPS):
+            step()
+    tokens = batch_tokens(case.batch)
+    rates: dict[str, list[float]] = {side: [] for side in SIDES}
+    for _ in range(args.repeats):
+        for side, step in steps.items():
+            rates[side].append(tokens_per_second(step, args.steps, tokens))
+    return {
+        "parameters": parameters,
+        "tokens_per_step": tokens,
+        "loss_at_start": round(start_loss, 4),
+        "hf_attention": theirs.config._attn_implementation,
+        "tokens_per_s": {side: round(statistics.median(r), 1) for side, r in rates.items()},
+        "tokens_per_s_repeats": {side: [round(x, 1) for x in r] for side, r in rates.items()},
+    }
+
+
+def resident_mib(field: str) -> float:
+    """A line of /proc/self/status in MiB (Linux): "VmRSS", the resident set now, or "VmHWM", its peak.
+
+    Not getrusage's ru_maxrss: exec keeps the peak of the process that forked, so a subprocess of
+    this script (which holds two models by then) would start from the parent's peak.
+    """
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(f"{field}:"))
+    return int(line.split()[1]) / 1024  # given in kB
+
+
+def peak_memory_here(case_name: str, side: str, args: argparse.Namespace) -> float:
+    """In a fresh process: how far warm-up + --steps steps of one side alone raise the peak resident
+    set above the resident set after imports. HF keeps its own initialisation here: weights do not
+    change what memory a step takes."""
+    after_imports = resident_mib("VmRSS")
+    torch.manual_seed(SEED)
+    case = CASES[case_name](args)
+    model = polyhead_model(case.config, case.task) if side == "polyhead" else case.hf_model(case.config)
+    step = training_step(model, loss_of(case, side, model))
+    for _ in range(WARMUP_STEPS + args.steps):
+        step()
+    return resident_mib("VmHWM") - after_imports
+
+
+def peak_memory(case_name: str, side: str, args: argparse.Namespace) -> float:
+    """`peak_memory_here` in a subprocess of this script with the same config and threads."""
+    command = [
+        *(sys.executable, str(Path(__file__).resolve()), "--peak-memory-of", f"{case_name}:{side}"),
+        *("--threads", str(args.threads), "--steps", str(args.steps), "--batch", str(args.batch)),
+        *("--seq", str(args.seq), "--layers", str(args.layers), "--d-model", str(args.d_model)),
+        *("--dropout", str(args.dropout)),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode:
+        raise RuntimeError(f"peak memory of {case_name}:{side} failed:\n{result.stderr}")
+    return float(result.stdout.split()[-1])
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per block")
+    parser.add_argument("--repeats", type=int, default=5, help="timed blocks per side")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--cases", default="bert,t5", help="comma-separated, of: " + ", ".join(CASES))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=128, help="tokens per input (t5: source; target seq/4)")
+    parser.add_argument("--layers", type=int, default=4, help="encoder layers (t5: and decoder layers)")
+    parser.add_argument("--d-model", type=int, default=256, help=f"width; {HEADS} heads, d_ff 4 x d_model")
+    parser.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout, both sides")
+    parser.add_argument("--quick", action="store_true", help=f"a tiny smoke run: {QUICK}")
+    parser.add_argument("--peak-memory-of", help=argparse.SUPPRESS)  # CASE:SIDE, the subprocess's job
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    unknown = set(args.cases.split(",")) - set(CASES)
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; known: {', '.join(CASES)}")
+    return args
+
+
+def table_row(name: str, result: dict) -> str:
+    """One case's line, under the header main prints."""
+    rate, peak = result["tokens_per_s"], result["peak_mib"]
+    return (
+        f"{name:<6}{rate['polyhead']:>16.0f}{rate['hf']:>12.0f}{result['throughput_ratio']:>8.2f}"
+        f"{peak['polyhead']:>20.1f}{peak['hf']:>14.1f}{result['memory_ratio']:>8.2f}"
+    )
+
+
+def main(argv: list[str]) -> None:
+    args = parse_arguments(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
+    if args.peak_memory_of:
+        print(peak_memory_here(*args.peak_memory_of.split(":"), args))
+        return
+    results = {}
+    print(f"{'case':<6}{'polyhead tok/s':>16}{'HF tok/s':>12}{'ratio':>8}", end="")
+    print(f"{'polyhead peak MiB':>20}{'HF peak MiB':>14}{'ratio':>8}")
+    for name in args.cases.split(","):
+        result = measure_throughput(CASES[name](args), args)
+        result["peak_mib"] = {side: round(peak_memory(name, side, args), 1) for side in SIDES}
+        result["throughput_ratio"] = round(
+            result["tokens_per_s"]["polyhead"] / result["tokens_per_s"]["hf"], 3
+        )
+        result["memory_ratio"] = round(result["peak_mib"]["polyhead"] / result["peak_mib"]["hf"], 3)
+        results[name] = result
+        print(table_row(name, result), flush=True)
+    setting = {key: value for key, value in vars(args).items() if key not in ("cases", "peak_memory_of")}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "command": " ".join(["python", "benchmarks/train_throughput.py", *argv]),
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+                "setting": setting
+                | {"vocab": VOCAB, "heads": HEADS, "d_ff": 4 * args.d_model, "warmup_steps": WARMUP_STEPS}
+                | {"lr": OPTIMIZER.lr, "weight_decay": OPTIMIZER.weight_decay, "dtype": "float32"},
+                "cases": results,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
