@@ -34,9 +34,9 @@ hidden flag): the peak resident set (VmHWM) after warm-up + --steps steps, minus
 after imports (VmRSS).
 
 What differs is how each library computes the same network, which is what is measured: polyhead
-projects MLM logits at the masked positions only (HF: at every position), fuses q/k/v (and T5's
-cross-attention k/v) into one matmul, and drops out the feed-forward hidden units, which HF BERT
-does not (HF T5 does; with dropout 0 no such difference is left). HF T5 is called with
+projects MLM logits at the masked positions only (HF: at every position) and fuses q/k/v (and
+T5's cross-attention k/v) into one matmul. Dropout sits where each original puts it (BERT: none
+between the feed-forward projections, `ff_dropout: 0.0`, as an imported BERT gets; T5: there too). HF T5 is called with
 use_cache=False: training needs no KV cache.
 
     python benchmarks/train_throughput.py                           # both cases, default config
@@ -144,6 +144,7 @@ def bert_case(args: argparse.Namespace) -> Case:
         max_len=args.seq,
         dropout=args.dropout,
         attention_dropout=args.dropout,
+        ff_dropout=0.0,  # BERT's: none between the feed-forward projections
     )
     batch = mlm_nsp_batch(args.batch, args.seq, torch.Generator().manual_seed(SEED))
     return Case(
@@ -253,7 +254,7 @@ def parameter_count(model: nn.Module) -> int:
 def check_same_loss(case: Case, polyhead: nn.ModuleDict) -> float:
     """Refuse to time two models that do not compute the same thing: with dropout off, in train mode
     as they are timed, polyhead's weights must give the same loss in polyhead and in HF. -> the loss."""
-    quiet = dataclasses.replace(case.config, dropout=0.0, attention_dropout=0.0)
+    quiet = dataclasses.replace(case.config, dropout=0.0, attention_dropout=0.0, ff_dropout=0.0)
     ours = polyhead_model(quiet, case.task)
     ours.load_state_dict(polyhead.state_dict())
     theirs = hf_copy(case, quiet, polyhead)

@@ -57,9 +57,12 @@ class BackboneConfig:
     scale_attention: bool = True
     """Divide attention logits by sqrt(head_dim); T5 folds the scale into its initialisation instead."""
     dropout: float = 0.1
-    """Dropout on embeddings, sub-layer outputs and feed-forward hidden units."""
+    """Dropout on embeddings and sub-layer outputs."""
     attention_dropout: float = 0.1
     """Dropout on attention probabilities."""
+    ff_dropout: float | None = None
+    """Dropout on the feed-forward hidden units (between its two projections): T5 has it, BERT
+    does not (0.0). None: the same as `dropout`."""
     pooler: bool = True
     """BERT's pooler: tanh(W h_[CLS] + b), used by sentence-level heads such as NSP."""
     tie_embeddings: bool = True
@@ -91,8 +94,8 @@ class BackboneConfig:
         for name in ("d_model", "n_heads", "d_ff", "max_len"):
             if getattr(self, name) <= 0:
                 raise UserError(f"model.backbone.{name} must be positive, got {getattr(self, name)}")
-        for name in ("dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
+        for name in ("dropout", "attention_dropout", "ff_dropout"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"model.backbone.{name} must be in [0, 1), got {getattr(self, name)}")
 
     @property

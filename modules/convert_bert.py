@@ -79,6 +79,7 @@ def backbone_config_from_bert(hf_config: Any) -> BackboneConfig:
         scale_attention=True,
         dropout=hf_config.hidden_dropout_prob,
         attention_dropout=hf_config.attention_probs_dropout_prob,
+        ff_dropout=0.0,  # BERT drops out the feed-forward output only
         pooler=True,
         tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
         scale_tied_output=False,
@@ -111,7 +112,8 @@ def bert_config_to_hf(config: BackboneConfig, pad_id: int | None, with_heads: bo
         "pad_token_id": pad_id or 0,
         "tie_word_embeddings": config.tie_embeddings,
     }
-    unused = {"init", "relative_buckets", "relative_max_distance"}  # absolute positions; init is spent
+    # absolute positions; init is spent; ff_dropout acts in training only (BERT has none there)
+    unused = {"init", "relative_buckets", "relative_max_distance", "ff_dropout"}
     refuse_differences(config, backbone_config_from_bert(SimpleNamespace(**hf)), "BERT", unused)
     if not config.type_vocab_size:
         raise UserError(

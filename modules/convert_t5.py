@@ -109,6 +109,7 @@ def backbone_config_from_t5(hf_config: Any, lm_head_in_weights: bool = True) -> 
         scale_attention=False,
         dropout=hf_config.dropout_rate,
         attention_dropout=hf_config.dropout_rate,
+        ff_dropout=hf_config.dropout_rate,
         pooler=False,
         tie_embeddings=tied,
         scale_tied_output=scaled,
@@ -119,8 +120,8 @@ def backbone_config_from_t5(hf_config: Any, lm_head_in_weights: bool = True) -> 
 def t5_config_to_hf(config: BackboneConfig, pad_id: int, eos_id: int, start_id: int) -> dict:
     """`BackboneConfig` -> the config.json of `T5ForConditionalGeneration`.
 
-    HF T5 has one dropout_rate, which gets `dropout` (attention_dropout is not written); `max_len`
-    and the initialisation do not change what the model computes. A backbone T5 cannot compute is
+    HF T5 has one dropout_rate, which gets `dropout` (attention_dropout and ff_dropout are not
+    written); `max_len`, the initialisation and dropout do not change what the trained model computes. A backbone T5 cannot compute is
     refused with the config keys that differ.
     """
     act = OUR_ACTIVATIONS_IN_HF[config.activation]
@@ -154,7 +155,7 @@ def t5_config_to_hf(config: BackboneConfig, pad_id: int, eos_id: int, start_id: 
             "tie_embeddings=False (T5 scales only a tied output)"
         )
     expressed = backbone_config_from_t5(SimpleNamespace(**hf), lm_head_in_weights=not config.tie_embeddings)
-    unused = {"init", "init_std", "max_len", "attention_dropout"}  # see the docstring
+    unused = {"init", "init_std", "max_len", "attention_dropout", "ff_dropout"}  # see the docstring
     refuse_differences(config, expressed, "T5", unused)
     return hf
 

@@ -8,6 +8,8 @@ import torch
 from modules.attention import attention_bias, causal_mask_bias
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
+from modules.errors import UserError
+from modules.layers import FeedForward
 
 
 def small(**overrides) -> BackboneConfig:
@@ -94,3 +96,17 @@ def test_fully_padded_row_stays_finite():
     bias = attention_bias(3, 3, key_padding_mask=torch.zeros(1, 3), causal=True)
     scores = torch.softmax(torch.zeros(1, 1, 3, 3) + bias, dim=-1)
     assert torch.isfinite(scores).all()
+
+
+def test_feed_forward_dropout_is_its_own_setting():
+    """BERT drops out no feed-forward hidden units (an imported BERT sets ff_dropout 0.0), T5 does;
+    with ff_dropout 0 the feed-forward block is deterministic in training even with dropout on."""
+    x = torch.randn(2, 5, 16)
+    for ff_dropout, deterministic in ((0.0, True), (None, False)):
+        config = BackboneConfig(
+            vocab_size=50, d_model=16, n_heads=2, d_ff=64, dropout=0.5, ff_dropout=ff_dropout
+        )
+        feed_forward = FeedForward(config).train()
+        assert torch.equal(feed_forward(x), feed_forward(x)) == deterministic
+    with pytest.raises(UserError, match=r"model.backbone.ff_dropout must be in \[0, 1\), got 1.0"):
+        BackboneConfig(vocab_size=50, ff_dropout=1.0)

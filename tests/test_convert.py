@@ -58,6 +58,7 @@ def bert_pair(tie: bool):
     hf = transformers.BertForPreTraining(hf_config).eval()
     perturb(hf)
     config = backbone_config_from_bert(hf_config)
+    assert config.ff_dropout == 0.0, "BERT has no dropout between its feed-forward projections"
     backbone_sd, head_sd = bert_to_polyhead(hf.state_dict(), config)
     backbone = Backbone(config).eval()
     backbone.load_state_dict(backbone_sd, strict=True)
