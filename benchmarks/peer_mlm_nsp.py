@@ -7,6 +7,7 @@ steps, AdamW 5e-4 with 10% warmup and linear decay, weight decay 0.01, clip 1.0,
 accuracy, and training tokens per second, with polyhead / HF ratios.
 
     python benchmarks/peer_mlm_nsp.py --steps 600
+    python benchmarks/peer_mlm_nsp.py --steps 600 --polyhead-arg=--model.tasks.mlm_nsp.init_args.nsp_input=segments
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def run_peer(steps: int, out: Path) -> dict:
     return json.loads(line[len("SUMMARY ") :])
 
 
-def run_polyhead(steps: int, out: Path) -> dict:
+def run_polyhead(steps: int, out: Path, extra: list[str]) -> dict:
     env = os.environ | {"WANDB_MODE": "offline", "WANDB_DIR": str(out), "OMP_NUM_THREADS": "2"}
     args = [
         sys.executable, "-m", "experiments.cli", "fit",
@@ -52,6 +53,7 @@ def run_polyhead(steps: int, out: Path) -> dict:
         "--trainer.accelerator", "cpu",
         "--trainer.logger.init_args.save_dir", str(out),
         "--checkpoint.dirpath", str(out / "checkpoints"),
+        *extra,
     ]  # fmt: skip
     subprocess.run(args, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     run_dir = glob.glob(str(out / "wandb" / "offline-run-*"))[0]
@@ -72,9 +74,14 @@ def run_polyhead(steps: int, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument(
+        "--polyhead-arg", action="append", default=[], metavar="ARG",
+        help="one more argument for polyhead's run (a variant), e.g. "
+        "--polyhead-arg=--model.tasks.mlm_nsp.init_args.nsp_input=segments",
+    )  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        ours = run_polyhead(args.steps, Path(tmp) / "polyhead")
+        ours = run_polyhead(args.steps, Path(tmp) / "polyhead", args.polyhead_arg)
         peer = run_peer(args.steps, Path(tmp) / "peer")
     peer_row = {
         "val_mlm_loss": peer["val_mlm_loss"],
