@@ -7,7 +7,7 @@ steps, AdamW 5e-4 with 10% warmup and linear decay, weight decay 0.01, clip 1.0,
 accuracy, and training tokens per second, with polyhead / HF ratios.
 
     python benchmarks/peer_mlm_nsp.py --steps 600
-    python benchmarks/peer_mlm_nsp.py --steps 600 --polyhead-arg=--model.tasks.mlm_nsp.init_args.nsp_input=segments
+    python benchmarks/peer_mlm_nsp.py --steps 600 --polyhead-arg=--model.backbone.dropout=0   # a variant
 """
 
 from __future__ import annotations
@@ -76,8 +76,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument(
         "--polyhead-arg", action="append", default=[], metavar="ARG",
-        help="one more argument for polyhead's run (a variant), e.g. "
-        "--polyhead-arg=--model.tasks.mlm_nsp.init_args.nsp_input=segments",
+        help="one more argument for polyhead's run (a variant), e.g. --polyhead-arg=--model.backbone.dropout=0",
     )  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

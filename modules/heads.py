@@ -78,24 +78,6 @@ class PooledClassifierHead(nn.Module):
         return self.classifier(self.dropout(pooled))
 
 
-class SegmentPairClassifierHead(nn.Module):
-    """A linear classifier on how two segments' mean states compare: [a, b, |a - b|, a * b], the
-    features sentence-pair models classify. NSP through it needs no [CLS] that has learnt to
-    summarise the pair, only states that carry each segment's topic."""
-
-    def __init__(self, config: BackboneConfig, num_classes: int) -> None:
-        super().__init__()
-        self.classifier = nn.Linear(4 * config.d_model, num_classes)
-
-    def forward(self, hidden: Tensor, first: Tensor, second: Tensor) -> Tensor:
-        """hidden: (B, T, D); first, second: (B, T) bool, each segment's real tokens -> logits (B, C)"""
-        a, b = (
-            (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)  # (B, D)
-            for mask in (first, second)
-        )
-        return self.classifier(torch.cat([a, b, (a - b).abs(), a * b], dim=-1))
-
-
 class EmbeddingHead(nn.Module):
     """Sentence embedding: pool the token states, optionally project, then L2-normalise.
 

@@ -422,13 +422,7 @@ def export_hf(checkpoint_path: Path, out: Path) -> Conversion:
     backbone = _strip(state, "backbone.")
     try:
         if config.architecture == "encoder":
-            # NSP on segment means has no place in BertForPreTraining: such a model exports as BertModel
-            model_type, head_prefix = (
-                "bert",
-                _head_of(
-                    checkpoint, "MaskedLMNextSentence", lambda args: args.get("nsp_input", "cls") == "cls"
-                ),
-            )
+            model_type, head_prefix = "bert", _head_of(checkpoint, "MaskedLMNextSentence")
             head = None if head_prefix is None else _strip(state, head_prefix)
             hf_config = bert_config_to_hf(config, tokenizer.pad_id, with_heads=head is not None)
             weights = polyhead_to_bert(backbone, head, config)

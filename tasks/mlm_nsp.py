@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.errors import UserError
-from modules.heads import MaskedLMHead, PooledClassifierHead, SegmentPairClassifierHead
+from modules.heads import MaskedLMHead, PooledClassifierHead
 from tasks.base import Task, check_fits_positions
 from tasks.sentences import split_sentences
 
@@ -141,7 +140,6 @@ class MaskedLMNextSentence(Task):
         random_fraction: float = 0.1,
         short_seq_prob: float = 0.1,
         dupe_factor: int = 5,
-        nsp_input: Literal["cls", "segments"] = "cls",
         loss_weight: float = 1.0,
     ) -> None:
         """
@@ -150,10 +148,6 @@ class MaskedLMNextSentence(Task):
         mask_fraction / random_fraction: of those, replaced by [MASK] / a random token (the rest stay).
         short_seq_prob: share of inputs built to a random shorter length.
         dupe_factor: passes over the corpus, each with new A/B pairings, that make up one split.
-        nsp_input: what next-sentence prediction reads. "cls": BERT's pooled [CLS]. "segments": how
-            the mean last-layer states of A and B compare (modules/heads.py SegmentPairClassifierHead);
-            a small budget does not teach [CLS] to compare the segments, while their mean states
-            already tell topics apart (benchmarks/nsp_signal.py).
         """
         super().__init__(loss_weight)
         if max_length < 8:
@@ -163,9 +157,6 @@ class MaskedLMNextSentence(Task):
         self.max_length, self.mlm_probability = max_length, mlm_probability
         self.mask_fraction, self.random_fraction = mask_fraction, random_fraction
         self.short_seq_prob, self.dupe_factor = short_seq_prob, dupe_factor
-        if nsp_input not in ("cls", "segments"):
-            raise UserError(f"MaskedLMNextSentence.nsp_input must be 'cls' or 'segments', got {nsp_input!r}")
-        self.nsp_input = nsp_input
         self.unigram_log_probs: Tensor | None = None  # baseline: training-token frequencies
         self.majority_nsp_label = IS_NEXT
 
@@ -177,23 +168,18 @@ class MaskedLMNextSentence(Task):
             "random_fraction": self.random_fraction,
             "short_seq_prob": self.short_seq_prob,
             "dupe_factor": self.dupe_factor,
-            "nsp_input": self.nsp_input,
             "loss_weight": self.loss_weight,
         }
 
     def build_head(self, config: BackboneConfig) -> nn.Module:
-        if self.nsp_input == "cls" and not config.pooler:
+        if not config.pooler:
             raise UserError(
-                "task MaskedLMNextSentence needs model.backbone.pooler: true (NSP reads the pooled [CLS]), "
-                "or nsp_input: segments"
+                "task MaskedLMNextSentence needs model.backbone.pooler: true (NSP reads the pooled [CLS])"
             )
         check_fits_positions(config, self.max_length, "MaskedLMNextSentence.max_length")
-        nsp = (
-            PooledClassifierHead(config, num_classes=2)
-            if self.nsp_input == "cls"
-            else SegmentPairClassifierHead(config, num_classes=2)
+        return nn.ModuleDict(
+            {"mlm": MaskedLMHead(config), "nsp": PooledClassifierHead(config, num_classes=2)}
         )
-        return nn.ModuleDict({"mlm": MaskedLMHead(config), "nsp": nsp})
 
     def tokenize(self, batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
         documents = [
@@ -284,16 +270,8 @@ class MaskedLMNextSentence(Task):
         selected = batch["mlm_labels"] != IGNORE  # (B, T)
         return {
             "mlm_logits": head["mlm"](hidden[selected], backbone.token_embedding),  # (N, V)
-            "nsp_logits": self._nsp_logits(backbone, head["nsp"], hidden, batch),  # (B, 2)
+            "nsp_logits": head["nsp"](backbone.pool(hidden)),  # (B, 2)
         }
-
-    def _nsp_logits(
-        self, backbone: Backbone, head: nn.Module, hidden: Tensor, batch: dict[str, Tensor]
-    ) -> Tensor:
-        if self.nsp_input == "cls":
-            return head(backbone.pool(hidden))
-        real = batch["attention_mask"].bool()  # (B, T); segment B is token type 1, A the rest
-        return head(hidden, real & (batch["token_type_ids"] == 0), real & (batch["token_type_ids"] == 1))
 
     def loss(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
         targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE]

@@ -11,7 +11,6 @@ import torch
 from datamodules.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerConfig
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
-from modules.errors import UserError
 from tasks.mlm_nsp import IGNORE, IS_NEXT, RANDOM_NEXT, MaskedLMNextSentence
 from tasks.sentences import split_sentences
 
@@ -178,30 +177,3 @@ def test_sentences_the_vocabulary_cannot_spell_are_left_out(tokenizer):
     assert len(pairs.table.sentence_starts) - 1 == sum(2 if d % 2 else 1 for d in range(40))
     batch = task.collate([pairs[i] for i in range(len(pairs))], list(range(len(pairs))), tokenizer)
     assert ((batch["mlm_labels"] != IGNORE).sum(dim=1) >= 1).all()
-
-
-def test_nsp_on_segment_means_learns_a_batch_and_needs_no_pooler(examples, tokenizer):
-    """nsp_input "segments" classifies how A's and B's mean states compare: its logits depend on
-    each segment's tokens (not on [CLS]), and MLM + NSP still overfit one batch without a pooler."""
-    _, pairs = examples
-    task = MaskedLMNextSentence(max_length=64, nsp_input="segments")
-    torch.manual_seed(0)
-    backbone, head = _model(task, tokenizer, dropout=0.0, attention_dropout=0.0, pooler=False)
-    batch = task.collate([pairs[i] for i in range(8)], list(range(8)), tokenizer)
-    optimizer = torch.optim.AdamW(list(backbone.parameters()) + list(head.parameters()), lr=2e-3)
-    for _ in range(150):
-        losses = task.loss(task.forward(backbone, head, batch), batch)
-        optimizer.zero_grad()
-        losses["loss"].backward()
-        optimizer.step()
-    assert losses["nsp_loss"].item() < 0.05 and losses["mlm_loss"].item() < 0.5, losses
-    hidden = torch.randn(1, 6, backbone.config.d_model)
-    first = torch.tensor([[True, True, True, False, False, False]])
-    logits = head["nsp"](hidden, first, ~first)
-    moved = hidden.clone()
-    moved[0, 1] = hidden[0, 0]  # a token of A changes: A's mean, so the logits, change
-    assert not torch.allclose(head["nsp"](moved, first, ~first), logits)
-    swapped = hidden[:, [1, 0, 2, 4, 3, 5]]  # order within a segment does not matter to its mean
-    assert torch.allclose(head["nsp"](swapped, first, ~first), logits, atol=1e-6)
-    with pytest.raises(UserError, match="nsp_input must be 'cls' or 'segments'"):
-        MaskedLMNextSentence(nsp_input="mean")
