@@ -133,19 +133,23 @@ def seq2seq_batch(batch: int, source: int, target: int, generator: torch.Generat
     }
 
 
-def bert_case(args: argparse.Namespace) -> Case:
-    """MLM + NSP on BackboneConfig's defaults, which are BERT's layout, against BertForPreTraining."""
-    config = BackboneConfig(
+def sized(args: argparse.Namespace, **layout) -> BackboneConfig:
+    """The benchmark's size (width, depth, heads, dropout) in the layout of one case."""
+    return BackboneConfig(
         vocab_size=VOCAB,
         d_model=args.d_model,
         n_heads=HEADS,
         d_ff=4 * args.d_model,
         encoder_layers=args.layers,
-        max_len=args.seq,
         dropout=args.dropout,
         attention_dropout=args.dropout,
-        ff_dropout=0.0,  # BERT's: none between the feed-forward projections
+        **layout,
     )
+
+
+def bert_case(args: argparse.Namespace) -> Case:
+    """MLM + NSP on BackboneConfig's defaults, which are BERT's layout, against BertForPreTraining."""
+    config = sized(args, max_len=args.seq, ff_dropout=0.0)  # BERT: no dropout between the FF projections
     batch = mlm_nsp_batch(args.batch, args.seq, torch.Generator().manual_seed(SEED))
     return Case(
         config=config,
@@ -168,12 +172,8 @@ def bert_case(args: argparse.Namespace) -> Case:
 def t5_case(args: argparse.Namespace) -> Case:
     """Seq2Seq on T5 v1.0's layout (as backbone_config_from_t5 reads HF's T5Config defaults) against
     T5ForConditionalGeneration; the target is a quarter of the source."""
-    config = BackboneConfig(
-        vocab_size=VOCAB,
-        d_model=args.d_model,
-        n_heads=HEADS,
-        d_ff=4 * args.d_model,
-        encoder_layers=args.layers,
+    config = sized(  # T5 has one dropout_rate, for attention and hidden states alike
+        args,
         decoder_layers=args.layers,
         position="relative",
         type_vocab_size=0,
@@ -184,8 +184,6 @@ def t5_case(args: argparse.Namespace) -> Case:
         activation="relu",
         bias=False,
         scale_attention=False,
-        dropout=args.dropout,
-        attention_dropout=args.dropout,  # T5 has one dropout_rate for both
         pooler=False,
         scale_tied_output=True,
         init="t5",

@@ -161,13 +161,15 @@ class MultiTaskDataModule(pl.LightningDataModule):
             dataset = load_split(
                 source, task.predict_fields, "test", f"{where}.predict_path", list_fields=task.list_fields
             )
-        elif split == "predict":
+        else:  # predict without a predict_path reads the test split
             dataset = load_split(
-                source, task.fields, "test", where, task.value_fields, task.list_fields, task.number_fields
-            )
-        else:
-            dataset = load_split(
-                source, task.fields, split, where, task.value_fields, task.list_fields, task.number_fields
+                source,
+                task.fields,
+                "test" if split == "predict" else split,
+                where,
+                task.value_fields,
+                task.list_fields,
+                task.number_fields,
             )
         if dataset is None:
             raise UserError(

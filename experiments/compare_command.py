@@ -284,12 +284,14 @@ def compare(argv: list[str]) -> list[Row]:
     title = f"{selection.title}: {len(selection.runs)} run(s), {len(rows)} configuration(s)"
     out = console()
     out.print(rich_table(title, headers, cells))
-    for note in overlap_notes(rows, metrics):
+    notes = overlap_notes(rows, metrics)
+    for note in notes:
         out.print(note)
     if options.markdown:
         with _writing("--markdown", options.markdown):
-            notes = "".join(f"\n{n}\n" for n in overlap_notes(rows, metrics))
-            write_text_atomically(options.markdown, markdown(headers, cells) + notes)
+            write_text_atomically(
+                options.markdown, markdown(headers, cells) + "".join(f"\n{n}\n" for n in notes)
+            )
         out.print(f"wrote {options.markdown}")
     if options.csv:
         with _writing("--csv", options.csv):

@@ -10,6 +10,7 @@ or killed mid-write) rather than failing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -21,7 +22,7 @@ from pathlib import Path
 from wandb.proto import wandb_internal_pb2
 
 from experiments.wandb_mode import wandb_project
-from modules.errors import UserError
+from modules.errors import UserError, one_line
 
 FILE_HEADER = struct.Struct("<4sHB")  # ident ":W&B", magic 0xBEE1, version
 FRAGMENT_HEADER = struct.Struct("<IHB")  # crc32 of (type byte, data), data length, fragment type
@@ -205,24 +206,31 @@ def online_sweep(sweep: str) -> tuple[list[Run], dict | None]:
     (needs an API key and the network)."""
     import wandb
 
-    try:
+    with _wandb_errors():
         remote = wandb.Api().sweep(sweep_path(sweep))
         return [_from_api(run) for run in remote.runs], remote.config.get("metric")
-    except (wandb.errors.CommError, wandb.errors.UsageError, ValueError) as error:
-        raise UserError(f"W&B: {' '.join(str(error).split())}") from None
 
 
 def online_runs(*, group: str | None = None, project: str | None = None) -> list[Run]:
     """Runs from the W&B server (needs an API key and the network): a group, or a whole project."""
     import wandb
 
-    try:
+    with _wandb_errors():
         api = wandb.Api()
         path = project or f"{api.default_entity}/{wandb_project()}"
         runs = list(api.runs(path, filters={"group": group} if group else None))
-    except (wandb.errors.CommError, wandb.errors.UsageError, ValueError) as error:
-        raise UserError(f"W&B: {' '.join(str(error).split())}") from None
     return [_from_api(run) for run in runs]
+
+
+@contextlib.contextmanager
+def _wandb_errors():
+    """What the W&B server or its client refuses (no such sweep, project or key) -> one UserError line."""
+    import wandb
+
+    try:
+        yield
+    except (wandb.errors.CommError, wandb.errors.UsageError, ValueError) as error:
+        raise UserError(f"W&B: {one_line(str(error))}") from None
 
 
 def _from_api(remote) -> Run:

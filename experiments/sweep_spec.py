@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.yaml_files import load_yaml_file
-from modules.errors import UserError
+from modules.errors import UserError, one_line
 
 METHODS = ("grid", "random", "bayes")
 SEED_KEY = "seed_everything"  # what --seeds sets
@@ -396,7 +396,7 @@ def check_with_cli(spec: SweepSpec, extra: list[str] = ()) -> None:
             if done.code not in (0, None):
                 raise UserError(f"{spec.source}: polyhead fit refused {values}: exit {done.code}") from None
         except (ArgumentError, UserError) as error:
-            message = " ".join(str(error).split())
+            message = one_line(str(error))
             named = [
                 p.name
                 for p in spec.parameters

@@ -18,7 +18,7 @@ from pathlib import Path
 from experiments.runs import sweep_path
 from experiments.sweep_spec import SEED_KEY, SweepSpec
 from experiments.wandb_mode import wandb_project
-from modules.errors import UserError
+from modules.errors import UserError, one_line
 
 
 def wandb_config(spec: SweepSpec, seeds: int) -> dict:
@@ -45,7 +45,7 @@ def start_sweep(
     try:
         sweep_id = wandb.sweep(wandb_config(spec, seeds), project=project, entity=entity or spec.entity)
     except (wandb.errors.CommError, wandb.errors.UsageError) as error:
-        raise UserError(f"W&B refused the sweep: {' '.join(str(error).split())}") from None
+        raise UserError(f"W&B refused the sweep: {one_line(str(error))}") from None
     path = sweep_path(sweep_id, project, entity or spec.entity)
     entity_name, project_name, _ = path.split("/")
     print(f"sweep {path}: https://wandb.ai/{entity_name}/{project_name}/sweeps/{sweep_id}")

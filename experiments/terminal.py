@@ -1,4 +1,4 @@
-"""What polyhead's own commands (`sweep`, `compare`) share at the terminal: an argparse whose
+"""What polyhead's own commands (`convert`, `sweep`, `compare`) share at the terminal: an argparse whose
 mistakes are UserErrors (which `polyhead` reports in its one-line form), and a rich console that
 does not squeeze tables to 80 columns when output is piped or logged.
 """

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from modules.errors import UserError
+from modules.errors import UserError, one_line
 
 
 def load_yaml_file(path: Path) -> object:
@@ -19,7 +19,7 @@ def load_yaml_file(path: Path) -> object:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or " ".join(str(error).split())
+        problem = getattr(error, "problem", None) or one_line(str(error))
         raise UserError(f"{path}{where}: not valid YAML ({problem}); fix the file") from None
 
 

@@ -52,7 +52,7 @@ from modules.convert_t5 import (
     t5_config_to_hf,
     t5_to_polyhead,
 )
-from modules.errors import UserError
+from modules.errors import UserError, one_line
 from modules.model import MultiTaskModel
 from modules.network import hub_offline
 from modules.optim import OptimizerConfig
@@ -171,7 +171,7 @@ def _load_weight_file(path: Path) -> StateDict:
                 f"{path}: refused: loading it would run code ({wanted}), which model weights never need; "
                 "nothing from it was run. Save the model with safetensors (save_pretrained's default) and convert that"
             ) from None
-        reason = " ".join(str(error).split())[:160] or type(error).__name__
+        reason = one_line(str(error))[:160] or type(error).__name__
         raise UserError(
             f"{path}: not a readable weights file ({reason}); it may be truncated: save or download it again"
         ) from None

@@ -137,6 +137,18 @@ def pairs_jsonl(bad_line: str) -> str:
     return "\n".join([good[0], bad_line, *good[1:]]) + "\n"
 
 
+def pairs_tsv(inputs: Inputs, name: str, lines: str) -> list[str]:
+    """fit on a headerless score/sentence1/sentence2 TSV: one good line, `lines`, then 20 good ones."""
+    good = "".join(f"{k % 5}.0\tSentence {k}.\tOther {k}.\n" for k in range(20))
+    return inputs.pairs(
+        name,
+        f"4.0\tA cat sat.\tA cat sits.\n{lines}\n{good}",
+        format="tsv",
+        quoting=False,
+        column_names=["score", "sentence1", "sentence2"],
+    )
+
+
 def one_task_config() -> dict:
     """The quickstart with its masked-LM task only."""
     config = yaml.safe_load(Path(QUICKSTART).read_text())
@@ -284,26 +296,12 @@ CASES = [
     ),
     Case(
         "a NaN score in a TSV file",
-        lambda i: i.pairs(
-            "scores.tsv",
-            "4.0\tA cat sat.\tA cat sits.\n1.0\tA dog.\tA bird.\nnan\tA dog ran.\tThe dog runs.\n"
-            + "".join(f"{k % 5}.0\tSentence {k}.\tOther {k}.\n" for k in range(20)),
-            format="tsv",
-            quoting=False,
-            column_names=["score", "sentence1", "sentence2"],
-        ),
+        lambda i: pairs_tsv(i, "scores.tsv", "1.0\tA dog.\tA bird.\nnan\tA dog ran.\tThe dog runs."),
         ("scores.tsv, line 3: field 'score' is empty (no value, null or NaN)",),
     ),
     Case(
         "a word where a TSV score belongs",
-        lambda i: i.pairs(
-            "words.tsv",
-            "4.0\tA cat sat.\tA cat sits.\nhigh\tA dog ran.\tThe dog runs.\n"
-            + "".join(f"{k % 5}.0\tSentence {k}.\tOther {k}.\n" for k in range(20)),
-            format="tsv",
-            quoting=False,
-            column_names=["score", "sentence1", "sentence2"],
-        ),
+        lambda i: pairs_tsv(i, "words.tsv", "high\tA dog ran.\tThe dog runs."),
         ("words.tsv, line 2: field 'score' is 'high', not a number",),
     ),
     # ---------------------------------------------------------------------------------- configs
