@@ -85,7 +85,7 @@ class PolyheadCLI(LightningCLI):
         what it prints must be the run's config); the real parse then runs over its defaults."""
         given = sys.argv[1:] if args is None else args
         first = parser.parse_args([arg for arg in given if not arg.startswith("--print_config")])
-        reference = (first[first.subcommand] if first.get("subcommand") else first).model.get("init_from")
+        reference = command_config(first).model.get("init_from")
         if isinstance(reference, str) and reference.startswith("best:"):
             # the best run of a sweep or group (polyhead compare --best), resolved once, here
             given = [*given, "--model.init_from", best_checkpoint(reference.removeprefix("best:"))]
@@ -94,8 +94,11 @@ class PolyheadCLI(LightningCLI):
         source = checkpoint_source(first)
         checkpoint = read_checkpoint(source) if source else None
         self.checkpoint_saved = checkpoint["polyhead"] if checkpoint else None
-        config = first[first.subcommand] if first.get("subcommand") else first
-        if checkpoint and first.get("subcommand") == "fit" and source == config.get("ckpt_path"):
+        if (
+            checkpoint
+            and first.get("subcommand") == "fit"
+            and source == command_config(first).get("ckpt_path")
+        ):
             check_resumable(checkpoint, source)
         if source:
             self._parser(first.get("subcommand")).set_defaults(
@@ -108,7 +111,7 @@ class PolyheadCLI(LightningCLI):
         and its architecture where the config says `model.backbone: null` (over a config that
         names one: `--model.backbone null`). A run from --ckpt_path must name no other architecture
         or tasks than the checkpoint's: its weights load only into the model that wrote them."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = command_config(self.config)
         if self.subcommand == "fit":
             check_something_trains(config.model.tasks)
         source = checkpoint_source(self.config)
@@ -155,10 +158,15 @@ def check_resumable(checkpoint: dict, path: str) -> None:
         )
 
 
+def command_config(parsed: Namespace) -> Namespace:
+    """The settings of the subcommand (fit, validate, ...) of a whole parsed command line."""
+    return parsed[parsed.subcommand] if parsed.get("subcommand") else parsed
+
+
 def checkpoint_source(parsed) -> str | None:
     """The checkpoint file a run starts from: --ckpt_path (a path, not "last" / "best"), else
     --model.init_from; None for a run from scratch. `parsed`: the whole parsed command line."""
-    config = parsed[parsed.subcommand] if parsed.get("subcommand") else parsed
+    config = command_config(parsed)
     ckpt_path = config.get("ckpt_path")
     if ckpt_path in ("last", "best", "hpc"):
         ckpt_path = None
