@@ -73,15 +73,15 @@ from modules.backbone import Backbone, init_weights
 from modules.config import BackboneConfig
 from modules.convert_bert import bert_config_to_hf, polyhead_to_bert
 from modules.convert_t5 import polyhead_to_t5, t5_config_to_hf
+from modules.flops import network_cost, peak_flops
 from modules.optim import OptimizerConfig, build_optimizer
+from modules.speed import SpeedConfig, apply_speed
 from tasks.base import Task, batch_tokens
 from tasks.mlm_nsp import IGNORE, MaskedLMNextSentence
 from tasks.seq2seq import Seq2Seq
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.json"
-VOCAB = 8000
-HEADS = 4
+RESULTS = ROOT / "benchmarks" / "results"
 FIRST_TEXT_ID = 5  # random tokens avoid the low ids special tokens use
 T5_PAD, T5_EOS, T5_START = 0, 1, 0  # T5's ids: its decoder starts from <pad>
 MLM_RATE = 0.15
@@ -91,6 +91,8 @@ SEED = 0
 SIDES = ("polyhead", "hf")
 QUICK = {"steps": 2, "repeats": 2, "batch": 4, "seq": 32, "layers": 1, "d_model": 64}
 """--quick: a config small enough to run in seconds; flags given explicitly still win."""
+BERT_BASE = {"layers": 12, "d_model": 768, "heads": 12, "vocab": 30522, "seq": 512}
+"""--bert-base: BERT-base's size (110M parameters with its heads), at sequence 512."""
 
 
 @dataclass
@@ -105,10 +107,10 @@ class Case:
     hf_weights: Callable[[nn.ModuleDict, BackboneConfig], dict[str, Tensor]]  # polyhead's, in HF's names
 
 
-def mlm_nsp_batch(batch: int, seq: int, generator: torch.Generator) -> dict[str, Tensor]:
+def mlm_nsp_batch(batch: int, seq: int, vocab: int, generator: torch.Generator) -> dict[str, Tensor]:
     """Random `[CLS] A [SEP] B [SEP]`-shaped inputs: no padding, segment B the second half, about
     MLM_RATE of the positions labelled with their token, random NSP labels."""
-    input_ids = torch.randint(FIRST_TEXT_ID, VOCAB, (batch, seq), generator=generator)  # (B, T)
+    input_ids = torch.randint(FIRST_TEXT_ID, vocab, (batch, seq), generator=generator)  # (B, T)
     selected = torch.rand(batch, seq, generator=generator) < MLM_RATE  # (B, T)
     return {
         "input_ids": input_ids,
@@ -119,13 +121,15 @@ def mlm_nsp_batch(batch: int, seq: int, generator: torch.Generator) -> dict[str,
     }
 
 
-def seq2seq_batch(batch: int, source: int, target: int, generator: torch.Generator) -> dict[str, Tensor]:
+def seq2seq_batch(
+    batch: int, source: int, target: int, vocab: int, generator: torch.Generator
+) -> dict[str, Tensor]:
     """Random sources and targets, no padding; the decoder input is the target shifted right behind
     the start token, as Seq2Seq.collate makes it."""
-    labels = torch.randint(FIRST_TEXT_ID, VOCAB, (batch, target), generator=generator)  # (B, T)
+    labels = torch.randint(FIRST_TEXT_ID, vocab, (batch, target), generator=generator)  # (B, T)
     start = torch.full((batch, 1), T5_START)  # (B, 1)
     return {
-        "input_ids": torch.randint(FIRST_TEXT_ID, VOCAB, (batch, source), generator=generator),  # (B, S)
+        "input_ids": torch.randint(FIRST_TEXT_ID, vocab, (batch, source), generator=generator),  # (B, S)
         "attention_mask": torch.ones(batch, source, dtype=torch.long),  # (B, S)
         "decoder_input_ids": torch.cat([start, labels[:, :-1]], dim=1),  # (B, T)
         "decoder_attention_mask": torch.ones(batch, target, dtype=torch.long),  # (B, T)
@@ -136,9 +140,9 @@ def seq2seq_batch(batch: int, source: int, target: int, generator: torch.Generat
 def sized(args: argparse.Namespace, **layout) -> BackboneConfig:
     """The benchmark's size (width, depth, heads, dropout) in the layout of one case."""
     return BackboneConfig(
-        vocab_size=VOCAB,
+        vocab_size=args.vocab,
         d_model=args.d_model,
-        n_heads=HEADS,
+        n_heads=args.heads,
         d_ff=4 * args.d_model,
         encoder_layers=args.layers,
         dropout=args.dropout,
@@ -150,7 +154,7 @@ def sized(args: argparse.Namespace, **layout) -> BackboneConfig:
 def bert_case(args: argparse.Namespace) -> Case:
     """MLM + NSP on BackboneConfig's defaults, which are BERT's layout, against BertForPreTraining."""
     config = sized(args, max_len=args.seq, ff_dropout=0.0)  # BERT: no dropout between the FF projections
-    batch = mlm_nsp_batch(args.batch, args.seq, torch.Generator().manual_seed(SEED))
+    batch = mlm_nsp_batch(args.batch, args.seq, args.vocab, torch.Generator().manual_seed(SEED))
     return Case(
         config=config,
         task=MaskedLMNextSentence(max_length=args.seq),
@@ -189,7 +193,7 @@ def t5_case(args: argparse.Namespace) -> Case:
         init="t5",
     )
     target = args.seq // 4
-    batch = seq2seq_batch(args.batch, args.seq, target, torch.Generator().manual_seed(SEED))
+    batch = seq2seq_batch(args.batch, args.seq, target, args.vocab, torch.Generator().manual_seed(SEED))
     return Case(
         config=config,
         task=Seq2Seq(max_source_length=args.seq, max_target_length=target),
@@ -205,12 +209,31 @@ def t5_case(args: argparse.Namespace) -> Case:
 CASES = {"bert": bert_case, "t5": t5_case}
 
 
+def on_device(case: Case, device: torch.device) -> Case:
+    """The case with its batch (both sides' views of it) on `device`."""
+
+    def moved(tensors: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in tensors.items()}
+
+    return dataclasses.replace(case, batch=moved(case.batch), hf_inputs=moved(case.hf_inputs))
+
+
 def polyhead_model(config: BackboneConfig, task: Task) -> nn.ModuleDict:
     """The backbone and the task's head, built and initialised as MultiTaskModel builds them."""
     backbone = Backbone(config)
     head = task.build_head(config)
     init_weights(head, config)
     return nn.ModuleDict({"backbone": backbone, "head": head})
+
+
+def compiled(side: str, model: nn.Module) -> nn.Module:
+    """`model` with torch.compile as each side's users turn it on: polyhead's `model.speed.compile`
+    (each transformer block), HF's `torch_compile` of its Trainer (the whole model)."""
+    if side == "polyhead":
+        apply_speed(model["backbone"], SpeedConfig(compile=True))
+    else:
+        model.compile()
+    return model
 
 
 def hf_copy(case: Case, config: BackboneConfig, polyhead: nn.ModuleDict) -> PreTrainedModel:
@@ -251,55 +274,77 @@ def parameter_count(model: nn.Module) -> int:
 
 def check_same_loss(case: Case, polyhead: nn.ModuleDict) -> float:
     """Refuse to time two models that do not compute the same thing: with dropout off, in train mode
-    as they are timed, polyhead's weights must give the same loss in polyhead and in HF. -> the loss."""
+    as they are timed, in fp32, polyhead's weights must give the same loss in polyhead and in HF
+    (on a GPU to 1e-3: its kernels sum in other orders). -> the loss."""
     quiet = dataclasses.replace(case.config, dropout=0.0, attention_dropout=0.0, ff_dropout=0.0)
     ours = polyhead_model(quiet, case.task)
     ours.load_state_dict(polyhead.state_dict())
-    theirs = hf_copy(case, quiet, polyhead)
+    device = next(polyhead.parameters()).device
+    theirs = hf_copy(case, quiet, polyhead).to(device)
     with torch.no_grad():
-        loss, reference = polyhead_loss(case, ours.train())(), hf_loss(case, theirs.train())()
-    if not torch.allclose(loss, reference, rtol=1e-5, atol=1e-4):
+        loss, reference = polyhead_loss(case, ours.to(device).train())(), hf_loss(case, theirs.train())()
+    tolerance = 1e-4 if device.type == "cpu" else 1e-3
+    if not torch.allclose(loss, reference, rtol=1e-5, atol=tolerance):
         raise RuntimeError(f"polyhead's loss {loss.item():.6f} != HF's {reference.item():.6f}")
     return loss.item()
 
 
-def training_step(model: nn.Module, loss: Callable[[], Tensor]) -> Callable[[], None]:
+def training_step(model: nn.Module, loss: Callable[[], Tensor], precision: str) -> Callable[[], None]:
     """-> the timed unit for `model` (put in train mode): forward + loss + backward + AdamW step.
 
     Both sides get polyhead's AdamW (decay on matrices and embeddings, not on biases or norm scales)
     at a constant learning rate; the schedule build_optimizer also returns is not stepped.
+    precision "bf16" runs forward and loss under bf16 autocast, with fp32 weights, gradients and
+    optimizer state: what Lightning's `precision: bf16-mixed` does.
     """
     model.train()
     optimizer = build_optimizer(model, OPTIMIZER, total_steps=1, depth=lambda name: 0)["optimizer"]
+    device = next(model.parameters()).device
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss().backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            value = loss()
+        value.backward()
         optimizer.step()
 
     return step
 
 
-def tokens_per_second(step: Callable[[], None], steps: int, tokens: int) -> float:
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a host clock read after it times the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tokens_per_second(step: Callable[[], None], steps: int, tokens: int, device: torch.device) -> float:
     """Real input tokens per second over `steps` consecutive steps."""
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize(device)
     return steps * tokens / (time.perf_counter() - start)
 
 
 def measure_throughput(case: Case, args: argparse.Namespace) -> dict:
     """Both sides in this process, warmed up, then timed in alternating blocks (see the docstring)."""
+    device = torch.device(args.device)
     torch.manual_seed(SEED)
+    case = on_device(case, device)
     ours = polyhead_model(case.config, case.task)
     theirs = hf_copy(case, case.config, ours)
     parameters = parameter_count(ours)
     if parameter_count(theirs) != parameters:
         raise RuntimeError(f"polyhead has {parameters} parameters, HF {parameter_count(theirs)}")
+    ours, theirs = ours.to(device), theirs.to(device)
     start_loss = check_same_loss(case, ours)
+    models = dict(zip(SIDES, (ours, theirs), strict=True))
+    if args.compile:
+        models = {side: compiled(side, model) for side, model in models.items()}
     steps = {
-        side: training_step(model, loss_of(case, side, model))
-        for side, model in zip(SIDES, (ours, theirs), strict=True)
+        side: training_step(model, loss_of(case, side, model), args.precision)
+        for side, model in models.items()
     }
     for step in steps.values():
         for _ in range(WARMUP_STEPS):
@@ -308,14 +353,26 @@ def measure_throughput(case: Case, args: argparse.Namespace) -> dict:
     rates: dict[str, list[float]] = {side: [] for side in SIDES}
     for _ in range(args.repeats):
         for side, step in steps.items():
-            rates[side].append(tokens_per_second(step, args.steps, tokens))
+            rates[side].append(tokens_per_second(step, args.steps, tokens, device))
+    medians = {side: statistics.median(r) for side, r in rates.items()}
+    # the network's FLOPs (modules/flops.py), the same for both sides: MFU compares as throughput does
+    context = case.batch["input_ids"].size(1)
+    flops_per_token = network_cost(ours["backbone"], ours["head"], case.task.stacks).training_flops(
+        1, context
+    )
+    peak = peak_flops(device, torch.bfloat16 if args.precision == "bf16" else torch.float32, args.peak_tflops)
     return {
         "parameters": parameters,
         "tokens_per_step": tokens,
         "loss_at_start": round(start_loss, 4),
         "hf_attention": theirs.config._attn_implementation,
-        "tokens_per_s": {side: round(statistics.median(r), 1) for side, r in rates.items()},
+        "tokens_per_s": {side: round(rate, 1) for side, rate in medians.items()},
         "tokens_per_s_repeats": {side: [round(x, 1) for x in r] for side, r in rates.items()},
+        "model_flops_per_token": flops_per_token,
+        "peak_flops": peak,
+        "mfu": {side: round(flops_per_token * rate / peak, 4) for side, rate in medians.items()}
+        if peak
+        else None,
     }
 
 
@@ -331,26 +388,32 @@ def resident_mib(field: str) -> float:
 
 
 def peak_memory_here(case_name: str, side: str, args: argparse.Namespace) -> float:
-    """In a fresh process: how far warm-up + --steps steps of one side alone raise the peak resident
-    set above the resident set after imports. HF keeps its own initialisation here: weights do not
-    change what memory a step takes."""
+    """In a fresh process: how far warm-up + --steps steps of one side alone raise the peak memory
+    above where it stood after imports: the resident set on a CPU, the allocated GPU memory on a
+    GPU (weights, gradients, optimizer state and activations, either way). HF keeps its own
+    initialisation here: weights do not change what memory a step takes."""
+    device = torch.device(args.device)
     after_imports = resident_mib("VmRSS")
     torch.manual_seed(SEED)
-    case = CASES[case_name](args)
+    case = on_device(CASES[case_name](args), device)
     model = polyhead_model(case.config, case.task) if side == "polyhead" else case.hf_model(case.config)
-    step = training_step(model, loss_of(case, side, model))
+    model = model.to(device)
+    if args.compile:
+        model = compiled(side, model)
+    step = training_step(model, loss_of(case, side, model), args.precision)
     for _ in range(WARMUP_STEPS + args.steps):
         step()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resident_mib("VmHWM") - after_imports
 
 
 def peak_memory(case_name: str, side: str, args: argparse.Namespace) -> float:
-    """`peak_memory_here` in a subprocess of this script with the same config and threads."""
+    """`peak_memory_here` in a subprocess of this script with the same command line (so the same
+    threads: the given number, or torch's default)."""
     command = [
-        *(sys.executable, str(Path(__file__).resolve()), "--peak-memory-of", f"{case_name}:{side}"),
-        *("--threads", str(args.threads), "--steps", str(args.steps), "--batch", str(args.batch)),
-        *("--seq", str(args.seq), "--layers", str(args.layers), "--d-model", str(args.d_model)),
-        *("--dropout", str(args.dropout)),
+        *(sys.executable, str(Path(__file__).resolve()), *args.argv),
+        *("--peak-memory-of", f"{case_name}:{side}"),
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode:
@@ -369,26 +432,46 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128, help="tokens per input (t5: source; target seq/4)")
     parser.add_argument("--layers", type=int, default=4, help="encoder layers (t5: and decoder layers)")
-    parser.add_argument("--d-model", type=int, default=256, help=f"width; {HEADS} heads, d_ff 4 x d_model")
+    parser.add_argument("--d-model", type=int, default=256, help="width; d_ff is 4 x d_model")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--vocab", type=int, default=8000, help="vocabulary size")
     parser.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout, both sides")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: bf16 autocast, as bf16-mixed"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile both sides (see `compiled`)")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="one device's peak, for MFU (default: a known GPU's)"
+    )
     parser.add_argument("--quick", action="store_true", help=f"a tiny smoke run: {QUICK}")
+    parser.add_argument("--bert-base", action="store_true", help=f"BERT-base's size: {BERT_BASE}")
     parser.add_argument("--peak-memory-of", help=argparse.SUPPRESS)  # CASE:SIDE, the subprocess's job
     args = parser.parse_args(argv)
-    if args.quick:
-        parser.set_defaults(**QUICK)
-        args = parser.parse_args(argv)
+    for preset, flag in ((QUICK, args.quick), (BERT_BASE, args.bert_base)):
+        if flag:
+            parser.set_defaults(**preset)
+    args = parser.parse_args(argv)
+    args.argv = argv
     unknown = set(args.cases.split(",")) - set(CASES)
     if unknown:
         parser.error(f"unknown cases {sorted(unknown)}; known: {', '.join(CASES)}")
     return args
 
 
+HEADER = (
+    f"{'case':<6}{'polyhead tok/s':>16}{'HF tok/s':>12}{'ratio':>8}"
+    f"{'polyhead peak MiB':>20}{'HF peak MiB':>14}{'ratio':>8}{'MFU polyhead':>14}{'MFU HF':>8}"
+)
+
+
 def table_row(name: str, result: dict) -> str:
-    """One case's line, under the header main prints."""
-    rate, peak = result["tokens_per_s"], result["peak_mib"]
+    """One case's line, under HEADER."""
+    rate, peak, mfu = result["tokens_per_s"], result["peak_mib"], result["mfu"]
+    mfus = f"{mfu['polyhead']:>14.1%}{mfu['hf']:>8.1%}" if mfu else f"{'-':>14}{'-':>8}"
     return (
         f"{name:<6}{rate['polyhead']:>16.0f}{rate['hf']:>12.0f}{result['throughput_ratio']:>8.2f}"
-        f"{peak['polyhead']:>20.1f}{peak['hf']:>14.1f}{result['memory_ratio']:>8.2f}"
+        f"{peak['polyhead']:>20.1f}{peak['hf']:>14.1f}{result['memory_ratio']:>8.2f}{mfus}"
     )
 
 
@@ -401,8 +484,7 @@ def main(argv: list[str]) -> None:
         print(peak_memory_here(*args.peak_memory_of.split(":"), args))
         return
     results = {}
-    print(f"{'case':<6}{'polyhead tok/s':>16}{'HF tok/s':>12}{'ratio':>8}", end="")
-    print(f"{'polyhead peak MiB':>20}{'HF peak MiB':>14}{'ratio':>8}")
+    print(HEADER)
     for name in args.cases.split(","):
         result = measure_throughput(CASES[name](args), args)
         result["peak_mib"] = {side: round(peak_memory(name, side, args), 1) for side in SIDES}
@@ -412,18 +494,23 @@ def main(argv: list[str]) -> None:
         result["memory_ratio"] = round(result["peak_mib"]["polyhead"] / result["peak_mib"]["hf"], 3)
         results[name] = result
         print(table_row(name, result), flush=True)
-    setting = {key: value for key, value in vars(args).items() if key not in ("cases", "peak_memory_of")}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    setting = {k: v for k, v in vars(args).items() if k not in ("cases", "peak_memory_of", "argv")}
+    device = torch.device(args.device)
+    output = RESULTS / (
+        "train_throughput.json" if device.type == "cpu" else f"train_throughput_{device.type}.json"
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(
         json.dumps(
             {
                 "command": " ".join(["python", "benchmarks/train_throughput.py", *argv]),
                 "date": time.strftime("%Y-%m-%d"),
-                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}
+                | ({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
                 "setting": setting
-                | {"vocab": VOCAB, "heads": HEADS, "d_ff": 4 * args.d_model, "warmup_steps": WARMUP_STEPS}
-                | {"lr": OPTIMIZER.lr, "weight_decay": OPTIMIZER.weight_decay, "dtype": "float32"},
+                | {"d_ff": 4 * args.d_model, "warmup_steps": WARMUP_STEPS}
+                | {"lr": OPTIMIZER.lr, "weight_decay": OPTIMIZER.weight_decay},
                 "cases": results,
             },
             indent=1,

@@ -49,11 +49,20 @@ class FinalValidationReport(pl.Callback):
 
 
 class TokenThroughput(ThroughputMonitor):
-    """Lightning's throughput monitor, counting examples and real tokens of any task's batch:
-    logs throughput/samples_per_sec and throughput/items_per_sec (tokens per second)."""
+    """Lightning's throughput monitor, counting examples and real tokens of any task's batch: logs
+    throughput/samples_per_sec, throughput/items_per_sec (tokens per second) and device/mfu, the
+    model's FLOPs per step (modules/flops.py) over the device's peak: `model.speed.peak_tflops`
+    when set, else the datasheet figure of a known GPU; on a CPU without it, MFU is not logged."""
 
     def __init__(self, window_size: int = 50) -> None:
         super().__init__(batch_size_fn=batch_examples, length_fn=batch_tokens, window_size=window_size)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if pl_module.speed.peak_tflops is not None:
+            self.available_flops = pl_module.speed.peak_tflops * 1e12
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.available_flops
 
 
 def _records(tree):

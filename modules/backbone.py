@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from modules.attention import KVCache, MultiHeadAttention, RelativePositionBias, attention_bias
 from modules.config import BackboneConfig
@@ -77,7 +78,14 @@ class Embeddings(nn.Module):
 
 
 class Stack(nn.Module):
-    """A stack of blocks with its own relative position bias (T5 keeps one per stack) and final norm."""
+    """A stack of blocks with its own relative position bias (T5 keeps one per stack) and final norm.
+
+    modules/speed.py may set `checkpoint_activations` and `compiled_layers` (the blocks, compiled);
+    both only change how the same blocks run.
+    """
+
+    checkpoint_activations = False
+    compiled_layers: list | None = None
 
     def __init__(self, config: BackboneConfig, n_layers: int, causal: bool, cross: bool) -> None:
         super().__init__()
@@ -119,7 +127,14 @@ class Stack(nn.Module):
         if memory is not None:
             memory_bias = attention_bias(t, memory.size(1), memory_padding_mask, dtype=x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, self_bias, is_causal, memory, memory_bias, cache.layers[i] if cache else None)
+            if cache is not None:  # decoding: eager, as the cache grows each step
+                x = layer(x, self_bias, is_causal, memory, memory_bias, cache.layers[i])
+                continue
+            block = self.compiled_layers[i] if self.compiled_layers else layer
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                x = checkpoint(block, x, self_bias, is_causal, memory, memory_bias, use_reentrant=False)
+            else:
+                x = block(x, self_bias, is_causal, memory, memory_bias)
         if self.final_norm is not None:
             x = self.dropout(self.final_norm(x))
         return x

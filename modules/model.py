@@ -26,9 +26,12 @@ from modules.checkpoint import (
 )
 from modules.config import BackboneConfig
 from modules.errors import UserError
+from modules.flops import network_cost
 from modules.freezing import FreezeConfig, freeze_report, frozen_names, parameter_depth
 from modules.optim import OptimizerConfig, build_optimizer
-from tasks.base import Task, batch_examples, batch_tokens, task_class
+from modules.sharding import shard_blocks
+from modules.speed import SpeedConfig, apply_speed
+from tasks.base import Task, batch_context, batch_examples, batch_tokens, task_class
 
 CHECKPOINT_FORMAT = 1
 
@@ -43,6 +46,7 @@ class MultiTaskModel(pl.LightningModule):
         init_from: str | None = None,
         score: dict[str, float] | None = None,
         freeze: FreezeConfig = FreezeConfig(),
+        speed: SpeedConfig = SpeedConfig(),
     ) -> None:
         """
         tasks: task name -> task (its class and settings); names also key data.sources and the logs.
@@ -60,6 +64,8 @@ class MultiTaskModel(pl.LightningModule):
             ids mean what they meant in pretraining.
         freeze: what does not train (feature extraction, the bottom layers, gradual unfreezing);
             see modules/freezing.py. What is frozen is printed at the start.
+        speed: compiled blocks and activation checkpointing (modules/speed.py); they change speed
+            and memory, never the result.
         score: one number for sweeps and checkpointing across tasks, logged as val/score: the
             weighted mean of "<task>/<metric>" entries, e.g. {"sst2/f1": 1, "squad/f1": 2}. By
             default every task whose main metric rises as it improves (F1, ROUGE-L, Spearman, ...)
@@ -98,13 +104,12 @@ class MultiTaskModel(pl.LightningModule):
         self.backbone = Backbone(backbone)
         self.heads = nn.ModuleDict({name: task.build_head(backbone) for name, task in self.tasks.items()})
         init_weights(self.heads, backbone)
-        # FLOPs of a training step by the 6N rule (forward 2N + backward 4N per token, N = weights
-        # used in matmuls, embedding tables excluded); Lightning's ThroughputMonitor turns it into MFU
-        self.matmul_params = sum(
-            p.numel()
-            for name, p in self.named_parameters()
-            if p.ndim == 2 and not name.startswith("backbone.embeddings")
-        )
+        # each task's share of the network, for the model FLOPs of a step (modules/flops.py), which
+        # Lightning's ThroughputMonitor divides by the device's peak to log MFU
+        self.network_costs = {
+            name: network_cost(self.backbone, self.heads[name], task.stacks)
+            for name, task in self.tasks.items()
+        }
         self.flops_per_batch = 0
         self.eval_metrics = nn.ModuleDict(
             {name: task.metrics(backbone.vocab_size) for name, task in self.tasks.items()}
@@ -128,6 +133,14 @@ class MultiTaskModel(pl.LightningModule):
                         "head has no weights of its own (it reads or ties to the frozen backbone); freeze "
                         "fewer layers (policy 'bottom') or unfreeze gradually (unfreeze_every)"
                     )
+        self.speed = speed
+        apply_speed(self.backbone, speed)
+
+    def configure_model(self) -> None:
+        """Under `strategy: fsdp` (modules/sharding.py), which leaves a device mesh here, shard the
+        model across processes; under any other strategy, nothing to do."""
+        if self._device_mesh is not None:
+            shard_blocks(self, self._device_mesh)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """A batch tagged with its task -> that task's outputs."""
@@ -138,7 +151,9 @@ class MultiTaskModel(pl.LightningModule):
         name, task = batch["task"], self.tasks[batch["task"]]
         losses = task.loss(self(batch), batch)
         batch_size = batch_examples(batch)
-        self.flops_per_batch = 6 * self.matmul_params * batch_tokens(batch)
+        self.flops_per_batch = self.network_costs[name].training_flops(
+            batch_tokens(batch), batch_context(batch)
+        )
         for key, value in losses.items():
             self.log(
                 f"train/{name}/{key}", value, batch_size=batch_size, sync_dist=True, prog_bar=key == "loss"

@@ -75,7 +75,12 @@ def build_optimizer(
         }
         for (decays, level), params in sorted(grouped.items())
     ]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+    # on a GPU the fused kernel updates every tensor in one launch instead of several per tensor
+    # (Lightning builds the optimizer after moving the model, so the parameters are already there)
+    fused = all(p.is_cuda for _, p in named)
+    optimizer = torch.optim.AdamW(
+        groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=fused
+    )
     warmup = int(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupDecay(total_steps, warmup, config.schedule, config.min_lr_ratio)

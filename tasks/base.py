@@ -147,3 +147,8 @@ def batch_examples(batch: dict) -> int:
 def batch_tokens(batch: dict) -> int:
     """Real (non-padding) tokens in a batch: every attention mask of every stack, summed."""
     return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
+
+
+def batch_context(batch: dict) -> int:
+    """The widest sequence in a batch (padded length), the context its tokens attend over at most."""
+    return max(v.size(-1) for k, v in batch.items() if k.endswith("attention_mask"))

@@ -1,0 +1,123 @@
+"""The speed switches (modules/speed.py) and mixed precision change speed, never the result; the
+model FLOPs behind MFU (modules/flops.py) are what torch's own FLOP counter counts."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from experiments import cli
+from modules.backbone import Backbone, init_weights
+from modules.config import BackboneConfig
+from modules.flops import network_cost
+from modules.optim import OptimizerConfig, build_optimizer
+from modules.speed import SpeedConfig, apply_speed
+from tasks.mlm_nsp import IGNORE, MaskedLMNextSentence
+
+from .conftest import ROOT
+
+CONFIG = BackboneConfig(vocab_size=200, d_model=64, n_heads=4, d_ff=128, encoder_layers=2, max_len=32)
+STEPS = 4
+
+
+def mlm_nsp_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random [CLS] A [SEP] B [SEP]-shaped inputs with some padding, 15% MLM labels, NSP labels."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(7, CONFIG.vocab_size, (6, 32), generator=generator)  # (B, T)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, 20:] = 0
+    labelled = (torch.rand(6, 32, generator=generator) < 0.15) & attention_mask.bool()
+    return {
+        "input_ids": input_ids,
+        "token_type_ids": (torch.arange(32) >= 16).long().repeat(6, 1),
+        "attention_mask": attention_mask,
+        "mlm_labels": torch.where(labelled, input_ids, IGNORE),
+        "nsp_labels": torch.randint(2, (6,), generator=generator),
+    }
+
+
+def train(config: BackboneConfig, speed: SpeedConfig, autocast: bool = False) -> list[float]:
+    """STEPS AdamW steps of MLM + NSP from one fixed initialisation -> the losses."""
+    torch.manual_seed(0)
+    task = MaskedLMNextSentence(max_length=32)
+    backbone, head = Backbone(config), task.build_head(config)
+    init_weights(head, config)
+    apply_speed(backbone, speed)
+    model = torch.nn.ModuleDict({"backbone": backbone, "head": head}).train()
+    optimizer = build_optimizer(model, OptimizerConfig(lr=1e-3, warmup=0), STEPS, lambda name: 0)["optimizer"]
+    batch, losses = mlm_nsp_batch(), []
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = task.loss(task.forward(backbone, head, batch), batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_activation_checkpointing_replays_dropout_and_gives_the_same_training():
+    """Dropout on: the recomputed forward pass must draw the same masks, or the gradients differ."""
+    plain = train(CONFIG, SpeedConfig())
+    checkpointed = train(CONFIG, SpeedConfig(activation_checkpointing=True))
+    assert checkpointed == pytest.approx(plain, rel=1e-5)
+    assert plain[-1] < plain[0]  # it trains at all
+
+
+def test_compiled_blocks_train_as_eager_ones():
+    quiet = dataclasses.replace(CONFIG, dropout=0.0, attention_dropout=0.0)  # compiled RNG differs
+    eager = train(quiet, SpeedConfig())
+    compiled = train(quiet, SpeedConfig(compile=True, activation_checkpointing=True))
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_bf16_autocast_trains_close_to_fp32():
+    quiet = dataclasses.replace(CONFIG, dropout=0.0, attention_dropout=0.0)
+    fp32 = train(quiet, SpeedConfig())
+    bf16 = train(quiet, SpeedConfig(), autocast=True)
+    assert bf16 == pytest.approx(fp32, rel=2e-2)
+    assert bf16 != fp32  # autocast really ran in bf16
+
+
+def test_model_flops_equal_torch_flop_counter_on_the_encoder():
+    """6 FLOPs per weight per token plus 12 * width * context per attention layer per token is
+    exactly what the matmuls of a forward + backward pass do (SDPA's math kernel, whose matmuls
+    torch's counter sees; the CPU flash kernel is invisible to it)."""
+    backbone = Backbone(dataclasses.replace(CONFIG, dropout=0.0, attention_dropout=0.0))
+    batch = mlm_nsp_batch()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        backbone.encode(batch["input_ids"], batch["attention_mask"]).sum().backward()
+    cost = network_cost(backbone, torch.nn.Identity(), "encoder")
+    assert cost.layers == 2 and cost.attention_width == 64
+    tokens = batch["input_ids"].numel()  # every position is computed, padding included
+    assert cost.training_flops(tokens, context=32) == counter.get_total_flops()
+
+
+def test_training_logs_mfu_against_the_configured_peak(isolated_env, monkeypatch):
+    """A CPU has no datasheet peak in Lightning's table: with model.speed.peak_tflops the run logs
+    device/mfu, equal to the model's FLOPs per second over that peak."""
+    monkeypatch.chdir(ROOT)
+    logs = isolated_env / "csv"
+    cli.main(
+        [
+            "fit", "--config", str(ROOT / "experiments" / "configs" / "quickstart.yaml"),
+            "--model.backbone.d_model", "32", "--model.backbone.n_heads", "2", "--model.backbone.d_ff", "64",
+            "--data.batch_size", "4", "--trainer.max_steps", "52", "--trainer.limit_val_batches", "0",
+            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(logs),
+            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+            "--checkpoint.monitor", "null", "--trainer.enable_checkpointing", "false",
+            "--model.speed.peak_tflops", "0.001",
+        ]
+    )  # fmt: skip
+    rows = list(csv.DictReader(next(logs.rglob("metrics.csv")).open()))
+    logged = [row for row in rows if row.get("train/device/mfu")]
+    assert logged, "no MFU logged"
+    row = logged[-1]
+    mfu, flops_per_sec = float(row["train/device/mfu"]), float(row["train/device/flops_per_sec"])
+    assert mfu == pytest.approx(flops_per_sec / 1e9, rel=1e-6)
+    assert 0 < mfu < 100
