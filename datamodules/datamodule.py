@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict
@@ -55,22 +56,36 @@ class TaskCollator:
 
 
 class EvalBatchSampler:
-    """In-order batches of one task's examples for evaluation; each rank takes every world_size-th batch.
-    Seeds depend only on the index, so every evaluation scores the same masked positions."""
+    """In-order batches of one task's examples for evaluation, the same number on every rank.
+
+    The examples are cut into world_size x k near-equal batches of at most batch_size, and rank r
+    takes batches r, r + world_size, ...: every example is scored once, on one rank, and no rank runs
+    out early (Lightning needs a batch on every rank, and ranks that ran different numbers of steps
+    would wait on each other's collectives). Seeds depend only on the example's index, so every
+    evaluation scores the same masked positions however the batches fall.
+    """
 
     def __init__(self, task: str, size: int, batch_size: int, seed: int, rank: int, world_size: int) -> None:
+        if 0 < size < world_size:
+            raise UserError(
+                f"task {task!r} has {size} evaluation examples, fewer than the {world_size} processes that "
+                "share them; give it more examples or run on fewer devices"
+            )
         self.task, self.size, self.batch_size, self.seed = task, size, batch_size, seed
         self.rank, self.world_size = rank, world_size
 
-    def _starts(self) -> range:
-        return range(self.rank * self.batch_size, self.size, self.batch_size * self.world_size)
+    def _bounds(self) -> list[tuple[int, int]]:
+        """(start, stop) of this rank's batches."""
+        per_rank = math.ceil(self.size / (self.batch_size * self.world_size))
+        count = per_rank * self.world_size
+        edges = [i * self.size // count for i in range(count + 1)]
+        return [(edges[b], edges[b + 1]) for b in range(self.rank, count, self.world_size)]
 
     def __len__(self) -> int:
-        return len(self._starts())
+        return len(self._bounds())
 
     def __iter__(self):
-        for start in self._starts():
-            stop = min(start + self.batch_size, self.size)
+        for start, stop in self._bounds():
             yield [(self.task, i, mix_seed(self.seed, 7919, i)) for i in range(start, stop)]
 
 
@@ -99,7 +114,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self,
         sources: dict[str, DataSource],
         tokenizer: TokenizerConfig = TokenizerConfig(),
-        batch_size: int = 32,
+        batch_size: int | None = None,
+        global_batch_size: int | None = None,
         eval_batch_size: int | None = None,
         mixture: MixtureConfig = MixtureConfig(),
         steps_per_epoch: int | None = None,
@@ -110,8 +126,12 @@ class MultiTaskDataModule(pl.LightningDataModule):
         """
         sources: task name (as in model.tasks) -> where its data comes from.
         tokenizer: how to train the sentencepiece vocabulary on the training text of all sources.
-        batch_size: examples per step and process (global batch = batch_size x devices x nodes).
-        eval_batch_size: examples per validation/test batch (default: batch_size).
+        batch_size: examples per step and process (global batch = batch_size x devices x nodes);
+            32 unless global_batch_size is given instead.
+        global_batch_size: examples per step over all processes, split evenly among them, so one
+            config trains the same on 1 GPU or 8 x 4 nodes (it must be a multiple of devices x nodes).
+        eval_batch_size: examples per validation/test batch and process (default: the training
+            batch of one process).
         mixture: how steps are shared among tasks.
         steps_per_epoch: training steps per epoch (default: one pass over all examples).
         num_workers: dataloader worker processes (0: load in the main process).
@@ -122,11 +142,17 @@ class MultiTaskDataModule(pl.LightningDataModule):
         super().__init__()
         if not sources:
             raise UserError("data.sources is empty: give one source per task in model.tasks")
-        if batch_size <= 0:
-            raise UserError(f"data.batch_size must be positive, got {batch_size}")
+        if batch_size is not None and global_batch_size is not None:
+            raise UserError(
+                "set data.batch_size (per process) or data.global_batch_size (all processes), not both"
+            )
+        for key, value in (("batch_size", batch_size), ("global_batch_size", global_batch_size)):
+            if value is not None and value <= 0:
+                raise UserError(f"data.{key} must be positive, got {value}")
         self.sources = sources
         self.tokenizer_config = tokenizer
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.batch_size = batch_size if batch_size is not None or global_batch_size is not None else 32
+        self.global_batch_size, self.eval_batch_size = global_batch_size, eval_batch_size
         self.mixture, self.steps_per_epoch = mixture, steps_per_epoch
         self.num_workers, self.seed = num_workers, seed
         self.tokenizer_checkpoint = tokenizer_checkpoint
@@ -227,6 +253,19 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def _world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
+    def _process_batch_size(self) -> int:
+        """Training examples per step of this process: data.batch_size, or this process's share of
+        data.global_batch_size."""
+        if self.global_batch_size is None:
+            return self.batch_size
+        _, world_size = self._world()
+        if self.global_batch_size % world_size:
+            raise UserError(
+                f"data.global_batch_size={self.global_batch_size} does not split evenly among {world_size} "
+                f"processes (devices x nodes); make it a multiple of {world_size}"
+            )
+        return self.global_batch_size // world_size
+
     def _loader(
         self, examples: dict[str, Any], batch_sampler, loader_class=DataLoader, **extra
     ) -> DataLoader:
@@ -250,7 +289,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         sampler = MixtureBatchSampler(
             sizes,
             mixing_rates(sizes, self.mixture),
-            self.batch_size,
+            self._process_batch_size(),
             seed=self.seed,
             rank=rank,
             world_size=world_size,
@@ -264,7 +303,14 @@ class MultiTaskDataModule(pl.LightningDataModule):
         return [
             self._loader(
                 self.examples[split],
-                EvalBatchSampler(name, len(examples), self.eval_batch_size, self.seed, rank, world_size),
+                EvalBatchSampler(
+                    name,
+                    len(examples),
+                    self.eval_batch_size or self._process_batch_size(),
+                    self.seed,
+                    rank,
+                    world_size,
+                ),
             )
             for name, examples in sorted(self.examples[split].items())
         ]

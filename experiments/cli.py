@@ -35,6 +35,7 @@ from modules.checkpoint import check_same_model, read_checkpoint
 from modules.config import BackboneConfig
 from modules.errors import UserError, one_line
 from modules.model import MultiTaskModel
+from modules.sharding import FullyShardedBlocks
 
 
 class ConfigToRun(SaveConfigCallback):
@@ -63,7 +64,8 @@ class PolyheadCLI(LightningCLI):
         """Add the learning-rate monitor only when there is a logger, and the checkpoint callback
         only when checkpointing is on: either would stop the run otherwise. Plain "ddp" gets DDP's
         unused-parameter detection: a step trains one task, so the other tasks' heads (and e.g. the
-        pooler) get no gradient in it, which DDP otherwise refuses. Checkpoints are written atomically
+        pooler) get no gradient in it, which DDP otherwise refuses; "fsdp" is FSDP2 with a unit per
+        transformer block (modules/sharding.py). Checkpoints are written atomically
         and read with weights_only (AtomicCheckpointIO) unless the trainer is given another CheckpointIO."""
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
@@ -71,6 +73,8 @@ class PolyheadCLI(LightningCLI):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
         if config.get("strategy") == "ddp":
             config["strategy"] = "ddp_find_unused_parameters_true"
+        elif config.get("strategy") == "fsdp":
+            config["strategy"] = FullyShardedBlocks()
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         if config.get("logger") is not False:

@@ -138,7 +138,8 @@ class RougeScore(Metric):
                 getattr(self, name).append(torch.tensor([float(best[name].fmeasure)], device=self.device))
 
     def compute(self) -> dict[str, Tensor]:
-        if not self.rouge1:  # nothing scored: the mean of nothing is NaN, say so
+        if isinstance(self.rouge1, list) and not self.rouge1:  # nothing scored (states synced
+            # across processes are one tensor, never empty): the mean of nothing is NaN, say so
             return {
                 self.prefix + name: torch.tensor(float("nan"), device=self.device) for name in ROUGE_TYPES
             }

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from torch.distributed.tensor import DTensor
 
 from experiments.cli import main
 
@@ -29,9 +30,13 @@ class RecordLoss(pl.Callback):
         self.losses.append(float(trainer.callback_metrics[f"train/{batch['task']}/loss"]))
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        # under FSDP each rank holds shards (DTensors); gathering them is a collective, on every rank
+        weights = {
+            k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in pl_module.state_dict().items()
+        }
         if trainer.global_rank == 0:
             Path(f"{self.prefix}.json").write_text(json.dumps(self.losses))
-            torch.save(pl_module.state_dict(), f"{self.prefix}.pt")
+            torch.save(weights, f"{self.prefix}.pt")
 
 
 if __name__ == "__main__":
@@ -49,7 +54,8 @@ if __name__ == "__main__":
             "--trainer.enable_checkpointing", "false",
             "--trainer.deterministic", "true",
             "--trainer.callbacks+", recorder,
-            "--data.batch_size", str(int(global_batch) // int(devices)),
+            "--data.batch_size", "null",  # the config's per-process size gives way to the global one
+            "--data.global_batch_size", global_batch,
             "--model.backbone.dropout", "0",
             "--model.backbone.attention_dropout", "0",
             *extra,

@@ -388,6 +388,11 @@ CASES = [
         ("data.batch_size must be positive, got 0",),
     ),
     Case(
+        "a batch size both per process and global",
+        lambda i: i.fit("--data.global_batch_size", "16"),
+        ("data.batch_size (per process) or data.global_batch_size (all processes), not both",),
+    ),
+    Case(
         "a vocabulary too small for the text",
         lambda i: i.fit("--data.tokenizer.vocab_size", "10"),
         ("data.tokenizer", "data.tokenizer.vocab_size must hold"),

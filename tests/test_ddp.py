@@ -38,12 +38,22 @@ def train(devices: int, global_batch: int, config: str, tmp_path, *extra: str) -
     return json.loads(prefix.with_suffix(".json").read_text()), torch.load(prefix.with_suffix(".pt"))
 
 
-def test_two_process_ddp_matches_one_process(tmp_path):
-    gather = ("--model.tasks.triplet.init_args.gather_across_ranks", "true")
-    (one, _), (two, _) = (
-        train(1, 16, QUICKSTART, tmp_path, *gather),
-        train(2, 16, QUICKSTART, tmp_path, *gather),
-    )
+GATHER = ("--model.tasks.triplet.init_args.gather_across_ranks", "true")
+
+
+@pytest.fixture(scope="module")
+def one_process_curve(tmp_path_factory) -> list[float]:
+    return train(1, 16, QUICKSTART, tmp_path_factory.mktemp("one"), *GATHER)[0]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(strategy, one_process_curve, tmp_path):
+    """The trainer configs for DDP and for FSDP2 with each block sharded (modules/sharding.py),
+    on 2 CPU processes (gloo) instead of every GPU, in fp32."""
+    one = one_process_curve
+    trainer_config = str(ROOT / "experiments" / "configs" / "trainer" / f"{strategy}.yaml")
+    on_cpu = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true")
+    two, _ = train(2, 16, QUICKSTART, tmp_path, *GATHER, "--config", trainer_config, *on_cpu)
     assert len(one) == len(two) == 8
     # Same examples, masks and initial weights; the only difference is that each rank averages the
     # MLM loss over its own masked tokens before gradients are averaged, so allow 2% per step.
