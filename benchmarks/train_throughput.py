@@ -355,6 +355,8 @@ def measure_throughput(case: Case, args: argparse.Namespace) -> dict:
         for side, step in steps.items():
             rates[side].append(tokens_per_second(step, args.steps, tokens, device))
     medians = {side: statistics.median(r) for side, r in rates.items()}
+    if args.profile:
+        print_profile(steps, device)
     # the network's FLOPs (modules/flops.py), the same for both sides: MFU compares as throughput does
     context = case.batch["input_ids"].size(1)
     flops_per_token = network_cost(ours["backbone"], ours["head"], case.task.stacks).training_flops(
@@ -374,6 +376,24 @@ def measure_throughput(case: Case, args: argparse.Namespace) -> dict:
         if peak
         else None,
     }
+
+
+def print_profile(steps: dict[str, Callable[[], None]], device: torch.device) -> None:
+    """Where each side's step spends its time: torch.profiler over 3 steps, the 15 costliest
+    operators by their own time on the device (the GPU's kernels; on a CPU, its operators)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    for side, step in steps.items():
+        with torch.profiler.profile(activities=activities) as profiler:
+            for _ in range(3):
+                step()
+            synchronize(device)
+        order = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(
+            f"\n{side}: 3 steps\n"
+            + profiler.key_averages().table(sort_by=order, row_limit=15, max_name_column_width=60)
+        )
 
 
 def resident_mib(field: str) -> float:
@@ -444,6 +464,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--peak-tflops", type=float, help="one device's peak, for MFU (default: a known GPU's)"
     )
+    parser.add_argument("--profile", action="store_true", help="print each side's costliest operators")
     parser.add_argument("--quick", action="store_true", help=f"a tiny smoke run: {QUICK}")
     parser.add_argument("--bert-base", action="store_true", help=f"BERT-base's size: {BERT_BASE}")
     parser.add_argument("--peak-memory-of", help=argparse.SUPPRESS)  # CASE:SIDE, the subprocess's job
