@@ -38,15 +38,19 @@ def attention_bias(
     causal: bool = False,
     position_bias: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    documents: Tensor | None = None,
 ) -> Tensor | None:
-    """Combine causal mask, key padding and position bias into one additive bias, or None if all are absent.
+    """Combine causal mask, key padding, packed documents and position bias into one additive bias,
+    or None if all are absent.
 
     key_padding_mask: (B, S) with True (or 1) at real tokens. position_bias: (1, H, T, S).
+    documents: (B, T) packed document ids of self-attention's positions (T == S): a query sees only
+    keys of its own document.
     Returns (B or 1, H or 1, T, S). Blocked entries get the dtype's most negative finite value rather
     than -inf, so a row with nothing to attend to (an all-padding sequence) yields finite values
     instead of NaNs that would leak through the value sum into real positions.
     """
-    if key_padding_mask is None and not causal and position_bias is None:
+    if key_padding_mask is None and not causal and position_bias is None and documents is None:
         return None
     blocked = None
     if causal:
@@ -57,6 +61,9 @@ def attention_bias(
     if key_padding_mask is not None:
         pad = ~key_padding_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
         blocked = pad if blocked is None else blocked | pad
+    if documents is not None:
+        elsewhere = documents[:, None, :, None] != documents[:, None, None, :]  # (B, 1, T, S)
+        blocked = elsewhere if blocked is None else blocked | elsewhere
     bias = position_bias.to(dtype) if position_bias is not None else None
     if blocked is not None:
         mask_bias = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device)

@@ -112,17 +112,19 @@ class Stack(nn.Module):
         memory: Tensor | None = None,
         memory_padding_mask: Tensor | None = None,
         cache: KVCache | None = None,
+        documents: Tensor | None = None,
     ) -> Tensor:
         """x: (B, T, D); padding_mask: (B, T) True at real tokens; memory: (B, S, D) -> (B, T, D)
 
-        With a cache, x holds only the new positions, which follow the cached ones.
+        With a cache, x holds only the new positions, which follow the cached ones. documents: (B, T)
+        packed document ids (see `Backbone.encode`); self-attention stays inside each document.
         """
         b, t, _ = x.shape
         key_mask = padding_mask
         if cache is not None:
             key_mask = cache.extend_key_mask(padding_mask, t, b, x.device)  # (B, past + T) or None
         past = cache.length if cache is not None else 0
-        self_bias, is_causal = self._self_attention_bias(t, past + t, key_mask, x)
+        self_bias, is_causal = self._self_attention_bias(t, past + t, key_mask, x, documents)
         memory_bias = None
         if memory is not None:
             memory_bias = attention_bias(t, memory.size(1), memory_padding_mask, dtype=x.dtype)
@@ -140,7 +142,7 @@ class Stack(nn.Module):
         return x
 
     def _self_attention_bias(
-        self, query_len: int, key_len: int, key_mask: Tensor | None, x: Tensor
+        self, query_len: int, key_len: int, key_mask: Tensor | None, x: Tensor, documents: Tensor | None
     ) -> tuple[Tensor | None, bool]:
         """-> (additive bias or None, whether SDPA should apply its own causal mask).
 
@@ -152,9 +154,15 @@ class Stack(nn.Module):
         if self.relative_bias is not None:
             position_bias = self.relative_bias(query_len, key_len, x.device)  # (1, H, T, S)
         causal = self.causal and query_len > 1
-        if causal and key_mask is None and position_bias is None and query_len == key_len:
+        if (
+            causal
+            and key_mask is None
+            and position_bias is None
+            and documents is None
+            and query_len == key_len
+        ):
             return None, True
-        return attention_bias(query_len, key_len, key_mask, causal, position_bias, x.dtype), False
+        return attention_bias(query_len, key_len, key_mask, causal, position_bias, x.dtype, documents), False
 
 
 def init_weights(root: nn.Module, config: BackboneConfig) -> None:
@@ -180,6 +188,18 @@ def init_weights(root: nn.Module, config: BackboneConfig) -> None:
         elif isinstance(module, MultiHeadAttention) and not config.scale_attention:
             with torch.no_grad():  # fold 1/sqrt(head_dim) into the queries
                 module.query_weight.mul_(config.attention_head_dim**-0.5)
+
+
+def document_positions(documents: Tensor) -> Tensor:
+    """(B, T) packed document ids -> (B, T) position ids counting from 0 at each document's start.
+
+    A document starts wherever the id changes along the row; its first column is carried forward by
+    a running maximum, and a position is its column minus that start.
+    """
+    columns = torch.arange(documents.size(1), device=documents.device).expand_as(documents)  # (B, T)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return columns - torch.where(starts, columns, 0).cummax(dim=1).values
 
 
 def _real_tokens(attention_mask: Tensor | None) -> Tensor | None:
@@ -219,12 +239,19 @@ class Backbone(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
-        """Bidirectional encoding. input_ids, attention_mask, token_type_ids: (B, T) -> (B, T, D)"""
+        """Bidirectional encoding. input_ids, attention_mask, token_type_ids: (B, T) -> (B, T, D)
+
+        document_ids: (B, T) for rows that pack several documents, numbering them along the row
+        (0, 0, 0, 1, 1, 2, ...): attention stays inside each document and positions restart at each
+        document's start, so every document is encoded as it would be alone in its own row.
+        """
         if self.encoder is None:
             raise ValueError("this backbone has no encoder (model.backbone.encoder_layers is 0)")
-        x = self.embeddings(input_ids, token_type_ids)
-        return self.encoder(x, _real_tokens(attention_mask))
+        positions = document_positions(document_ids) if document_ids is not None else None
+        x = self.embeddings(input_ids, token_type_ids, positions)
+        return self.encoder(x, _real_tokens(attention_mask), documents=document_ids)
 
     def decode(
         self,
@@ -234,6 +261,7 @@ class Backbone(nn.Module):
         memory_mask: Tensor | None = None,
         cache: KVCache | None = None,
         positions: Tensor | None = None,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         """Causal decoding, cross-attending to `memory` (B, S, D) when given. input_ids: (B, T) -> (B, T, D)
 
@@ -243,13 +271,18 @@ class Backbone(nn.Module):
         ids of input_ids, by default cache.length + 0..T-1; left-padded rows pass their own so their
         real tokens get the positions they would have unpadded. The relative bias needs no ids: it
         depends on distances between columns, which left padding leaves unchanged between real tokens.
+        document_ids: (B, T) packed documents, decoder-only training (see `encode`).
         """
         if self.decoder is None:
             raise ValueError("this backbone has no decoder (model.backbone.decoder_layers is 0)")
         if positions is None and cache is not None and cache.length:
             positions = torch.arange(cache.length, cache.length + input_ids.size(1), device=input_ids.device)
+        if document_ids is not None:
+            positions = document_positions(document_ids)
         x = self.embeddings(input_ids, positions=positions)
-        return self.decoder(x, _real_tokens(attention_mask), memory, _real_tokens(memory_mask), cache)
+        return self.decoder(
+            x, _real_tokens(attention_mask), memory, _real_tokens(memory_mask), cache, documents=document_ids
+        )
 
     def decoder_cache(self, capacity: int) -> KVCache:
         """An empty `KVCache` for this decoder, holding up to `capacity` positions (prompt + new tokens)."""

@@ -139,8 +139,23 @@ def task_class(name: str) -> type[Task]:
     return found[name]
 
 
+def packed_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Which inputs share each row when packing: consecutive inputs while their lengths fit in
+    `capacity` (first fit in order, so the inputs keep their order along the rows)."""
+    rows: list[list[int]] = []
+    used = capacity
+    for i, length in enumerate(lengths):
+        if used + length > capacity:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += length
+    return rows
+
+
 def batch_examples(batch: dict) -> int:
-    """Examples in a batch: the leading size of its first tensor (every task's tensors share it)."""
+    """Examples in a batch: the leading size of its first tensor (every task's tensors share it; a
+    packed row counts once, as counting its documents would stall a GPU step to read them)."""
     return len(next(v for v in batch.values() if isinstance(v, Tensor)))
 
 

@@ -25,7 +25,7 @@ from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.heads import MaskedLMHead, PooledClassifierHead
-from tasks.base import Task, check_fits_positions
+from tasks.base import Task, check_fits_positions, packed_rows
 from tasks.sentences import split_sentences
 
 IS_NEXT, RANDOM_NEXT = 0, 1
@@ -140,6 +140,7 @@ class MaskedLMNextSentence(Task):
         random_fraction: float = 0.1,
         short_seq_prob: float = 0.1,
         dupe_factor: int = 5,
+        pack: bool = False,
         loss_weight: float = 1.0,
     ) -> None:
         """
@@ -148,6 +149,9 @@ class MaskedLMNextSentence(Task):
         mask_fraction / random_fraction: of those, replaced by [MASK] / a random token (the rest stay).
         short_seq_prob: share of inputs built to a random shorter length.
         dupe_factor: passes over the corpus, each with new A/B pairings, that make up one split.
+        pack: put consecutive inputs of a batch into shared rows of max_length tokens, each input
+            attending only to itself with positions from 0 (Backbone.encode's document_ids): the
+            same outputs and loss as one input per row, with less padding when inputs are short.
         """
         super().__init__(loss_weight)
         if max_length < 8:
@@ -156,7 +160,7 @@ class MaskedLMNextSentence(Task):
             raise UserError("need 0 < mlm_probability < 1 and mask_fraction + random_fraction <= 1")
         self.max_length, self.mlm_probability = max_length, mlm_probability
         self.mask_fraction, self.random_fraction = mask_fraction, random_fraction
-        self.short_seq_prob, self.dupe_factor = short_seq_prob, dupe_factor
+        self.short_seq_prob, self.dupe_factor, self.pack = short_seq_prob, dupe_factor, pack
         self.unigram_log_probs: Tensor | None = None  # baseline: training-token frequencies
         self.majority_nsp_label = IS_NEXT
 
@@ -168,6 +172,7 @@ class MaskedLMNextSentence(Task):
             "random_fraction": self.random_fraction,
             "short_seq_prob": self.short_seq_prob,
             "dupe_factor": self.dupe_factor,
+            "pack": self.pack,
             "loss_weight": self.loss_weight,
         }
 
@@ -218,28 +223,50 @@ class MaskedLMNextSentence(Task):
         return examples
 
     def collate(self, examples: list, seeds: list[int], tokenizer: Tokenizer) -> dict[str, Tensor]:
-        length = max(len(a) + len(b) + 3 for a, b, _ in examples)
-        batch_size = len(examples)
-        input_ids = torch.full((batch_size, length), tokenizer.pad_id, dtype=torch.long)
-        token_type_ids = torch.zeros((batch_size, length), dtype=torch.long)
-        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-        labels = torch.full((batch_size, length), IGNORE, dtype=torch.long)
-        for row, ((a, b, _), seed) in enumerate(zip(examples, seeds, strict=True)):
+        """-> input_ids, token_type_ids, attention_mask, mlm_labels (R, T) and nsp_labels (B,): R = B
+        rows of one input each, or fewer rows packing several with `pack`, which adds document_ids
+        (R, T) and cls_positions (B,), each input's [CLS] as an index into the flattened (R * T)."""
+        inputs = []
+        for (a, b, _), seed in zip(examples, seeds, strict=True):
             ids = torch.from_numpy(
                 np.concatenate([[tokenizer.cls_id], a, [tokenizer.sep_id], b, [tokenizer.sep_id]])
             ).long()
-            n = len(ids)
             masked, target = self.mask_tokens(ids, torch.Generator().manual_seed(seed), tokenizer)
-            input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = masked, target, 1
-            token_type_ids[row, len(a) + 2 : n] = 1
-        nsp = torch.tensor([label for _, _, label in examples], dtype=torch.long)
-        return {
+            inputs.append((masked, target, len(a) + 2))  # the first column of segment B
+        lengths = [len(masked) for masked, _, _ in inputs]
+        rows = packed_rows(lengths, self.max_length) if self.pack else [[i] for i in range(len(inputs))]
+        length = max(sum(len(inputs[i][0]) for i in row) for row in rows)
+        shape = (len(rows), length)
+        input_ids = torch.full(shape, tokenizer.pad_id, dtype=torch.long)
+        token_type_ids = torch.zeros(shape, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        labels = torch.full(shape, IGNORE, dtype=torch.long)
+        document_ids = torch.zeros(shape, dtype=torch.long)
+        cls_positions = torch.zeros(len(inputs), dtype=torch.long)
+        for r, row in enumerate(rows):
+            start = 0
+            for document, i in enumerate(row):
+                masked, target, segment_b = inputs[i]
+                end = start + len(masked)
+                input_ids[r, start:end], labels[r, start:end], attention_mask[r, start:end] = (
+                    masked,
+                    target,
+                    1,
+                )
+                token_type_ids[r, start + segment_b : end] = 1
+                document_ids[r, start:] = document  # padding after the last input joins it, masked
+                cls_positions[i] = r * length + start
+                start = end
+        batch = {
             "input_ids": input_ids,
             "token_type_ids": token_type_ids,
             "attention_mask": attention_mask,
             "mlm_labels": labels,
-            "nsp_labels": nsp,
+            "nsp_labels": torch.tensor([label for _, _, label in examples], dtype=torch.long),
         }
+        if self.pack:
+            batch |= {"document_ids": document_ids, "cls_positions": cls_positions}
+        return batch
 
     def mask_tokens(
         self, ids: Tensor, generator: torch.Generator, tokenizer: Tokenizer
@@ -265,12 +292,15 @@ class MaskedLMNextSentence(Task):
 
     def forward(self, backbone: Backbone, head: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         hidden = backbone.encode(
-            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
-        )  # (B, T, D)
-        selected = batch["mlm_labels"] != IGNORE  # (B, T)
+            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch.get("document_ids")
+        )  # (R, T, D)
+        selected = batch["mlm_labels"] != IGNORE  # (R, T)
+        firsts = hidden  # (B, T, D) whose column 0 is each input's [CLS], as the pooler reads it
+        if "cls_positions" in batch:  # packed rows: gather each input's [CLS]
+            firsts = hidden.flatten(0, 1).index_select(0, batch["cls_positions"])[:, None]  # (B, 1, D)
         return {
             "mlm_logits": head["mlm"](hidden[selected], backbone.token_embedding),  # (N, V)
-            "nsp_logits": head["nsp"](backbone.pool(hidden)),  # (B, 2)
+            "nsp_logits": head["nsp"](backbone.pool(firsts)),  # (B, 2)
         }
 
     def loss(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -323,6 +353,10 @@ class MaskedLMNextSentence(Task):
         self, outputs: dict[str, Tensor], batch: dict[str, Tensor], tokenizer: Tokenizer
     ) -> list[dict]:
         """Per pair: the two segments, the model's guess at every masked token, P(B follows A)."""
+        if "document_ids" in batch:
+            raise UserError(
+                "predict with MaskedLMNextSentence pack: false (one pair per row, one record per pair)"
+            )
         labels, ids = batch["mlm_labels"], batch["input_ids"]
         original = torch.where(labels != IGNORE, labels, ids)
         guesses = outputs["mlm_logits"].argmax(-1).tolist()

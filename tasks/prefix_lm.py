@@ -21,7 +21,7 @@ from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.generation import GenerationConfig, generate
-from tasks.base import check_fits_positions
+from tasks.base import check_fits_positions, packed_rows
 from tasks.generative import IGNORE, GenerativeTask, pad_rows
 
 
@@ -40,12 +40,16 @@ class PrefixLM(GenerativeTask):
         metrics: Sequence[Literal["rouge", "bleu", "squad"]] = ("rouge",),
         generation: GenerationConfig = GenerationConfig(),
         loss_on: Literal["target", "all"] = "target",
+        pack: bool = False,
         loss_weight: float = 1.0,
     ) -> None:
         """
         loss_on: "target" (the summary's tokens only) or "all" (every next token, article included).
         max_source_length + max_target_length must fit the backbone's max_len (one sequence holds
-        both). The other arguments are those of every generative task (tasks/generative.py).
+        both). pack: training sequences share rows of max_source_length + max_target_length tokens,
+        each attending only to itself with positions from 0 (Backbone.decode's document_ids): the
+        same loss with less padding. The other arguments are those of every generative task
+        (tasks/generative.py).
         """
         super().__init__(
             prefix,
@@ -59,10 +63,10 @@ class PrefixLM(GenerativeTask):
         )
         if loss_on not in ("target", "all"):
             raise UserError(f"PrefixLM.loss_on must be 'target' or 'all', got {loss_on!r}")
-        self.loss_on = loss_on
+        self.loss_on, self.pack = loss_on, pack
 
     def init_args(self) -> dict:
-        return super().init_args() | {"loss_on": self.loss_on}
+        return super().init_args() | {"loss_on": self.loss_on, "pack": self.pack}
 
     def build_head(self, config: BackboneConfig) -> nn.Module:
         check_fits_positions(
@@ -86,9 +90,24 @@ class PrefixLM(GenerativeTask):
                     next_tokens[: len(e["prompt_ids"]) - 1] = IGNORE  # predictions of the article itself
                 sequences.append(sequence[:-1])
                 labels.append(next_tokens)
-            batch["input_ids"], batch["attention_mask"] = pad_rows(sequences, tokenizer.pad_id)  # (B, T)
+            rows = [[i] for i in range(len(examples))]
+            if self.pack:
+                rows = packed_rows(
+                    [len(s) for s in sequences], self.max_source_length + self.max_target_length
+                )
+                batch["document_ids"], _ = pad_rows(
+                    [
+                        np.concatenate([np.full(len(sequences[i]), d) for d, i in enumerate(row)])
+                        for row in rows
+                    ],
+                    0,
+                )  # (R, T); padding joins document 0, masked
+            sequences, labels = (
+                [np.concatenate([part[i] for i in row]) for row in rows] for part in (sequences, labels)
+            )
+            batch["input_ids"], batch["attention_mask"] = pad_rows(sequences, tokenizer.pad_id)  # (R, T)
             padded, real = pad_rows(labels, tokenizer.pad_id)
-            batch["labels"] = padded.masked_fill(real == 0, IGNORE)  # (B, T)
+            batch["labels"] = padded.masked_fill(real == 0, IGNORE)  # (R, T)
         if "target" not in examples[0] or "references" in examples[0]:  # it will generate
             batch["prompt_ids"], batch["prompt_attention_mask"] = pad_rows(
                 [e["prompt_ids"] for e in examples], tokenizer.pad_id, left=True
@@ -100,7 +119,9 @@ class PrefixLM(GenerativeTask):
     def forward(self, backbone: Backbone, head: nn.Module, batch: dict) -> dict[str, Tensor]:
         outputs: dict[str, Tensor] = {}
         if "labels" in batch:
-            hidden = backbone.decode(batch["input_ids"], batch["attention_mask"])  # (B, T, D)
+            hidden = backbone.decode(
+                batch["input_ids"], batch["attention_mask"], document_ids=batch.get("document_ids")
+            )  # (R, T, D)
             selected = batch["labels"] != IGNORE
             outputs["logits"] = head(hidden[selected], backbone.token_embedding)  # (N, V)
         if not backbone.training and "prompt_ids" in batch:  # evaluation or predict data

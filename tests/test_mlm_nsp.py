@@ -177,3 +177,30 @@ def test_sentences_the_vocabulary_cannot_spell_are_left_out(tokenizer):
     assert len(pairs.table.sentence_starts) - 1 == sum(2 if d % 2 else 1 for d in range(40))
     batch = task.collate([pairs[i] for i in range(len(pairs))], list(range(len(pairs))), tokenizer)
     assert ((batch["mlm_labels"] != IGNORE).sum(dim=1) >= 1).all()
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {},  # BERT: learned absolute positions, post-norm
+        {"position": "relative", "norm": "pre", "norm_type": "rmsnorm", "type_vocab_size": 0},  # T5-style
+    ],
+)
+def test_packed_rows_give_each_input_its_unpacked_outputs(examples, tokenizer, layout):
+    """Several inputs in one row attend only to themselves, with positions from 0: the MLM and NSP
+    logits and the loss equal those of one input per row, while the batch has fewer rows."""
+    task, pairs = examples
+    packing = MaskedLMNextSentence(max_length=2 * task.max_length, pack=True)  # rows of two inputs or more
+    short = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))[:12]
+    chosen, seeds = [pairs[i] for i in short], list(range(12))
+    torch.manual_seed(0)
+    backbone, head = _model(task, tokenizer, max_len=packing.max_length, **layout)
+    backbone.eval(), head.eval()
+    alone, packed = task.collate(chosen, seeds, tokenizer), packing.collate(chosen, seeds, tokenizer)
+    assert len(packed["input_ids"]) < len(alone["input_ids"]) == 12, "some inputs must share a row"
+    assert packed["attention_mask"].sum() == alone["attention_mask"].sum()
+    with torch.no_grad():
+        expected, got = task.forward(backbone, head, alone), packing.forward(backbone, head, packed)
+    torch.testing.assert_close(got["mlm_logits"], expected["mlm_logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["nsp_logits"], expected["nsp_logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packing.loss(got, packed)["loss"], task.loss(expected, alone)["loss"])

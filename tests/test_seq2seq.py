@@ -285,3 +285,21 @@ def test_predict_batches_count_their_tokens(documents, tokenizer, task_class):
     examples = examples_of(task, prompts, tokenizer, "predict")
     batch = task.collate(examples, [0] * 4, tokenizer)
     assert batch_tokens(batch) == sum(len(e["prompt_ids"]) for e in examples)
+
+
+def test_packed_prefix_lm_rows_give_the_unpacked_loss_and_logits(documents, tokenizer):
+    """ARTICLE </s> SUMMARY </s> sequences sharing a row, each causal within itself and counting
+    positions from 0, predict every token as they do one per row."""
+    alone = PrefixLM(max_source_length=24, max_target_length=72)
+    packing = PrefixLM(max_source_length=24, max_target_length=72, pack=True)  # rows of 96
+    model = model_for(alone, tokenizer, encoder_layers=0, decoder_layers=2).eval()
+    examples = examples_of(alone, title_pairs(documents, 8), tokenizer)
+    unpacked, packed = (
+        alone.collate(examples, [0] * 8, tokenizer),
+        packing.collate(examples, [0] * 8, tokenizer),
+    )
+    assert len(packed["input_ids"]) < len(unpacked["input_ids"]), "some sequences must share a row"
+    with torch.no_grad():
+        expected, got = model(unpacked | {"task": "t"}), model(packed | {"task": "t"})
+    torch.testing.assert_close(got["logits"], expected["logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packing.loss(got, packed)["loss"], alone.loss(expected, unpacked)["loss"])
