@@ -18,6 +18,7 @@ from typing import Any
 
 import datasets
 import lightning.pytorch as pl
+import numpy as np
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset
 
@@ -119,6 +120,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         mixture: MixtureConfig = MixtureConfig(),
         steps_per_epoch: int | None = None,
+        group_by_length: int = 0,
         num_workers: int = 0,
         seed: int = 0,
         tokenizer_checkpoint: str | None = None,
@@ -134,6 +136,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
             batch of one process).
         mixture: how steps are shared among tasks.
         steps_per_epoch: training steps per epoch (default: one pass over all examples).
+        group_by_length: 0, or sort windows of this many global batches of each shuffled pass by
+            length (50 is HF's choice), so batches of seq2seq, prefix-LM and MLM examples pad less.
         num_workers: dataloader worker processes (0: load in the main process).
         seed: seed of NSP pairings, masking and sampling; independent of the model's init seed.
         tokenizer_checkpoint: take the tokenizer from this polyhead checkpoint instead of training one
@@ -153,7 +157,12 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.tokenizer_config = tokenizer
         self.batch_size = batch_size if batch_size is not None or global_batch_size is not None else 32
         self.global_batch_size, self.eval_batch_size = global_batch_size, eval_batch_size
+        if group_by_length < 0:
+            raise UserError(
+                f"data.group_by_length must be 0 (off) or a number of batches, got {group_by_length}"
+            )
         self.mixture, self.steps_per_epoch = mixture, steps_per_epoch
+        self.group_by_length = group_by_length
         self.num_workers, self.seed = num_workers, seed
         self.tokenizer_checkpoint = tokenizer_checkpoint
         self.examples: dict[str, dict[str, Any]] = {
@@ -279,6 +288,15 @@ class MultiTaskDataModule(pl.LightningDataModule):
             **extra,
         )
 
+    def _example_lengths(self) -> dict[str, np.ndarray]:
+        """Task -> (size,) tokens of each training example, for the tasks that report lengths."""
+        lengths = {}
+        for name, examples in self.examples["train"].items():
+            task = self.tasks[name]
+            if examples and task.example_length(examples[0]) is not None:
+                lengths[name] = np.array([task.example_length(e) for e in examples], dtype=np.int64)
+        return lengths
+
     def _batches_done(self) -> int:
         """Training batches whose step ran in the current epoch (what a resumed run must not see again)."""
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
@@ -294,6 +312,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
             steps_per_epoch=self.steps_per_epoch,
+            lengths=self._example_lengths() if self.group_by_length else None,
+            length_window=self.group_by_length,
         )
         return self._loader(self.examples["train"], sampler, ResumableLoader, batches_done=self._batches_done)
 

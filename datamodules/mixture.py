@@ -5,6 +5,10 @@ temperature-scaled (rates ** 1/T, renormalised) and equal. Every batch holds one
 sampler is a pure function of (seed, epoch, step): each task reads an endless stream of shuffled
 passes over its examples, so a run resumed at any step draws exactly what the uninterrupted run
 would have, and under DDP each rank takes its own slice of the same global batch.
+
+Length grouping (as HF's `group_by_length`): each shuffled pass is cut into windows of a few
+dozen global batches and each window is sorted by length, so a batch holds examples of similar
+length and pads little, while which examples meet in a window stays random.
 """
 
 from __future__ import annotations
@@ -72,7 +76,11 @@ class MixtureBatchSampler(Sampler):
         rank: int = 0,
         world_size: int = 1,
         steps_per_epoch: int | None = None,
+        lengths: dict[str, np.ndarray] | None = None,
+        length_window: int = 0,
     ) -> None:
+        """lengths: task -> (size,) tokens of each example, for the tasks to group by length;
+        length_window: global batches per sorted window (0: no grouping)."""
         self.tasks = sorted(sizes)
         self.sizes = [sizes[t] for t in self.tasks]
         self.rates = np.array([rates[t] for t in self.tasks], dtype=np.float64)
@@ -83,6 +91,9 @@ class MixtureBatchSampler(Sampler):
         self.steps_per_epoch = steps_per_epoch
         self.epoch, self.start_step = 0, 0
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
+        lengths = lengths if length_window > 0 else {}
+        self.lengths = [lengths.get(t) for t in self.tasks]
+        self.length_window = length_window
 
     def __len__(self) -> int:
         """The whole epoch, even when resumed midway: Lightning counts on from the batches done."""
@@ -113,7 +124,13 @@ class MixtureBatchSampler(Sampler):
             if len(self._permutations) > 64:
                 self._permutations.clear()
             rng = np.random.default_rng([self.seed, task, pass_number])
-            self._permutations[key] = rng.permutation(self.sizes[task])
+            order = rng.permutation(self.sizes[task])
+            lengths = self.lengths[task]
+            if lengths is not None:  # longest first within each window of the shuffled pass
+                window = self.global_batch * self.length_window
+                windows = [order[i : i + window] for i in range(0, len(order), window)]
+                order = np.concatenate([w[np.argsort(-lengths[w], kind="stable")] for w in windows])
+            self._permutations[key] = order
         return self._permutations[key]
 
     def __iter__(self):

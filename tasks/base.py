@@ -82,6 +82,11 @@ class Task:
         """Called by the model at every training epoch start (`model` is the MultiTaskModel, `name` this
         task's name in it): the place for work between epochs, such as mining new hard negatives."""
 
+    def example_length(self, example: Any) -> int | None:
+        """Tokens of one training example, for `data.group_by_length`; None (the default): this task's
+        batches keep their random composition (a P x K batch of groups, say, must not be reordered)."""
+        return None
+
     def collate(self, examples: list[Any], seeds: list[int], tokenizer: Tokenizer) -> dict[str, Tensor]:
         """Examples -> one batch of tensors. `seeds` make per-example randomness (masking) reproducible.
         Every stack's (B, T) mask of real tokens goes under a key ending in "attention_mask": that is

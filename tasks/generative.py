@@ -237,6 +237,9 @@ class GenerativeTask(Task):
             )
         return examples
 
+    def example_length(self, example: dict[str, Any]) -> int:
+        return len(example["prompt_ids"]) + len(example["target"])
+
     # ----- evaluation -----
 
     def token_loss(self, logits: Tensor, targets: Tensor) -> Tensor:

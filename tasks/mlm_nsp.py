@@ -222,6 +222,10 @@ class MaskedLMNextSentence(Task):
             self.majority_nsp_label = int(np.bincount(examples.spans[:, 4], minlength=2).argmax())
         return examples
 
+    def example_length(self, example: tuple[np.ndarray, np.ndarray, int]) -> int:
+        a, b, _ = example
+        return len(a) + len(b) + 3  # [CLS] A [SEP] B [SEP]
+
     def collate(self, examples: list, seeds: list[int], tokenizer: Tokenizer) -> dict[str, Tensor]:
         """-> input_ids, token_type_ids, attention_mask, mlm_labels (R, T) and nsp_labels (B,): R = B
         rows of one input each, or fewer rows packing several with `pack`, which adds document_ids
