@@ -1,0 +1,321 @@
+"""Text generation throughput: polyhead's `generate` (modules/generation.py) against HuggingFace
+transformers' `T5ForConditionalGeneration.generate`, on the same T5 config and the same weights.
+
+Issue 8 ("Speed and scale") asks for polyhead >= 2x HF's generation throughput; this script
+measures both. Two cases, on one batch of sources:
+
+- greedy: the most likely token each step;
+- beam: beam search with --beams beams per source (default 4), the best hypothesis returned.
+
+The models: an HF T5 in v1.0's layout (ReLU feed-forward, output tied to the embeddings and scaled
+by d_model ** -0.5) is built from a `transformers.T5Config` with HF's random initialisation, and
+every parameter is then perturbed by N(0, 0.5), as tests/test_generation_hf.py does: at HF's
+initialisation cross-attention is close to uniform, and every source would decode alike. Its state
+dict is converted by the project's own converter (`backbone_config_from_t5`, `t5_to_polyhead` in
+modules/convert_t5.py) into a polyhead `Backbone`, whose logits come from polyhead's
+`LanguageModelHead`, as tasks/seq2seq.py projects them. Both are the same network with the same
+weights in fp32.
+
+Default config: 4 encoder + 4 decoder layers, d_model 256, 4 heads of 64, d_ff 4 x d_model = 1024,
+vocabulary 8000, T5's 32 relative-position buckets up to distance 128; a batch of 16 random sources
+(ids from 5 up, T5's low ids being special) of 128 columns, right-padded with T5's pad id 0 behind
+each row's real tokens (row 0 is full; the others keep between half and all of the columns), 64 new
+tokens per row. Both decoders start from T5's start token, pad id 0.
+
+Both sides do the same work: every row generates exactly --new-tokens tokens. Neither side has an
+eos: polyhead runs with `eos_id=None`, which decodes every row for max_new_tokens, and HF's
+T5Config is built with `eos_token_id=None` (and generate is passed `eos_token_id=None`), so no
+hypothesis ever finishes early and HF's stopping criterion is the length alone. Every returned
+output is checked to have that many tokens. Without an eos nothing ends before the last step, so
+beam search is the same on both sides (n-best, length penalty 1, which all-equal lengths make moot;
+HF's `early_stopping="never"`, polyhead's only rule).
+
+Before anything is timed, each side generates once per case and the tokens must be equal token for
+token (on a GPU too: a flip between near-tied candidates would show as a refusal here, never as a
+silently different workload); that call is also each side's warm-up. HF is called with
+use_cache=True (its default KV cache), do_sample=False, num_return_sequences=1 and
+disable_compile=True (no torch.compile on either side). Both models are in eval mode and both calls
+run under torch.inference_mode.
+
+The timed unit is one generate call on the whole batch: encoding the sources, then decoding
+--new-tokens steps. Calls are timed in alternating blocks (polyhead, HF, polyhead, ...) --repeats
+times, so a change in the machine's load touches both alike; throughput is the median over repeats
+of generated tokens per second, generated tokens being the tokens returned: rows x new tokens, one
+output per source (beams are not counted).
+
+    python benchmarks/generate.py                          # both cases, default config
+    python benchmarks/generate.py --threads 1 --repeats 9  # a pinned thread count, more repeats
+    python benchmarks/generate.py --cases beam --beams 8 --batch 32
+    python benchmarks/generate.py --device cuda
+    python benchmarks/generate.py --quick                  # a tiny smoke run
+
+Prints one line per case (tokens/s of both sides and their ratio, polyhead / HF) and writes
+benchmarks/results/generate.json (generate_cuda.json on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from torch import Tensor
+from transformers import T5Config, T5ForConditionalGeneration
+
+from modules.backbone import Backbone
+from modules.convert_t5 import backbone_config_from_t5, t5_to_polyhead
+from modules.generation import GenerationConfig, generate
+from modules.heads import LanguageModelHead
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+FIRST_TEXT_ID = 5  # random tokens avoid the low ids special tokens use
+T5_PAD, T5_START = 0, 0  # T5's ids: its decoder starts from <pad>
+PERTURBATION = 0.5  # std of the noise added to every HF parameter, as tests/test_generation_hf.py does
+SEED = 0
+SIDES = ("polyhead", "hf")
+CASES = ("greedy", "beam")
+QUICK = {"repeats": 2, "batch": 4, "seq": 16, "new_tokens": 8, "layers": 1, "d_model": 64, "vocab": 500}
+"""--quick: a config small enough to run in seconds; flags given explicitly still win."""
+
+Generate = Callable[[], Tensor]
+"""One timed call: generate on the whole batch -> the new tokens (rows, new tokens)."""
+
+
+def hf_t5(args: argparse.Namespace) -> T5ForConditionalGeneration:
+    """HF's T5 v1.0 at the benchmark's size, randomly initialised then perturbed (see the docstring),
+    with no eos: HF then stops on the length alone."""
+    config = T5Config(
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        d_kv=args.d_model // args.heads,
+        d_ff=4 * args.d_model,
+        num_layers=args.layers,
+        num_decoder_layers=args.layers,
+        num_heads=args.heads,
+        feed_forward_proj="relu",
+        tie_word_embeddings=True,
+        decoder_start_token_id=T5_START,
+        pad_token_id=T5_PAD,
+        eos_token_id=None,
+    )
+    torch.manual_seed(SEED)
+    model = T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(PERTURBATION * torch.randn_like(param))
+    return model
+
+
+def polyhead_copy(hf: T5ForConditionalGeneration) -> tuple[Backbone, LanguageModelHead]:
+    """The same network in polyhead, by the project's converter: backbone and (tied, scaled) LM head.
+    Loaded strictly, so every converted weight has its place and none is left at its initialisation."""
+    config = backbone_config_from_t5(hf.config)
+    state, lm_head = t5_to_polyhead(hf.state_dict(), config)
+    if lm_head is not None:
+        raise RuntimeError("a T5 v1.0 layout ties its output to the embeddings; the converter gave a head")
+    backbone = Backbone(config).eval()
+    backbone.load_state_dict(state, strict=True)
+    return backbone, LanguageModelHead(config).eval()
+
+
+def source_batch(batch: int, seq: int, vocab: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Random sources, right-padded: row 0 fills all `seq` columns, the others keep a random length
+    between seq / 2 and seq, then T5's pad id. -> ids (B, S), attention mask (B, S) 1 at real tokens."""
+    lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=generator)  # (B,)
+    lengths[0] = seq
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()  # (B, S)
+    ids = torch.randint(FIRST_TEXT_ID, vocab, (batch, seq), generator=generator)  # (B, S)
+    return ids.masked_fill(mask == 0, T5_PAD), mask
+
+
+def polyhead_run(
+    backbone: Backbone,
+    head: LanguageModelHead,
+    source: Tensor,
+    mask: Tensor,
+    case: str,
+    args: argparse.Namespace,
+) -> Generate:
+    """polyhead's generate for a case: no eos, so every row decodes --new-tokens steps."""
+    beam = {"num_beams": args.beams} if case == "beam" else {}
+    settings = GenerationConfig(
+        strategy=case, max_new_tokens=args.new_tokens, eos_id=None, pad_id=T5_PAD, **beam
+    )
+
+    def project(hidden: Tensor) -> Tensor:
+        return head(hidden, backbone.token_embedding)  # (N, D) -> (N, V)
+
+    def run() -> Tensor:
+        with torch.inference_mode():
+            return generate(backbone, project, source, mask, settings, start_id=T5_START).tokens
+
+    return run
+
+
+def hf_run(
+    hf: T5ForConditionalGeneration, source: Tensor, mask: Tensor, case: str, args: argparse.Namespace
+) -> Generate:
+    """HF's generate for a case, every option that changes the tokens or the work stated (beam search's
+    only for beam: HF warns of unused ones); its start token is cut off, so it returns what polyhead does."""
+    beam = {"length_penalty": 1.0, "early_stopping": "never"} if case == "beam" else {}
+    options = beam | {
+        "max_new_tokens": args.new_tokens,
+        "min_new_tokens": 0,
+        "num_beams": args.beams if case == "beam" else 1,
+        "num_return_sequences": 1,
+        "do_sample": False,
+        "no_repeat_ngram_size": 0,
+        "repetition_penalty": 1.0,
+        "decoder_start_token_id": T5_START,
+        "pad_token_id": T5_PAD,
+        "eos_token_id": None,
+        "use_cache": True,
+        "disable_compile": True,
+    }
+
+    def run() -> Tensor:
+        with torch.inference_mode():
+            return hf.generate(input_ids=source, attention_mask=mask, **options)[:, 1:]  # (B, L)
+
+    return run
+
+
+def check_same_tokens(case: str, runs: dict[str, Generate], shape: tuple[int, int]) -> None:
+    """Refuse to time two generations that differ: both must return `shape` (rows, new tokens),
+    every row at full length, and the same tokens. The calls double as each side's warm-up."""
+    outputs = {side: run() for side, run in runs.items()}
+    for side, tokens in outputs.items():
+        if tuple(tokens.shape) != shape:
+            raise RuntimeError(f"{case}: {side} returned {tuple(tokens.shape)} tokens, expected {shape}")
+    ours, theirs = outputs["polyhead"], outputs["hf"]
+    if not torch.equal(ours, theirs):
+        rows = (ours != theirs).any(dim=1).nonzero().flatten().tolist()
+        raise RuntimeError(f"{case}: polyhead's tokens differ from HF's in rows {rows}")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a host clock read after it times the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tokens_per_second(run: Generate, tokens: int, device: torch.device) -> float:
+    """Generated tokens per second of one generate call."""
+    synchronize(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    return tokens / (time.perf_counter() - start)
+
+
+def measure(case: str, runs: dict[str, Generate], rows: int, args: argparse.Namespace) -> dict:
+    """One case: the equality check (and warm-up), then alternating timed blocks (see the docstring)."""
+    device = torch.device(args.device)
+    check_same_tokens(case, runs, (rows, args.new_tokens))
+    tokens = rows * args.new_tokens
+    rates: dict[str, list[float]] = {side: [] for side in SIDES}
+    for _ in range(args.repeats):
+        for side, run in runs.items():
+            rates[side].append(tokens_per_second(run, tokens, device))
+    medians = {side: statistics.median(r) for side, r in rates.items()}
+    return {
+        "num_beams": args.beams if case == "beam" else 1,
+        "tokens_per_call": tokens,
+        "tokens_equal": True,  # check_same_tokens refuses otherwise
+        "tokens_per_s": {side: round(rate, 1) for side, rate in medians.items()},
+        "tokens_per_s_repeats": {side: [round(x, 1) for x in r] for side, r in rates.items()},
+        "ratio": round(medians["polyhead"] / medians["hf"], 3),
+    }
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed generate calls per side and case")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated, of: " + ", ".join(CASES))
+    parser.add_argument("--beams", type=int, default=4, help="beam: beams per source")
+    parser.add_argument("--batch", type=int, default=16, help="sources per generate call")
+    parser.add_argument("--seq", type=int, default=128, help="source columns (rows are right-padded)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
+    parser.add_argument("--layers", type=int, default=4, help="encoder layers, and as many decoder layers")
+    parser.add_argument("--d-model", type=int, default=256, help="width; d_ff is 4 x d_model")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (head width d_model / heads)")
+    parser.add_argument("--vocab", type=int, default=8000, help="vocabulary size")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    parser.add_argument("--quick", action="store_true", help=f"a tiny smoke run: {QUICK}")
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    unknown = set(args.cases.split(",")) - set(CASES)
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; known: {', '.join(CASES)}")
+    return args
+
+
+HEADER = f"{'case':<8}{'polyhead tok/s':>16}{'HF tok/s':>12}{'ratio':>8}"
+
+
+def table_row(name: str, result: dict) -> str:
+    """One case's line, under HEADER."""
+    rate = result["tokens_per_s"]
+    return f"{name:<8}{rate['polyhead']:>16.0f}{rate['hf']:>12.0f}{result['ratio']:>8.2f}"
+
+
+def main(argv: list[str]) -> None:
+    args = parse_arguments(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
+    device = torch.device(args.device)
+    hf = hf_t5(args)
+    backbone, head = polyhead_copy(hf)
+    hf, backbone, head = hf.to(device), backbone.to(device), head.to(device)
+    source, mask = (
+        t.to(device)
+        for t in source_batch(args.batch, args.seq, args.vocab, torch.Generator().manual_seed(SEED))
+    )
+    results = {}
+    print(HEADER)
+    for case in args.cases.split(","):
+        runs = {
+            "polyhead": polyhead_run(backbone, head, source, mask, case, args),
+            "hf": hf_run(hf, source, mask, case, args),
+        }
+        results[case] = measure(case, runs, args.batch, args)
+        print(table_row(case, results[case]), flush=True)
+    output = RESULTS / ("generate.json" if device.type == "cpu" else f"generate_{device.type}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(
+        json.dumps(
+            {
+                "command": " ".join(["python", "benchmarks/generate.py", *argv]),
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}
+                | ({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+                "setting": {k: v for k, v in vars(args).items() if k != "cases"}
+                | {"d_ff": 4 * args.d_model, "source_real_tokens": int(mask.sum())}
+                | {"parameters": sum(p.numel() for p in backbone.parameters())}
+                | {"hf_attention": hf.config._attn_implementation, "dtype": "fp32"},
+                "cases": results,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
