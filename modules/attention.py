@@ -78,6 +78,7 @@ class LayerKV:
     Self-attention keys/values are written into buffers allocated once for `capacity` columns, so a
     decoding step copies only its own new column instead of the whole history. Cross-attention
     keys/values (the encoder memory projected by this layer) are stored on first use and reused.
+    Beam search's reordering writes into a second pair of buffers and swaps, so no step allocates.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -85,6 +86,7 @@ class LayerKV:
         self.length = 0  # columns of keys/values filled so far
         self.keys: Tensor | None = None  # (B, H, capacity, Dh), allocated on the first append
         self.values: Tensor | None = None  # (B, H, capacity, Dh)
+        self.spare: tuple[Tensor, Tensor] | None = None  # reorder's destination, allocated on first use
         self.memory_kv: tuple[Tensor, Tensor] | None = None  # (B, H, S, Dh) keys and values
 
     def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,9 +107,15 @@ class LayerKV:
 
     def reorder(self, index: Tensor) -> None:
         """Row i becomes old row index[i] (self-attention only; see `KVCache.reorder`)."""
-        if self.keys is not None and self.values is not None:
-            self.keys = self.keys.index_select(0, index)
-            self.values = self.values.index_select(0, index)
+        if self.keys is None or self.values is None:
+            return
+        if self.spare is None:
+            self.spare = (torch.empty_like(self.keys), torch.empty_like(self.values))
+        keys, values = self.spare
+        torch.index_select(self.keys, 0, index, out=keys)
+        torch.index_select(self.values, 0, index, out=values)
+        self.spare = (self.keys, self.values)
+        self.keys, self.values = keys, values
 
 
 class KVCache:
