@@ -117,6 +117,7 @@ def mlm_nsp_batch(batch: int, seq: int, vocab: int, generator: torch.Generator) 
         "token_type_ids": (torch.arange(seq) >= seq // 2).long().repeat(batch, 1),  # (B, T)
         "attention_mask": torch.ones(batch, seq, dtype=torch.long),  # (B, T)
         "mlm_labels": torch.where(selected, input_ids, IGNORE),  # (B, T)
+        "mlm_positions": selected.flatten().nonzero().squeeze(1),  # (N,) as collate gives them
         "nsp_labels": torch.randint(2, (batch,), generator=generator),  # (B,)
     }
 
@@ -134,6 +135,7 @@ def seq2seq_batch(
         "decoder_input_ids": torch.cat([start, labels[:, :-1]], dim=1),  # (B, T)
         "decoder_attention_mask": torch.ones(batch, target, dtype=torch.long),  # (B, T)
         "labels": labels,  # (B, T)
+        "label_positions": torch.arange(labels.numel()),  # (N,) every target token is a label
     }
 
 
@@ -198,7 +200,8 @@ def t5_case(args: argparse.Namespace) -> Case:
         config=config,
         task=Seq2Seq(max_source_length=args.seq, max_target_length=target),
         batch=batch,
-        hf_inputs={**batch, "use_cache": False},  # Seq2Seq's batch keys are HF's argument names
+        # Seq2Seq's batch keys are HF's argument names, but for the labelled positions it gathers at
+        hf_inputs={k: v for k, v in batch.items() if k != "label_positions"} | {"use_cache": False},
         hf_model=lambda c: T5ForConditionalGeneration(
             T5Config.from_dict(t5_config_to_hf(c, T5_PAD, T5_EOS, T5_START))
         ),

@@ -144,6 +144,13 @@ def task_class(name: str) -> type[Task]:
     return found[name]
 
 
+def label_positions(labels: Tensor, ignore: int = -100) -> Tensor:
+    """(R, T) labels with `ignore` where a position has none -> (N,) flat indices of the labelled
+    positions, row by row. Collate computes them on the host: a training step then gathers those
+    positions with index_select, where a boolean mask would make the GPU stop and count them."""
+    return (labels != ignore).flatten().nonzero().squeeze(1)
+
+
 def packed_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """Which inputs share each row when packing: consecutive inputs while their lengths fit in
     `capacity` (first fit in order, so the inputs keep their order along the rows)."""

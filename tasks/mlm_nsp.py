@@ -25,7 +25,7 @@ from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.heads import MaskedLMHead, PooledClassifierHead
-from tasks.base import Task, check_fits_positions, packed_rows
+from tasks.base import Task, check_fits_positions, label_positions, packed_rows
 from tasks.sentences import split_sentences
 
 IS_NEXT, RANDOM_NEXT = 0, 1
@@ -227,9 +227,10 @@ class MaskedLMNextSentence(Task):
         return len(a) + len(b) + 3  # [CLS] A [SEP] B [SEP]
 
     def collate(self, examples: list, seeds: list[int], tokenizer: Tokenizer) -> dict[str, Tensor]:
-        """-> input_ids, token_type_ids, attention_mask, mlm_labels (R, T) and nsp_labels (B,): R = B
-        rows of one input each, or fewer rows packing several with `pack`, which adds document_ids
-        (R, T) and cls_positions (B,), each input's [CLS] as an index into the flattened (R * T)."""
+        """-> input_ids, token_type_ids, attention_mask, mlm_labels (R, T), mlm_positions (N,) (the
+        masked positions, see `label_positions`) and nsp_labels (B,): R = B rows of one input each,
+        or fewer rows packing several with `pack`, which adds document_ids (R, T) and cls_positions
+        (B,), each input's [CLS] as an index into the flattened (R * T)."""
         inputs = []
         for (a, b, _), seed in zip(examples, seeds, strict=True):
             ids = torch.from_numpy(
@@ -266,6 +267,7 @@ class MaskedLMNextSentence(Task):
             "token_type_ids": token_type_ids,
             "attention_mask": attention_mask,
             "mlm_labels": labels,
+            "mlm_positions": label_positions(labels, IGNORE),
             "nsp_labels": torch.tensor([label for _, _, label in examples], dtype=torch.long),
         }
         if self.pack:
@@ -298,17 +300,22 @@ class MaskedLMNextSentence(Task):
         hidden = backbone.encode(
             batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch.get("document_ids")
         )  # (R, T, D)
-        selected = batch["mlm_labels"] != IGNORE  # (R, T)
+        masked = hidden.flatten(0, 1).index_select(0, batch["mlm_positions"])  # (N, D)
         firsts = hidden  # (B, T, D) whose column 0 is each input's [CLS], as the pooler reads it
         if "cls_positions" in batch:  # packed rows: gather each input's [CLS]
             firsts = hidden.flatten(0, 1).index_select(0, batch["cls_positions"])[:, None]  # (B, 1, D)
         return {
-            "mlm_logits": head["mlm"](hidden[selected], backbone.token_embedding),  # (N, V)
+            "mlm_logits": head["mlm"](masked, backbone.token_embedding),  # (N, V)
             "nsp_logits": head["nsp"](backbone.pool(firsts)),  # (B, 2)
         }
 
+    @staticmethod
+    def mlm_targets(batch: dict[str, Tensor]) -> Tensor:
+        """(N,) the original tokens at the masked positions, in mlm_logits' order."""
+        return batch["mlm_labels"].flatten().index_select(0, batch["mlm_positions"])
+
     def loss(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE]
+        targets = self.mlm_targets(batch)
         mlm = F.cross_entropy(outputs["mlm_logits"].float(), targets)
         nsp = F.cross_entropy(outputs["nsp_logits"].float(), batch["nsp_labels"])
         return {"loss": mlm + nsp, "mlm_loss": mlm, "nsp_loss": nsp}
@@ -336,7 +343,7 @@ class MaskedLMNextSentence(Task):
         tokenizer: Tokenizer,
     ) -> None:
         losses = self.loss(outputs, batch)
-        targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE]
+        targets = self.mlm_targets(batch)
         n_masked, n_pairs = targets.numel(), batch["nsp_labels"].numel()
         metrics["loss"].update(losses["loss"], weight=n_pairs)
         metrics["mlm_loss"].update(losses["mlm_loss"], weight=n_masked)

@@ -108,6 +108,7 @@ class PrefixLM(GenerativeTask):
             batch["input_ids"], batch["attention_mask"] = pad_rows(sequences, tokenizer.pad_id)  # (R, T)
             padded, real = pad_rows(labels, tokenizer.pad_id)
             batch["labels"] = padded.masked_fill(real == 0, IGNORE)  # (R, T)
+            batch = self.with_label_positions(batch)
         if "target" not in examples[0] or "references" in examples[0]:  # it will generate
             batch["prompt_ids"], batch["prompt_attention_mask"] = pad_rows(
                 [e["prompt_ids"] for e in examples], tokenizer.pad_id, left=True
@@ -122,8 +123,7 @@ class PrefixLM(GenerativeTask):
             hidden = backbone.decode(
                 batch["input_ids"], batch["attention_mask"], document_ids=batch.get("document_ids")
             )  # (R, T, D)
-            selected = batch["labels"] != IGNORE
-            outputs["logits"] = head(hidden[selected], backbone.token_embedding)  # (N, V)
+            outputs["logits"] = head(self.at_labels(hidden, batch), backbone.token_embedding)  # (N, V)
         if not backbone.training and "prompt_ids" in batch:  # evaluation or predict data
             result = generate(
                 backbone,

@@ -87,6 +87,7 @@ class Seq2Seq(GenerativeTask):
             batch["decoder_input_ids"], batch["decoder_attention_mask"] = pad_rows(shifted, tokenizer.pad_id)
             labels, real = pad_rows(targets, tokenizer.pad_id)
             batch["labels"] = labels.masked_fill(real == 0, IGNORE)  # (B, T)
+            batch = self.with_label_positions(batch)
         if "references" in examples[0]:
             batch["references"] = [e["references"] for e in examples]
         return batch
@@ -99,11 +100,12 @@ class Seq2Seq(GenerativeTask):
             hidden = backbone.decode(
                 batch["decoder_input_ids"], batch["decoder_attention_mask"], memory, batch["attention_mask"]
             )  # (B, T, D)
-            selected = batch["labels"] != IGNORE
-            if self.copy:
-                outputs["logits"] = head(hidden, backbone.token_embedding, memory, *source)[selected]
+            if self.copy:  # the copy head needs every row's positions to attend over its source
+                outputs["logits"] = self.at_labels(
+                    head(hidden, backbone.token_embedding, memory, *source), batch
+                )
             else:
-                outputs["logits"] = head(hidden[selected], backbone.token_embedding)  # (N, V)
+                outputs["logits"] = head(self.at_labels(hidden, batch), backbone.token_embedding)  # (N, V)
         if not backbone.training:
             result = generate(
                 backbone,

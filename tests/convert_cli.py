@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from experiments.cli import main
+from tasks.base import label_positions
 from tasks.generative import IGNORE
 
 
@@ -47,6 +48,7 @@ def bert_batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, Tensor]:
         "token_type_ids": token_type_ids,
         "attention_mask": attention_mask,
         "mlm_labels": labels,
+        "mlm_positions": label_positions(labels),
         "nsp_labels": torch.zeros(len(rows), dtype=torch.long),
         "task": "mlm_nsp",
     }

@@ -17,6 +17,7 @@ from modules.config import BackboneConfig
 from modules.flops import network_cost
 from modules.optim import OptimizerConfig, build_optimizer
 from modules.speed import SpeedConfig, apply_speed
+from tasks.base import label_positions
 from tasks.mlm_nsp import IGNORE, MaskedLMNextSentence
 
 from .conftest import ROOT
@@ -37,6 +38,7 @@ def mlm_nsp_batch(seed: int = 0) -> dict[str, torch.Tensor]:
         "token_type_ids": (torch.arange(32) >= 16).long().repeat(6, 1),
         "attention_mask": attention_mask,
         "mlm_labels": torch.where(labelled, input_ids, IGNORE),
+        "mlm_positions": label_positions(torch.where(labelled, input_ids, IGNORE)),
         "nsp_labels": torch.randint(2, (6,), generator=generator),
     }
 
