@@ -26,6 +26,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from process_memory import resident_mib
 
 from experiments.cli import run
 from tasks.base import batch_tokens
@@ -41,13 +42,6 @@ VARIANTS = {
     "compile": ["--model.speed.compile", "true"],
     "activation_checkpointing": ["--model.speed.activation_checkpointing", "true"],
 }
-
-
-def resident_mib(field: str) -> float:
-    """ "VmRSS" (resident now) or "VmHWM" (its peak) of this process, in MiB; Linux."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(f"{field}:"))
-    return int(line.split()[1]) / 1024
 
 
 class StepClock(pl.Callback):

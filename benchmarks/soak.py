@@ -3,7 +3,7 @@ machine's limit.
 
 Trains the quickstart (experiments/configs/quickstart.yaml: three tasks on one backbone, a
 validation with generation every 100 steps, W&B offline, checkpoints) for `--steps` steps in this
-process and reads its resident memory (/proc/self/statm) every `--every` steps. The first
+process and reads its resident memory (VmRSS in /proc/self/status) every `--every` steps. The first
 `--warmup` steps fill the allocator's pools, the caches and the first validations' buffers; after
 them the resident memory may rise by at most `--bound` MiB over the rest of the run. Prints the
 samples, the growth after warm-up and its least-squares slope per 1000 steps, writes
@@ -17,24 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+from process_memory import resident_mib
 
 from experiments.cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "soak.json"
-
-
-def resident_mib() -> float:
-    """This process's resident memory now (not the peak), in MiB; Linux."""
-    with open("/proc/self/statm") as statm:
-        pages = int(statm.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 class ResidentMemory(pl.Callback):
@@ -46,7 +39,7 @@ class ResidentMemory(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
         if trainer.global_step % self.every == 0:
-            self.samples.append((trainer.global_step, resident_mib()))
+            self.samples.append((trainer.global_step, resident_mib("VmRSS")))
 
 
 def slope_per_1000(samples: list[tuple[int, float]]) -> float:

@@ -66,6 +66,7 @@ from typing import Any
 
 import torch
 import transformers
+from process_memory import resident_mib
 from torch import Tensor, nn
 from transformers import BertConfig, BertForPreTraining, PreTrainedModel, T5Config, T5ForConditionalGeneration
 
@@ -397,17 +398,6 @@ def print_profile(steps: dict[str, Callable[[], None]], device: torch.device) ->
             f"\n{side}: 3 steps\n"
             + profiler.key_averages().table(sort_by=order, row_limit=15, max_name_column_width=60)
         )
-
-
-def resident_mib(field: str) -> float:
-    """A line of /proc/self/status in MiB (Linux): "VmRSS", the resident set now, or "VmHWM", its peak.
-
-    Not getrusage's ru_maxrss: exec keeps the peak of the process that forked, so a subprocess of
-    this script (which holds two models by then) would start from the parent's peak.
-    """
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(f"{field}:"))
-    return int(line.split()[1]) / 1024  # given in kB
 
 
 def peak_memory_here(case_name: str, side: str, args: argparse.Namespace) -> float:
