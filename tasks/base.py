@@ -151,6 +151,12 @@ def label_positions(labels: Tensor, ignore: int = -100) -> Tensor:
     return (labels != ignore).flatten().nonzero().squeeze(1)
 
 
+def at_positions(values: Tensor, positions: Tensor) -> Tensor:
+    """(R, T, ...) values per position -> (N, ...) those at `positions`, flat indices into R * T
+    (`label_positions`, or packed rows' [CLS] columns)."""
+    return values.flatten(0, 1).index_select(0, positions)
+
+
 def packed_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """Which inputs share each row when packing: consecutive inputs while their lengths fit in
     `capacity` (first fit in order, so the inputs keep their order along the rows)."""

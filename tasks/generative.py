@@ -30,7 +30,7 @@ from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.generation import GenerationConfig
 from modules.heads import LanguageModelHead
-from tasks.base import Task, label_positions
+from tasks.base import Task, at_positions, label_positions
 from tasks.metrics import RougeScore, SquadScore
 from tasks.sentences import split_sentences
 
@@ -248,22 +248,16 @@ class GenerativeTask(Task):
         (see `label_positions`); the logits of a training step are computed there only."""
         return batch | {"label_positions": label_positions(batch["labels"], IGNORE)}
 
-    @staticmethod
-    def targets(batch: dict[str, Any]) -> Tensor:
-        """(N,) the target tokens at the labelled positions, in the logits' order."""
-        return batch["labels"].flatten().index_select(0, batch["label_positions"])
-
-    @staticmethod
-    def at_labels(values: Tensor, batch: dict[str, Any]) -> Tensor:
-        """(R, T, ...) values per position -> (N, ...) those at the labelled positions."""
-        return values.flatten(0, 1).index_select(0, batch["label_positions"])
-
     def token_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """(N, V) logits at the target positions, (N,) target ids -> mean cross-entropy."""
         return nn.functional.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
 
     def loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
-        return {"loss": self.token_loss(outputs["logits"], self.targets(batch))}
+        return {
+            "loss": self.token_loss(
+                outputs["logits"], at_positions(batch["labels"], batch["label_positions"])
+            )
+        }
 
     def update_metrics(
         self, metrics: MetricCollection, outputs: dict[str, Tensor], batch: dict, tokenizer: Tokenizer

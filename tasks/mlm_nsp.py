@@ -25,7 +25,7 @@ from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.heads import MaskedLMHead, PooledClassifierHead
-from tasks.base import Task, check_fits_positions, label_positions, packed_rows
+from tasks.base import Task, at_positions, check_fits_positions, label_positions, packed_rows
 from tasks.sentences import split_sentences
 
 IS_NEXT, RANDOM_NEXT = 0, 1
@@ -300,22 +300,17 @@ class MaskedLMNextSentence(Task):
         hidden = backbone.encode(
             batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch.get("document_ids")
         )  # (R, T, D)
-        masked = hidden.flatten(0, 1).index_select(0, batch["mlm_positions"])  # (N, D)
+        masked = at_positions(hidden, batch["mlm_positions"])  # (N, D)
         firsts = hidden  # (B, T, D) whose column 0 is each input's [CLS], as the pooler reads it
         if "cls_positions" in batch:  # packed rows: gather each input's [CLS]
-            firsts = hidden.flatten(0, 1).index_select(0, batch["cls_positions"])[:, None]  # (B, 1, D)
+            firsts = at_positions(hidden, batch["cls_positions"])[:, None]  # (B, 1, D)
         return {
             "mlm_logits": head["mlm"](masked, backbone.token_embedding),  # (N, V)
             "nsp_logits": head["nsp"](backbone.pool(firsts)),  # (B, 2)
         }
 
-    @staticmethod
-    def mlm_targets(batch: dict[str, Tensor]) -> Tensor:
-        """(N,) the original tokens at the masked positions, in mlm_logits' order."""
-        return batch["mlm_labels"].flatten().index_select(0, batch["mlm_positions"])
-
     def loss(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        targets = self.mlm_targets(batch)
+        targets = at_positions(batch["mlm_labels"], batch["mlm_positions"])  # (N,)
         mlm = F.cross_entropy(outputs["mlm_logits"].float(), targets)
         nsp = F.cross_entropy(outputs["nsp_logits"].float(), batch["nsp_labels"])
         return {"loss": mlm + nsp, "mlm_loss": mlm, "nsp_loss": nsp}
@@ -343,7 +338,7 @@ class MaskedLMNextSentence(Task):
         tokenizer: Tokenizer,
     ) -> None:
         losses = self.loss(outputs, batch)
-        targets = self.mlm_targets(batch)
+        targets = at_positions(batch["mlm_labels"], batch["mlm_positions"])  # (N,)
         n_masked, n_pairs = targets.numel(), batch["nsp_labels"].numel()
         metrics["loss"].update(losses["loss"], weight=n_pairs)
         metrics["mlm_loss"].update(losses["mlm_loss"], weight=n_masked)

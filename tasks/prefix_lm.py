@@ -21,7 +21,7 @@ from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.generation import GenerationConfig, generate
-from tasks.base import check_fits_positions, packed_rows
+from tasks.base import at_positions, check_fits_positions, packed_rows
 from tasks.generative import IGNORE, GenerativeTask, pad_rows
 
 
@@ -123,7 +123,9 @@ class PrefixLM(GenerativeTask):
             hidden = backbone.decode(
                 batch["input_ids"], batch["attention_mask"], document_ids=batch.get("document_ids")
             )  # (R, T, D)
-            outputs["logits"] = head(self.at_labels(hidden, batch), backbone.token_embedding)  # (N, V)
+            outputs["logits"] = head(
+                at_positions(hidden, batch["label_positions"]), backbone.token_embedding
+            )  # (N, V)
         if not backbone.training and "prompt_ids" in batch:  # evaluation or predict data
             result = generate(
                 backbone,

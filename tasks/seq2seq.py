@@ -22,7 +22,7 @@ from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.generation import GenerationConfig, generate
 from modules.heads import PointerGeneratorHead
-from tasks.base import check_fits_positions
+from tasks.base import at_positions, check_fits_positions
 from tasks.generative import IGNORE, GenerativeTask, pad_rows
 
 
@@ -101,11 +101,13 @@ class Seq2Seq(GenerativeTask):
                 batch["decoder_input_ids"], batch["decoder_attention_mask"], memory, batch["attention_mask"]
             )  # (B, T, D)
             if self.copy:  # the copy head needs every row's positions to attend over its source
-                outputs["logits"] = self.at_labels(
-                    head(hidden, backbone.token_embedding, memory, *source), batch
+                outputs["logits"] = at_positions(
+                    head(hidden, backbone.token_embedding, memory, *source), batch["label_positions"]
                 )
             else:
-                outputs["logits"] = head(self.at_labels(hidden, batch), backbone.token_embedding)  # (N, V)
+                outputs["logits"] = head(
+                    at_positions(hidden, batch["label_positions"]), backbone.token_embedding
+                )  # (N, V)
         if not backbone.training:
             result = generate(
                 backbone,
