@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -26,13 +25,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from process_memory import resident_mib
+from records import resident_mib, write_record
 
 from experiments.cli import run
 from tasks.base import batch_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "fast_paths.json"
 QUICKSTART = str(ROOT / "experiments" / "configs" / "quickstart.yaml")
 VARIANTS = {
     "baseline": [],
@@ -122,19 +120,8 @@ def main(argv: list[str]) -> None:
             f"{name:<26}{results[name]['tokens_per_s']:>10.0f}{speed:>8.2f}{results[name]['peak_mib']:>10.0f}{memory:>8.2f}",
             flush=True,
         )
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "command": " ".join(["python", "benchmarks/fast_paths.py", *argv]),
-                "date": time.strftime("%Y-%m-%d"),
-                "machine": {"platform": platform.platform(), "torch": torch.__version__},
-                "setting": {"steps": args.steps, "warmup": args.warmup, "threads": args.threads},
-                "variants": results,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
+    setting = {"steps": args.steps, "warmup": args.warmup, "threads": args.threads}
+    write_record("fast_paths", argv, torch.device("cpu"), {"setting": setting, "variants": results})
 
 
 if __name__ == "__main__":

@@ -56,17 +56,13 @@ benchmarks/results/generate.json (generate_cuda.json on a GPU).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-import transformers
+from records import write_record
 from torch import Tensor
 from transformers import T5Config, T5ForConditionalGeneration
 
@@ -75,8 +71,6 @@ from modules.convert_t5 import backbone_config_from_t5, t5_to_polyhead
 from modules.generation import GenerationConfig, generate
 from modules.heads import LanguageModelHead
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 FIRST_TEXT_ID = 5  # random tokens avoid the low ids special tokens use
 T5_PAD, T5_START = 0, 0  # T5's ids: its decoder starts from <pad>
 PERTURBATION = 0.5  # std of the noise added to every HF parameter, as tests/test_generation_hf.py does
@@ -295,26 +289,11 @@ def main(argv: list[str]) -> None:
         }
         results[case] = measure(case, runs, args.batch, args)
         print(table_row(case, results[case]), flush=True)
-    output = RESULTS / ("generate.json" if device.type == "cpu" else f"generate_{device.type}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(
-        json.dumps(
-            {
-                "command": " ".join(["python", "benchmarks/generate.py", *argv]),
-                "date": time.strftime("%Y-%m-%d"),
-                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}
-                | ({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
-                "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-                "setting": {k: v for k, v in vars(args).items() if k != "cases"}
-                | {"d_ff": 4 * args.d_model, "source_real_tokens": int(mask.sum())}
-                | {"parameters": sum(p.numel() for p in backbone.parameters())}
-                | {"hf_attention": hf.config._attn_implementation, "dtype": "fp32"},
-                "cases": results,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
+    setting = {k: v for k, v in vars(args).items() if k != "cases"}
+    setting |= {"d_ff": 4 * args.d_model, "source_real_tokens": int(mask.sum())}
+    setting |= {"parameters": sum(p.numel() for p in backbone.parameters())}
+    setting |= {"hf_attention": hf.config._attn_implementation, "dtype": "fp32"}
+    write_record("generate", argv, device, {"setting": setting, "cases": results})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-from process_memory import resident_mib
+from records import resident_mib
 
 from experiments.cli import run
 

@@ -52,9 +52,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -65,8 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
-from process_memory import resident_mib
+from records import resident_mib, write_record
 from torch import Tensor, nn
 from transformers import BertConfig, BertForPreTraining, PreTrainedModel, T5Config, T5ForConditionalGeneration
 
@@ -82,7 +78,6 @@ from tasks.mlm_nsp import IGNORE, MaskedLMNextSentence
 from tasks.seq2seq import Seq2Seq
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 FIRST_TEXT_ID = 5  # random tokens avoid the low ids special tokens use
 T5_PAD, T5_EOS, T5_START = 0, 1, 0  # T5's ids: its decoder starts from <pad>
 MLM_RATE = 0.15
@@ -509,28 +504,9 @@ def main(argv: list[str]) -> None:
         results[name] = result
         print(table_row(name, result), flush=True)
     setting = {k: v for k, v in vars(args).items() if k not in ("cases", "peak_memory_of", "argv")}
-    device = torch.device(args.device)
-    output = RESULTS / (
-        "train_throughput.json" if device.type == "cpu" else f"train_throughput_{device.type}.json"
-    )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(
-        json.dumps(
-            {
-                "command": " ".join(["python", "benchmarks/train_throughput.py", *argv]),
-                "date": time.strftime("%Y-%m-%d"),
-                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}
-                | ({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
-                "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-                "setting": setting
-                | {"d_ff": 4 * args.d_model, "warmup_steps": WARMUP_STEPS}
-                | {"lr": OPTIMIZER.lr, "weight_decay": OPTIMIZER.weight_decay},
-                "cases": results,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
+    setting |= {"d_ff": 4 * args.d_model, "warmup_steps": WARMUP_STEPS}
+    setting |= {"lr": OPTIMIZER.lr, "weight_decay": OPTIMIZER.weight_decay}
+    write_record("train_throughput", argv, torch.device(args.device), {"setting": setting, "cases": results})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""What the benchmarks share: how much memory this process holds, and the JSON record of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def resident_mib(field: str = "VmRSS") -> float:
+    """A line of /proc/self/status in MiB (Linux): "VmRSS", the resident set now, or "VmHWM", its peak.
+
+    Not getrusage's ru_maxrss: exec keeps the peak of the process that forked, so a benchmark's
+    subprocess would start from its parent's peak.
+    """
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(f"{field}:"))
+    return int(line.split()[1]) / 1024  # given in kB
+
+
+def write_record(script: str, argv: list[str], device: torch.device, body: dict) -> Path:
+    """Write benchmarks/results/<script>.json (<script>_cuda.json on a GPU): the command, the date,
+    the machine and the library versions, then `body` (the setting and the results)."""
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    record = {
+        "command": " ".join(["python", f"benchmarks/{script}.py", *argv]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine,
+        "versions": {"torch": torch.__version__, "transformers": version("transformers")},
+        **body,
+    }
+    output = RESULTS / (f"{script}.json" if device.type == "cpu" else f"{script}_{device.type}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(record, indent=1) + "\n")
+    return output
