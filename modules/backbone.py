@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from modules.attention import KVCache, MultiHeadAttention, RelativePositionBias, attention_bias
 from modules.config import BackboneConfig
 from modules.layers import TransformerBlock, make_norm
+from modules.reversible import run_reversible
 
 
 def sinusoidal_table(max_len: int, d_model: int) -> Tensor:
@@ -89,8 +90,12 @@ class Stack(nn.Module):
 
     def __init__(self, config: BackboneConfig, n_layers: int, causal: bool, cross: bool) -> None:
         super().__init__()
-        self.causal = causal
-        self.layers = nn.ModuleList(TransformerBlock(config, cross=cross) for _ in range(n_layers))
+        self.causal, self.reversible = causal, config.reversible
+        self.layers = nn.ModuleList(
+            TransformerBlock(config, cross=cross, causal=causal, attention=kind)
+            for kind in config.layer_attention(n_layers)
+        )
+        self.full_attention = any(not layer.lsh for layer in self.layers)
         self.relative_bias = (
             RelativePositionBias(
                 config.n_heads,
@@ -124,21 +129,42 @@ class Stack(nn.Module):
         if cache is not None:
             key_mask = cache.extend_key_mask(padding_mask, t, b, x.device)  # (B, past + T) or None
         past = cache.length if cache is not None else 0
-        self_bias, is_causal = self._self_attention_bias(t, past + t, key_mask, x, documents)
+        self_bias, is_causal = None, False
+        if self.full_attention:  # LSH layers build no (T, S) bias: they read key_mask and documents
+            self_bias, is_causal = self._self_attention_bias(t, past + t, key_mask, x, documents)
         memory_bias = None
         if memory is not None:
             memory_bias = attention_bias(t, memory.size(1), memory_padding_mask, dtype=x.dtype)
+        if self.reversible:
+            caches = cache.layers if cache is not None else None
+            x = run_reversible(self.layers, x, (self_bias, is_causal, key_mask, documents), caches)
+        else:
+            x = self._residual_layers(
+                x, (self_bias, is_causal, memory, memory_bias), key_mask, documents, cache
+            )
+        if self.final_norm is not None:
+            x = self.dropout(self.final_norm(x))
+        return x
+
+    def _residual_layers(
+        self,
+        x: Tensor,
+        masks: tuple,
+        key_mask: Tensor | None,
+        documents: Tensor | None,
+        cache: KVCache | None,
+    ) -> Tensor:
+        """The plain (non-reversible) layers over x (B, T, D). masks: (self_bias, is_causal, memory,
+        memory_bias) as every block takes them."""
         for i, layer in enumerate(self.layers):
             if cache is not None:  # decoding: eager, as the cache grows each step
-                x = layer(x, self_bias, is_causal, memory, memory_bias, cache.layers[i])
+                x = layer(x, *masks, cache.layers[i], key_mask, documents)
                 continue
             block = self.compiled_layers[i] if self.compiled_layers else layer
             if self.checkpoint_activations and torch.is_grad_enabled():
-                x = checkpoint(block, x, self_bias, is_causal, memory, memory_bias, use_reentrant=False)
+                x = checkpoint(block, x, *masks, None, key_mask, documents, use_reentrant=False)
             else:
-                x = block(x, self_bias, is_causal, memory, memory_bias)
-        if self.final_norm is not None:
-            x = self.dropout(self.final_norm(x))
+                x = block(x, *masks, None, key_mask, documents)
         return x
 
     def _self_attention_bias(

@@ -76,6 +76,23 @@ class BackboneConfig:
     head_dim ** -0.5 when attention logits are not scaled, the relative bias N(0, d_model ** -0.5)."""
     init_std: float = 0.02
     """Standard deviation of the "normal" initialisation."""
+    attention: Literal["full", "lsh"] | list[Literal["full", "lsh"]] = "full"
+    """Self-attention of every layer, or a list with one entry per layer of each stack (e.g. full
+    in the first layers, lsh above). "full": every query scores every key. "lsh": Reformer's
+    shared-QK attention within locality-sensitive hash buckets, for long inputs
+    (modules/lsh_attention.py). Cross-attention is always full."""
+    lsh_n_hashes: int = 4
+    """LSH: hash rounds; more rounds miss fewer near keys and cost proportionally more."""
+    lsh_bucket_size: int = 64
+    """LSH: positions per chunk of the bucket-sorted sequence; each attends to its chunk and the one
+    before, so a query scores at most 2 x bucket_size keys per round."""
+    reversible: bool = False
+    """Reversible residual layers (RevNet, as in the Reformer): the backward pass recomputes each
+    layer's input from its output instead of storing activations, so memory no longer grows with
+    depth. Needs pre-norm and an encoder-only or decoder-only backbone."""
+    ff_chunks: int = 1
+    """Run the feed-forward sub-layer over this many slices of the sequence, one at a time: with
+    reversible layers, only one slice's hidden units (d_ff wide) are in memory at once."""
 
     def __post_init__(self) -> None:
         if self.head_dim is None and self.n_heads > 0 and self.d_model % self.n_heads:
@@ -94,9 +111,40 @@ class BackboneConfig:
         for name in ("d_model", "n_heads", "d_ff", "max_len"):
             if getattr(self, name) <= 0:
                 raise UserError(f"model.backbone.{name} must be positive, got {getattr(self, name)}")
+        self._check_long_input_options()
         for name in ("dropout", "attention_dropout", "ff_dropout"):
             if getattr(self, name) is not None and not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"model.backbone.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def _check_long_input_options(self) -> None:
+        """LSH attention, reversible layers and chunked feed-forward: values and what they need."""
+        for name in ("lsh_n_hashes", "lsh_bucket_size", "ff_chunks"):
+            if getattr(self, name) < 1:
+                raise UserError(f"model.backbone.{name} must be at least 1, got {getattr(self, name)}")
+        if isinstance(self.attention, list):
+            for stack, n_layers in (("encoder", self.encoder_layers), ("decoder", self.decoder_layers)):
+                if n_layers and len(self.attention) != n_layers:
+                    raise UserError(
+                        f"model.backbone.attention lists {len(self.attention)} layers but the {stack} has "
+                        f"{n_layers}; give one entry per layer, or a single 'full' or 'lsh' for all"
+                    )
+        uses_lsh = "lsh" in self.layer_attention(max(self.encoder_layers, self.decoder_layers))
+        if uses_lsh and self.position == "relative":
+            raise UserError(
+                "model.backbone.attention 'lsh' needs absolute positions (position: learned or sinusoidal): "
+                "a relative bias is a full T x T matrix, which LSH attention exists to avoid"
+            )
+        if self.reversible:
+            if self.norm != "pre" or self.position == "relative" or self.architecture == "encoder-decoder":
+                raise UserError(
+                    "model.backbone.reversible needs norm: pre, position: learned or sinusoidal, and an "
+                    f"encoder-only or decoder-only backbone (got norm: {self.norm}, position: {self.position}, "
+                    f"{self.architecture})"
+                )
+
+    def layer_attention(self, n_layers: int) -> list[str]:
+        """The self-attention kind of each of a stack's `n_layers` layers."""
+        return list(self.attention) if isinstance(self.attention, list) else [self.attention] * n_layers
 
     @property
     def attention_head_dim(self) -> int:

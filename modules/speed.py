@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from modules.errors import UserError
+
 
 @dataclass
 class SpeedConfig:
@@ -36,6 +38,12 @@ class SpeedConfig:
 
 def apply_speed(backbone: nn.Module, config: SpeedConfig) -> None:
     """Turn on `config`'s switches in every stack of `backbone` (a modules.backbone.Backbone)."""
+    if backbone.config.reversible and (config.compile or config.activation_checkpointing):
+        raise UserError(
+            "model.speed.compile and model.speed.activation_checkpointing do not apply to reversible layers "
+            "(model.backbone.reversible: true), which already recompute activations in their backward pass; "
+            "turn them off"
+        )
     for stack in (backbone.encoder, backbone.decoder):
         if stack is None:
             continue

@@ -1,0 +1,198 @@
+"""Reformer's LSH self-attention: each query attends only to the keys that hash into its bucket.
+
+Full attention compares every query with every key, T² scores per head, which is what runs out of
+memory on long inputs. Softmax weights are dominated by the few keys closest to the query, so the
+Reformer (Kitaev et al., 2020) finds candidates by locality-sensitive hashing and scores only those:
+
+- queries and keys share one projection (shared-QK), so a query and its nearest keys are the same
+  kind of vector and hash alike; keys are unit-normalised;
+- angular LSH: a random rotation R (Dh, n_buckets / 2) per hash round, bucket = argmax([xR, -xR]);
+- positions are sorted by (round, bucket, position) and cut into chunks of `bucket_size`; each chunk
+  attends to itself and to the chunk before it, so a bucket that straddles a chunk boundary is still
+  seen whole; keys of another bucket, another round, another packed document, padding and (in a
+  decoder) the future are masked;
+- a position never attends to itself unless nothing else is open to it: with shared-QK, q·k is
+  largest for the query's own key, which would otherwise swamp every other weight (a hash round in
+  which a query found no other key then counts only if every round came back empty);
+- `n_hashes` rounds are combined by weighting each round's output with its share of the softmax
+  normaliser (its log-sum-exp), which is what one softmax over the union of their keys would give,
+  up to keys found by more than one round.
+
+Cost per head: n_hashes · T · 2·bucket_size scores instead of T². A sequence that fits in one bucket
+gets exactly full shared-QK attention. Decoding with a KV cache attends to every cached key with the
+same shared-QK scores: one new query against T keys is already linear, and the cache cannot be
+re-bucketed each step.
+
+Training draws fresh rotations from torch's random generator (seeded runs repeat; a reversible
+backward replays the generator, so it hashes exactly as the forward did). In evaluation the rotations
+come from a fixed seed, so validation and prediction give the same answer every time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modules.attention import LayerKV, attention_bias
+
+EVAL_ROTATION_SEED = 0
+
+
+def hash_buckets(vectors: Tensor, n_buckets: int, n_hashes: int, generator: torch.Generator | None) -> Tensor:
+    """Angular LSH. vectors: (B, H, T, Dh) -> (B, H, n_hashes, T) bucket ids in [0, n_buckets).
+
+    n_buckets must be even (a rotation gives n_buckets / 2 directions and their opposites) unless it
+    is 1, when every position shares the one bucket.
+    """
+    b, h, t, dh = vectors.shape
+    if n_buckets == 1:
+        return vectors.new_zeros(b, h, n_hashes, t, dtype=torch.long)
+    rotations = torch.randn(  # (Dh, n_hashes, n_buckets / 2), one per round, shared by heads and rows
+        dh, n_hashes, n_buckets // 2, device=vectors.device, dtype=vectors.dtype, generator=generator
+    )
+    rotated = torch.einsum("bhtd,dnr->bhntr", vectors, rotations)  # (B, H, n_hashes, T, n_buckets / 2)
+    return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+
+
+def look_one_back(chunks: Tensor) -> Tensor:
+    """(B, H, N, C, ...) -> (B, H, N, 2C, ...): each chunk followed by the chunk before it (the first
+    wraps to the last, whose keys a bucket or causal mask then rules out)."""
+    return torch.cat([chunks, chunks.roll(1, dims=2)], dim=3)
+
+
+class LSHSelfAttention(nn.Module):
+    """Shared-QK self-attention over LSH buckets (see the module docstring).
+
+    The parameters are one fused (d_model -> 2 * H * Dh) projection to shared query-keys and
+    values, and the output projection: a layer switches between `full` and `lsh` attention only
+    with its configuration, never its size.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        head_dim: int,
+        bias: bool,
+        dropout: float,
+        scale: bool,
+        causal: bool,
+        n_hashes: int,
+        bucket_size: int,
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.causal = n_heads, head_dim, causal
+        self.n_hashes, self.bucket_size = n_hashes, bucket_size
+        inner = n_heads * head_dim
+        self.qkv = nn.Linear(d_model, 2 * inner, bias=bias)  # shared query-keys, then values
+        self.out = nn.Linear(inner, d_model, bias=bias)
+        self.dropout = dropout
+        self.scale = head_dim**-0.5 if scale else 1.0
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """(B, T, H*Dh) -> (B, H, T, Dh)"""
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def _merge(self, y: Tensor) -> Tensor:
+        """(B, H, T, Dh) -> (B, T, D) through the output projection."""
+        b, _, t, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def forward(
+        self,
+        x: Tensor,
+        key_mask: Tensor | None = None,
+        documents: Tensor | None = None,
+        cache: LayerKV | None = None,
+    ) -> Tensor:
+        """x: (B, T, D); key_mask: (B, T) True at real tokens (B, past + T with a cache); documents:
+        (B, T) packed document ids -> (B, T, D)."""
+        qk, v = (self._heads(t) for t in self.qkv(x).chunk(2, dim=-1))  # (B, H, T, Dh) each
+        if cache is not None:
+            return self._merge(self._attend_cached(qk, v, key_mask, cache))
+        return self._merge(self._attend_buckets(qk, v, key_mask, documents))
+
+    def _attend_cached(self, qk: Tensor, v: Tensor, key_mask: Tensor | None, cache: LayerKV) -> Tensor:
+        """Decoding: the new queries (B, H, T, Dh) against every cached key, self excluded unless alone."""
+        past = cache.length
+        keys, values = cache.append(F.normalize(qk, dim=-1), v)  # (B, H, past + T, Dh)
+        t, s = qk.size(2), keys.size(2)
+        bias = attention_bias(t, s, key_mask, causal=self.causal, dtype=qk.dtype)
+        scores = torch.einsum("bhtd,bhsd->bhts", qk, keys) * self.scale  # (B, H, T, S)
+        if bias is not None:
+            scores = scores + bias
+        itself = torch.arange(past, past + t, device=qk.device)[:, None] == torch.arange(s, device=qk.device)
+        alone = torch.finfo(scores.dtype).min / 2
+        scores = scores.masked_fill(itself, alone).clamp_min(torch.finfo(scores.dtype).min)
+        return torch.einsum("bhts,bhsd->bhtd", scores.softmax(dim=-1), values)
+
+    def _attend_buckets(
+        self, qk: Tensor, v: Tensor, key_mask: Tensor | None, documents: Tensor | None
+    ) -> Tensor:
+        """(B, H, T, Dh) shared query-keys and values -> (B, H, T, Dh) attention output."""
+        b, h, t, dh = qk.shape
+        c, rounds = self.bucket_size, self.n_hashes
+        padded = -(-t // c) * c  # T rounded up to whole chunks; the extra keys are masked
+        if padded != t:
+            qk, v = (F.pad(z, (0, 0, 0, padded - t)) for z in (qk, v))
+        real = torch.ones(b, padded, dtype=torch.bool, device=qk.device)  # (B, Tp)
+        real[:, t:] = False
+        if key_mask is not None:
+            real[:, :t] = key_mask.bool()
+        doc = F.pad(documents, (0, padded - t)) if documents is not None else None  # (B, Tp)
+
+        n_chunks = padded // c
+        n_buckets = 1 if n_chunks == 1 else n_chunks + n_chunks % 2
+        generator = None
+        if not self.training:
+            generator = torch.Generator(device=qk.device).manual_seed(EVAL_ROTATION_SEED)
+        with torch.no_grad():
+            buckets = hash_buckets(qk.detach(), n_buckets, rounds, generator)  # (B, H, rounds, Tp)
+            offsets = torch.arange(rounds, device=qk.device)[:, None] * n_buckets  # (rounds, 1)
+            bucket_ids = (buckets + offsets).flatten(2)  # (B, H, L), L = rounds * Tp, unique per round
+            positions = torch.arange(padded, device=qk.device).repeat(rounds)  # (L,)
+            order = (bucket_ids * padded + positions).argsort(dim=-1)  # (B, H, L) sorted (round, bucket, pos)
+            sorted_pos = order % padded  # (B, H, L)
+            sorted_bucket = bucket_ids.gather(-1, order)  # (B, H, L)
+
+        n = rounds * n_chunks  # chunks of c sorted positions, over all rounds
+
+        def chunked(values: Tensor) -> Tensor:
+            """(B, H, L, ...) sorted -> (B, H, N, C, ...)"""
+            return values.reshape(b, h, n, c, *values.shape[3:])
+
+        gather_index = sorted_pos[..., None].expand(-1, -1, -1, dh)  # (B, H, L, Dh)
+        queries = chunked(qk.gather(2, gather_index))  # (B, H, N, C, Dh)
+        keys = F.normalize(queries, dim=-1)
+        values = chunked(v.gather(2, gather_index))
+        q_pos, q_bucket = chunked(sorted_pos), chunked(sorted_bucket)  # (B, H, N, C)
+        k_pos, k_bucket = q_pos, q_bucket
+        if n_chunks > 1:  # with one chunk per round, the chunk before holds another round's keys only
+            keys, values = look_one_back(keys), look_one_back(values)  # (B, H, N, 2C, Dh)
+            k_pos, k_bucket = look_one_back(k_pos), look_one_back(k_bucket)  # (B, H, N, 2C)
+
+        scores = torch.einsum("bhncd,bhnkd->bhnck", queries, keys) * self.scale  # (B, H, N, C, K)
+        blocked = q_bucket[..., :, None] != k_bucket[..., None, :]  # (B, H, N, C, K)
+        batch_rows = torch.arange(b, device=qk.device)[:, None, None, None]
+        blocked |= ~real[batch_rows, k_pos][..., None, :]
+        if doc is not None:
+            blocked |= doc[batch_rows, q_pos][..., :, None] != doc[batch_rows, k_pos][..., None, :]
+        if self.causal:
+            blocked |= k_pos[..., None, :] > q_pos[..., :, None]
+        floor = torch.finfo(scores.dtype).min
+        itself = q_pos[..., :, None] == k_pos[..., None, :]
+        scores = scores.masked_fill(itself, floor / 2).masked_fill(blocked, floor)
+        normaliser = scores.logsumexp(dim=-1, keepdim=True)  # (B, H, N, C, 1)
+        weights = (scores - normaliser).exp()
+        if self.training and self.dropout:
+            weights = F.dropout(weights, self.dropout)
+        out = torch.einsum("bhnck,bhnkd->bhncd", weights, values)  # (B, H, N, C, Dh)
+
+        unsort = order.argsort(dim=-1)  # (B, H, L): where each (round, position) went
+        out = out.reshape(b, h, -1, dh).gather(2, unsort[..., None].expand(-1, -1, -1, dh))
+        normaliser = normaliser.reshape(b, h, -1).gather(2, unsort)  # (B, H, L)
+        out = out.view(b, h, rounds, padded, dh)
+        share = normaliser.view(b, h, rounds, padded, 1).softmax(dim=2)  # each round's part of the union
+        return (out * share).sum(dim=2)[:, :, :t]  # (B, H, T, Dh)

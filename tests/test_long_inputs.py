@@ -1,0 +1,244 @@
+"""Long inputs: LSH attention, reversible layers and chunked feed-forward (modules/lsh_attention.py,
+modules/reversible.py), each checked against a plain computation of the same thing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modules.backbone import Backbone
+from modules.config import BackboneConfig
+from modules.errors import UserError
+from modules.lsh_attention import EVAL_ROTATION_SEED, LSHSelfAttention, hash_buckets
+from modules.reversible import ReversibleStack, run_layers
+
+
+def lsh_layer(causal: bool = False, n_hashes: int = 1, bucket_size: int = 64) -> LSHSelfAttention:
+    torch.manual_seed(0)
+    layer = LSHSelfAttention(
+        16,
+        2,
+        8,
+        bias=True,
+        dropout=0.0,
+        scale=True,
+        causal=causal,
+        n_hashes=n_hashes,
+        bucket_size=bucket_size,
+    )
+    return layer.double().eval()
+
+
+def shared_qk_reference(layer: LSHSelfAttention, x, key_mask=None, causal=False):
+    """Full shared-QK attention written out: every query scores every unit-normalised key; itself
+    only when nothing else is open; padding and (causal) the future closed. (B, T, D) -> (B, T, D)"""
+    b, t, _ = x.shape
+    qk, v = layer.qkv(x).chunk(2, dim=-1)
+    qk, v = (z.view(b, t, 2, 8).transpose(1, 2) for z in (qk, v))  # (B, H, T, Dh)
+    scores = qk @ F.normalize(qk, dim=-1).transpose(-1, -2) / 8**0.5  # (B, H, T, T)
+    open_ = torch.ones(b, 1, t, t, dtype=torch.bool)
+    if key_mask is not None:
+        open_ &= key_mask.bool()[:, None, None, :]
+    if causal:
+        open_ &= torch.ones(t, t, dtype=torch.bool).tril()
+    itself = torch.eye(t, dtype=torch.bool)
+    others = open_ & ~itself
+    alone = ~others.any(-1, keepdim=True)
+    weights = torch.where(others | (itself & alone), scores, float("-inf")).softmax(-1)
+    return layer.out((weights @ v).transpose(1, 2).reshape(b, t, 16))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lsh_with_one_hash_and_one_bucket_equals_full_shared_qk_attention(causal):
+    layer = lsh_layer(causal=causal, n_hashes=1, bucket_size=64)
+    x = torch.randn(2, 40, 16, dtype=torch.float64)
+    key_mask = torch.ones(2, 40, dtype=torch.bool)
+    key_mask[1, 29:] = False
+    with torch.no_grad():
+        got = layer(x, key_mask=key_mask)
+        want = shared_qk_reference(layer, x, key_mask, causal)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[1, :29], want[1, :29], rtol=1e-10, atol=1e-10)
+
+
+def brute_force_lsh(layer: LSHSelfAttention, x, causal: bool):
+    """LSH attention by loops: for each round and query, the keys of its bucket that sit in its own
+    chunk or the one before of that round's (bucket, position) order; rounds combined by their
+    log-sum-exp, where a round that found no other key counts only if no round did. (1, T, D) -> (1, T, D)"""
+    _, t, _ = x.shape
+    c, rounds = layer.bucket_size, layer.n_hashes
+    qk, v = layer.qkv(x).chunk(2, dim=-1)
+    qk, v = (z.view(1, t, 2, 8).transpose(1, 2)[0] for z in (qk, v))  # (H, T, Dh)
+    n_buckets = t // c + (t // c) % 2
+    generator = torch.Generator().manual_seed(EVAL_ROTATION_SEED)
+    buckets = hash_buckets(qk[None], n_buckets, rounds, generator)[0]  # (H, rounds, T)
+    out = torch.zeros(2, t, 8, dtype=x.dtype)
+    for h in range(2):
+        round_outputs, round_lse = [], []
+        for r in range(rounds):
+            order = sorted(range(t), key=lambda i: (int(buckets[h, r, i]), i))
+            rank = {p: k for k, p in enumerate(order)}
+            outputs, lses = torch.zeros(t, 8, dtype=x.dtype), torch.zeros(t, dtype=x.dtype)
+            for i in range(t):
+                chunk = rank[i] // c
+                window = set(order[chunk * c : (chunk + 1) * c]) | set(
+                    order[((chunk - 1) % (t // c)) * c : ((chunk - 1) % (t // c) + 1) * c]
+                )
+                keys = [j for j in window if buckets[h, r, j] == buckets[h, r, i] and not (causal and j > i)]
+                others = [j for j in keys if j != i]
+                if not others:  # alone: itself, in a round that counts only if every round is alone
+                    lses[i], outputs[i] = torch.finfo(x.dtype).min / 2, v[h, i]
+                    continue
+                scores = torch.stack([qk[h, i] @ F.normalize(qk[h, j], dim=0) / 8**0.5 for j in others])
+                lses[i] = scores.logsumexp(0)
+                outputs[i] = (scores - lses[i]).exp() @ v[h, others]
+            round_outputs.append(outputs)
+            round_lse.append(lses)
+        share = torch.stack(round_lse).softmax(0)[..., None]  # (rounds, T, 1)
+        out[h] = (torch.stack(round_outputs) * share).sum(0)
+    return layer.out(out.transpose(0, 1).reshape(1, t, 16))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lsh_attends_within_buckets_as_a_brute_force_loop_does(causal):
+    layer = lsh_layer(causal=causal, n_hashes=2, bucket_size=4)
+    x = torch.randn(1, 24, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), brute_force_lsh(layer, x, causal), rtol=1e-9, atol=1e-9)
+
+
+def test_lsh_gives_the_same_answer_every_time_in_evaluation_and_new_buckets_in_training():
+    layer = lsh_layer(n_hashes=2, bucket_size=4)
+    x = torch.randn(1, 32, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
+        layer.train()
+        assert not torch.equal(layer(x), layer(x))
+
+
+def long_config(**changes) -> BackboneConfig:
+    values = dict(
+        vocab_size=50, d_model=16, n_heads=2, d_ff=32, max_len=64, norm="pre", embedding_norm=False,
+        attention="lsh", lsh_n_hashes=2, lsh_bucket_size=4, dropout=0.1, attention_dropout=0.1,
+    )  # fmt: skip
+    return BackboneConfig(**(values | changes))
+
+
+def parameter_grads(module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("attention", ["lsh", "full"])
+def test_reversible_layers_give_the_outputs_and_gradients_of_storing_every_activation(attention):
+    """The reversible backward (rebuild inputs, recompute, replay dropout and hashing) against plain
+    autograd through the same reversible updates, in float64 with dropout on."""
+    torch.manual_seed(0)
+    backbone = Backbone(long_config(attention=attention, reversible=True, ff_chunks=3)).double().train()
+    layers = backbone.encoder.layers
+    x = torch.randn(2, 20, 16, dtype=torch.float64, requires_grad=True)
+    key_mask = torch.ones(2, 20, dtype=torch.bool)
+    key_mask[1, 15:] = False
+    args = (None, False, key_mask, None)
+    if attention == "full":
+        args = (backbone.encoder._self_attention_bias(20, 20, key_mask, x, None)[0], False, key_mask, None)
+
+    torch.manual_seed(1)
+    stored = sum(run_layers(layers, x, args)) / 2
+    stored.pow(2).sum().backward()
+    want_x, want = x.grad.clone(), parameter_grads(layers)
+    backbone.zero_grad()
+    x.grad = None
+
+    torch.manual_seed(1)
+    recomputed = ReversibleStack.apply(x, layers, args)
+    recomputed.pow(2).sum().backward()
+    torch.testing.assert_close(recomputed, stored, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, want_x, rtol=1e-9, atol=1e-10)
+    got = parameter_grads(layers)
+    assert got.keys() == want.keys() and len(got) > 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_reversible_layers_train_a_backbone_whose_embeddings_are_frozen():
+    """Autograd calls a node's backward only when an input needs a gradient; the layers must still
+    get theirs when the embeddings below them are frozen."""
+    backbone = Backbone(long_config(reversible=True))
+    backbone.embeddings.requires_grad_(False)
+    backbone.encode(torch.randint(5, 50, (2, 12))).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.encoder.parameters())
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_chunked_feed_forward_equals_unchunked(norm):
+    torch.manual_seed(0)
+    plain = Backbone(long_config(attention="full", norm=norm, ff_chunks=1)).double().eval()
+    chunked = Backbone(long_config(attention="full", norm=norm, ff_chunks=4)).double().eval()
+    chunked.load_state_dict(plain.state_dict())
+    ids = torch.randint(5, 50, (2, 19))
+    outputs = [model.encode(ids) for model in (plain, chunked)]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-12, atol=1e-12)
+    for out in outputs:
+        out.pow(2).sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), chunked.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def activation_bytes(backbone: Backbone, ids: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps from the forward pass for the backward pass, parameters
+    not counted (they are memory with or without activations)."""
+    parameters = {p.untyped_storage().data_ptr() for p in backbone.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = backbone.encode(ids)
+    out.sum().backward()
+    return sum(kept.values())
+
+
+def test_reversible_activation_memory_grows_less_with_depth_than_a_plain_stack():
+    ids = torch.randint(5, 50, (2, 64))
+    growth = {}
+    for reversible in (False, True):
+        shallow, deep = (
+            activation_bytes(Backbone(long_config(encoder_layers=n, reversible=reversible, max_len=64)), ids)
+            for n in (2, 8)
+        )
+        growth[reversible] = deep - shallow
+    assert growth[False] > 0
+    assert growth[True] < 0.05 * growth[False], growth
+
+
+def test_lsh_decoder_decodes_with_a_cache_as_it_runs_whole_sequences_when_one_bucket_holds_them():
+    """Cached decoding scores every cached key; a sequence within one bucket gets the same in training."""
+    config = long_config(encoder_layers=0, decoder_layers=2, reversible=True, lsh_bucket_size=32, dropout=0.0)
+    backbone = Backbone(config).eval()
+    ids = torch.randint(5, 50, (2, 20))
+    with torch.no_grad():
+        whole = backbone.decode(ids)
+        cache = backbone.decoder_cache(20)
+        steps = [backbone.decode(ids[:, :8], cache=cache)]
+        steps += [backbone.decode(ids[:, i : i + 1], cache=cache) for i in range(8, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        (dict(position="relative"), "position"),
+        (dict(attention=["lsh", "full", "full"]), "attention"),
+        (dict(attention="full", reversible=True, norm="post"), "reversible"),
+        (dict(lsh_bucket_size=0), "lsh_bucket_size"),
+        (dict(ff_chunks=0), "ff_chunks"),
+    ],
+)
+def test_long_input_options_that_cannot_work_are_refused_with_the_key_named(changes, named):
+    with pytest.raises(UserError, match=named):
+        long_config(encoder_layers=2, **changes)
