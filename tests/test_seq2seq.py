@@ -117,8 +117,19 @@ def test_prefix_lm_loss_counts_the_summary_only(documents, tokenizer):
         (Seq2Seq, {"encoder_layers": 2, "decoder_layers": 2}),
         (partial(Seq2Seq, copy=True), {"encoder_layers": 2, "decoder_layers": 2}),
         (PrefixLM, {"encoder_layers": 0, "decoder_layers": 2}),
+        (
+            PrefixLM,
+            {
+                "encoder_layers": 0,
+                "decoder_layers": 2,
+                "norm": "pre",
+                "attention": "lsh",
+                "reversible": True,
+                "ff_chunks": 2,
+            },
+        ),  # fmt: skip
     ],
-    ids=["seq2seq", "seq2seq-copy", "prefix_lm"],
+    ids=["seq2seq", "seq2seq-copy", "prefix_lm", "prefix_lm-lsh-reversible"],
 )
 def test_overfit_a_small_batch_and_generate_the_targets(documents, tokenizer, task_class, stacks):
     task = task_class(
