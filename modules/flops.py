@@ -9,7 +9,8 @@ and their MFUs compare as their throughputs do. Per token:
 - each weight matrix multiplies the token once forward (2 FLOPs per weight, a multiply and an add)
   and twice backward (the gradients of the input and of the weight): 6 FLOPs per weight;
 - attention adds the scores q·k and the weighted sum of values, 2 · 2 · (H·Dh) · context forward
-  per layer, so 12 · (H·Dh) · context per layer with the backward pass.
+  per layer, so 12 · (H·Dh) · context per layer with the backward pass; an LSH layer's context is
+  the keys a query can score (n_hashes · 2 · bucket_size) when the input is longer.
 
 Embedding lookups are not matmuls and are left out; so is a tied output projection onto the
 vocabulary, as in the non-embedding counts of Kaplan et al. and PaLM. The count is therefore a
@@ -39,15 +40,21 @@ def matmul_weights(*modules: nn.Module | None) -> int:
 @dataclass(frozen=True)
 class NetworkCost:
     """What one task's forward pass runs through: its matmul weights (the stacks it uses and its
-    head), its attention layers and their width H·Dh."""
+    head), its attention layers and their width H·Dh. LSH layers score at most `lsh_context` keys
+    per query (n_hashes rounds of two buckets), however long the input."""
 
     weights: int
     layers: int
     attention_width: int
+    lsh_layers: int = 0
+    lsh_context: int = 0
 
     def training_flops(self, tokens: int, context: int) -> int:
         """FLOPs of forward + backward over `tokens` tokens that each attend to `context` positions."""
-        return tokens * (6 * self.weights + 12 * self.layers * self.attention_width * context)
+        attended = (self.layers - self.lsh_layers) * context + self.lsh_layers * min(
+            context, self.lsh_context
+        )
+        return tokens * (6 * self.weights + 12 * self.attention_width * attended)
 
 
 def network_cost(backbone: nn.Module, head: nn.Module, stacks: str) -> NetworkCost:
@@ -59,6 +66,8 @@ def network_cost(backbone: nn.Module, head: nn.Module, stacks: str) -> NetworkCo
         weights=matmul_weights(*used, head),
         layers=sum(len(stack.layers) for stack in used),
         attention_width=config.n_heads * config.attention_head_dim,
+        lsh_layers=sum(layer.lsh for stack in used for layer in stack.layers),
+        lsh_context=config.lsh_n_hashes * 2 * config.lsh_bucket_size,
     )
 
 

@@ -123,3 +123,20 @@ def test_training_logs_mfu_against_the_configured_peak(isolated_env, monkeypatch
     mfu, flops_per_sec = float(row["train/device/mfu"]), float(row["train/device/flops_per_sec"])
     assert mfu == pytest.approx(flops_per_sec / 1e9, rel=1e-6)
     assert 0 < mfu < 100
+
+
+def test_model_flops_of_lsh_layers_count_the_keys_each_query_can_score():
+    """An LSH layer scores 2 buckets per hash round per query: n_hashes * 2 * bucket_size keys,
+    counted as attention context; what torch's counter sees besides is the hashing's rotation."""
+    config = dataclasses.replace(
+        CONFIG, dropout=0.0, attention_dropout=0.0, attention="lsh", lsh_n_hashes=2, lsh_bucket_size=4
+    )
+    backbone = Backbone(config)
+    ids = torch.randint(5, config.vocab_size, (2, 32))
+    with FlopCounterMode(display=False) as counter:
+        backbone.encode(ids).sum().backward()
+    cost = network_cost(backbone, torch.nn.Identity(), "encoder")
+    assert (cost.lsh_layers, cost.lsh_context) == (2, 16)
+    n_buckets = 32 // 4
+    hashing = 2 * ids.numel() * config.d_model * config.lsh_n_hashes * n_buckets // 2 * cost.layers
+    assert cost.training_flops(ids.numel(), context=32) + hashing == counter.get_total_flops()
