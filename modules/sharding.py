@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
+from modules.errors import UserError
 from modules.layers import TransformerBlock
 
 
@@ -40,6 +41,12 @@ def shard_blocks(model: nn.Module, mesh: DeviceMesh) -> None:
     dimension. Idempotent: Lightning may call configure_model again on a model already sharded."""
     if isinstance(model, FSDPModule):
         return
+    if model.backbone.config.reversible:
+        raise UserError(
+            "trainer.strategy fsdp cannot shard reversible layers (model.backbone.reversible: true): their "
+            "backward pass reruns each block's branches outside the hooks that gather its weights; use "
+            "strategy ddp, which reversible layers already spare most activation memory"
+        )
     data_parallel = mesh["data_parallel"]
     for module in model.modules():
         if isinstance(module, TransformerBlock):

@@ -14,6 +14,7 @@ from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.lsh_attention import EVAL_ROTATION_SEED, LSHSelfAttention, hash_buckets
 from modules.reversible import ReversibleStack, run_layers
+from modules.sharding import shard_blocks
 from tasks.mlm_nsp import MaskedLMNextSentence
 
 
@@ -274,3 +275,10 @@ def test_mlm_and_nsp_learn_a_batch_on_reversible_lsh_layers(documents):
         optimizer.step()
     assert losses[0] > 5.0
     assert min(losses[-5:]) < 0.3, f"MLM+NSP loss only fell from {losses[0]:.2f} to {losses[-1]:.3f}"
+
+
+def test_fully_sharded_training_refuses_reversible_layers_with_a_message():
+    model = torch.nn.Module()
+    model.backbone = Backbone(long_config(reversible=True))
+    with pytest.raises(UserError, match="strategy ddp"):
+        shard_blocks(model, mesh=None)
