@@ -46,13 +46,15 @@ class GeneratorState:
 class ReversibleStack(torch.autograd.Function):
     """The reversible layers of one stack as one autograd node that stores only its output.
 
-    Parameters are not inputs of the node: the backward pass accumulates their gradients itself
-    (torch.autograd.backward through each recomputed branch) and returns only the input's gradient.
+    The trainable parameters of its blocks are inputs of the node, and the backward pass returns
+    their gradients, so the node sits in the autograd graph like any layer: DDP finds every
+    parameter it trains, and frozen embeddings below it do not keep its backward from running.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, blocks: nn.ModuleList, branch_args: tuple) -> Tensor:
-        """x: (B, T, D) -> (B, T, D). branch_args: what each block's attention_branch takes after x."""
+    def forward(ctx, x: Tensor, blocks: nn.ModuleList, branch_args: tuple, *parameters: Tensor) -> Tensor:
+        """x: (B, T, D) -> (B, T, D). branch_args: what each block's attention_branch takes after x.
+        parameters: the blocks' trainable parameters, block by block (see `trainable`)."""
         ctx.blocks, ctx.branch_args, ctx.states = blocks, branch_args, []
         device_type = x.device.type
         ctx.autocast = (
@@ -65,15 +67,17 @@ class ReversibleStack(torch.autograd.Function):
         return (y1 + y2) / 2
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad_out: Tensor) -> tuple:
         y1, y2 = ctx.saved_tensors  # (B, T, D) each, the last layer's halves
         dy1 = dy2 = grad_out / 2
+        parameter_grads: list[Tensor | None] = []  # block by block, last block first
         device_type, autocast_on, autocast_dtype = ctx.autocast
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
             for block, (attention_state, feed_forward_state) in zip(
                 reversed(ctx.blocks), reversed(ctx.states), strict=True
             ):
-                g, dg_input = _recompute_feed_forward(block, y1, dy2, feed_forward_state)
+                parameters = trainable(block)
+                g, dg_input, g_grads = _recompute_feed_forward(block, parameters, y1, dy2, feed_forward_state)
                 x2 = y2 - g
                 dy1 = dy1 + dg_input
                 del g
@@ -81,20 +85,34 @@ class ReversibleStack(torch.autograd.Function):
                     x2_ = x2.detach().requires_grad_()
                     with attention_state.replayed():
                         f = block.attention_branch(x2_, *ctx.branch_args)
-                    torch.autograd.backward(f, dy1)
+                    dx2, *f_grads = torch.autograd.grad(f, [x2_, *parameters], dy1, allow_unused=True)
                 y1, y2 = y1 - f.detach(), x2
-                dy2 = dy2 + x2_.grad
+                dy2 = dy2 + dx2
                 del f, x2_
-        return dy1 + dy2, None, None
+                parameter_grads[:0] = [_add(a, b) for a, b in zip(f_grads, g_grads, strict=True)]
+        return dy1 + dy2, None, None, *parameter_grads
+
+
+def trainable(module: nn.Module) -> list[Tensor]:
+    """The parameters of `module` that train, in a fixed order."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """The sum of two gradients of one parameter, either of which may be missing (None)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return a + b
 
 
 def _recompute_feed_forward(
-    block: nn.Module, y1: Tensor, dy2: Tensor, state: GeneratorState
-) -> tuple[Tensor, Tensor]:
-    """G(y1) and the gradient reaching y1 through G, back-propagating dy2 slice by slice in the order
-    the forward pass computed G (block.ff_chunks), so only one slice's hidden units live at a time.
-    y1, dy2: (B, T, D) -> (B, T, D) each."""
+    block: nn.Module, parameters: list[Tensor], y1: Tensor, dy2: Tensor, state: GeneratorState
+) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+    """G(y1), the gradient reaching y1 through G, and the gradients of `parameters` (the block's),
+    back-propagating dy2 slice by slice in the order the forward pass computed G (block.ff_chunks),
+    so only one slice's hidden units live at a time. y1, dy2: (B, T, D)."""
     outputs, input_grads = [], []
+    parameter_grads: list[Tensor | None] = [None] * len(parameters)
     with state.replayed():
         for part, grad in zip(
             y1.chunk(block.ff_chunks, dim=1), dy2.chunk(block.ff_chunks, dim=1), strict=True
@@ -102,10 +120,11 @@ def _recompute_feed_forward(
             with torch.enable_grad():
                 part = part.detach().requires_grad_()
                 out = block.feed_forward_slice(part)
-                torch.autograd.backward(out, grad)
+                part_grad, *grads = torch.autograd.grad(out, [part, *parameters], grad, allow_unused=True)
             outputs.append(out.detach())
-            input_grads.append(part.grad)
-    return torch.cat(outputs, dim=1), torch.cat(input_grads, dim=1)
+            input_grads.append(part_grad)
+            parameter_grads = [_add(a, b) for a, b in zip(parameter_grads, grads, strict=True)]
+    return torch.cat(outputs, dim=1), torch.cat(input_grads, dim=1), parameter_grads
 
 
 def run_layers(
@@ -133,12 +152,9 @@ def run_reversible(
     blocks: nn.ModuleList, x: Tensor, branch_args: tuple, caches: list | None = None
 ) -> Tensor:
     """The stack's layers over x (B, T, D) -> (B, T, D), storing no activations when a gradient is
-    wanted. branch_args: (self_bias, is_causal, key_mask, documents) for every attention_branch.
-    An input that needs no gradient (frozen embeddings) is given one anyway, or autograd would never
-    call the backward pass that computes the layers' own gradients."""
+    wanted. branch_args: (self_bias, is_causal, key_mask, documents) for every attention_branch."""
     if not torch.is_grad_enabled() or caches:
         y1, y2 = run_layers(blocks, x, branch_args, caches=caches)
         return (y1 + y2) / 2
-    if not x.requires_grad:
-        x = x.detach().requires_grad_()
-    return ReversibleStack.apply(x, blocks, branch_args)
+    parameters = [p for block in blocks for p in trainable(block)]
+    return ReversibleStack.apply(x, blocks, branch_args, *parameters)

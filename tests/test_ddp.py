@@ -96,3 +96,16 @@ def test_gathered_embeddings_under_ddp_equal_one_process(embedding_config, tmp_p
         assert torch.allclose(weight, two_weights[name], atol=1e-5), name
     local, _ = train(2, 16, embedding_config, tmp_path)
     assert local != pytest.approx(one, rel=1e-4), "without gathering each rank mines only its half"
+
+
+def test_reversible_layers_under_ddp_equal_one_process(embedding_config, tmp_path):
+    """Reversible layers compute their parameters' gradients in their own backward pass; DDP must
+    still find and average every one of them (modules/reversible.py)."""
+    reversible = ["--model.tasks.t.init_args.gather_across_ranks", "true", "--model.backbone.norm", "pre",
+                  "--model.backbone.reversible", "true", "--model.backbone.ff_chunks", "2"]  # fmt: skip
+    one, one_weights = train(1, 16, embedding_config, tmp_path, *reversible)
+    two, two_weights = train(2, 16, embedding_config, tmp_path, *reversible)
+    assert one[-1] < one[0], "the curve should move (training happens)"
+    assert two == pytest.approx(one, rel=1e-4)
+    for name, weight in one_weights.items():
+        assert torch.allclose(weight, two_weights[name], atol=1e-5), name

@@ -13,7 +13,7 @@ from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.lsh_attention import EVAL_ROTATION_SEED, LSHSelfAttention, hash_buckets
-from modules.reversible import ReversibleStack, run_layers
+from modules.reversible import run_layers, run_reversible
 from modules.sharding import shard_blocks
 from tasks.mlm_nsp import MaskedLMNextSentence
 
@@ -155,7 +155,7 @@ def test_reversible_layers_give_the_outputs_and_gradients_of_storing_every_activ
     x.grad = None
 
     torch.manual_seed(1)
-    recomputed = ReversibleStack.apply(x, layers, args)
+    recomputed = run_reversible(layers, x, args)
     recomputed.pow(2).sum().backward()
     torch.testing.assert_close(recomputed, stored, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x.grad, want_x, rtol=1e-9, atol=1e-10)
