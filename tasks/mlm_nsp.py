@@ -1,9 +1,10 @@
 """BERT pre-training: masked-LM + next-sentence prediction, the two losses summed.
 
 Inputs are `[CLS] A [SEP] B [SEP]` with segment ids 0 for A and 1 for B. B continues A half of
-the time; otherwise it is a span from another document (label 1). Of the non-special tokens 15%
-are selected; of those 80% become [MASK], 10% a random token, 10% stay as they are, and the model
-predicts the original token at every selected position.
+the time; otherwise it is a span from another document (label 1). Tokens are masked by BERT's rule
+(tasks/masking.py): of the non-special tokens 15% are selected; of those 80% become [MASK], 10% a
+random token, 10% stay as they are, and the model predicts the original token at every selected
+position.
 """
 
 from __future__ import annotations
@@ -26,10 +27,17 @@ from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.heads import MaskedLMHead, PooledClassifierHead
 from tasks.base import Task, at_positions, check_fits_positions, label_positions, packed_rows
+from tasks.masking import (
+    IGNORE,
+    check_masking_rates,
+    mask_tokens,
+    masked_token_records,
+    unigram_log_probs,
+    unigram_scores,
+)
 from tasks.sentences import split_sentences
 
 IS_NEXT, RANDOM_NEXT = 0, 1
-IGNORE = -100
 
 
 @dataclass
@@ -156,8 +164,7 @@ class MaskedLMNextSentence(Task):
         super().__init__(loss_weight)
         if max_length < 8:
             raise UserError(f"MaskedLMNextSentence max_length must be at least 8, got {max_length}")
-        if not 0 < mlm_probability < 1 or mask_fraction + random_fraction > 1:
-            raise UserError("need 0 < mlm_probability < 1 and mask_fraction + random_fraction <= 1")
+        check_masking_rates(mlm_probability, mask_fraction, random_fraction)
         self.max_length, self.mlm_probability = max_length, mlm_probability
         self.mask_fraction, self.random_fraction = mask_fraction, random_fraction
         self.short_seq_prob, self.dupe_factor, self.pack = short_seq_prob, dupe_factor, pack
@@ -217,8 +224,7 @@ class MaskedLMNextSentence(Task):
             table, np.asarray(spans, dtype=np.int64).reshape(-1, 5), self.max_length - 3
         )
         if split == "train":
-            counts = np.bincount(table.tokens, minlength=tokenizer.vocab_size).astype(np.float64) + 1.0
-            self.unigram_log_probs = torch.from_numpy(np.log(counts / counts.sum())).float()
+            self.unigram_log_probs = unigram_log_probs(table.tokens, tokenizer.vocab_size)
             self.majority_nsp_label = int(np.bincount(examples.spans[:, 4], minlength=2).argmax())
         return examples
 
@@ -236,7 +242,14 @@ class MaskedLMNextSentence(Task):
             ids = torch.from_numpy(
                 np.concatenate([[tokenizer.cls_id], a, [tokenizer.sep_id], b, [tokenizer.sep_id]])
             ).long()
-            masked, target = self.mask_tokens(ids, torch.Generator().manual_seed(seed), tokenizer)
+            masked, target = mask_tokens(
+                ids,
+                torch.Generator().manual_seed(seed),
+                tokenizer,
+                self.mlm_probability,
+                self.mask_fraction,
+                self.random_fraction,
+            )
             inputs.append((masked, target, len(a) + 2))  # the first column of segment B
         lengths = [len(masked) for masked, _, _ in inputs]
         rows = packed_rows(lengths, self.max_length) if self.pack else [[i] for i in range(len(inputs))]
@@ -273,28 +286,6 @@ class MaskedLMNextSentence(Task):
         if self.pack:
             batch |= {"document_ids": document_ids, "cls_positions": cls_positions}
         return batch
-
-    def mask_tokens(
-        self, ids: Tensor, generator: torch.Generator, tokenizer: Tokenizer
-    ) -> tuple[Tensor, Tensor]:
-        """(L,) ids -> (masked input, labels with IGNORE at unselected positions). Special tokens are
-        never selected; random replacements are drawn from the tokenizer's text pieces."""
-        candidate = ~tokenizer.is_special(ids)
-        selected = (torch.rand(ids.shape, generator=generator) < self.mlm_probability) & candidate
-        if not selected.any() and candidate.any():  # every input teaches something: pick one candidate
-            options = candidate.nonzero().flatten()
-            selected[options[torch.randint(len(options), (1,), generator=generator)]] = True
-        action = torch.rand(ids.shape, generator=generator)
-        choices = tokenizer.replacement_ids
-        random_ids = choices[torch.randint(len(choices), ids.shape, generator=generator)]
-        masked = ids.clone()
-        to_mask = selected & (action < self.mask_fraction)
-        to_random = (
-            selected & (action >= self.mask_fraction) & (action < self.mask_fraction + self.random_fraction)
-        )
-        masked[to_mask] = tokenizer.mask_id
-        masked[to_random] = random_ids[to_random]
-        return masked, torch.where(selected, ids, IGNORE)
 
     def forward(self, backbone: Backbone, head: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         hidden = backbone.encode(
@@ -347,11 +338,9 @@ class MaskedLMNextSentence(Task):
         metrics["mlm_accuracy"].update(outputs["mlm_logits"], targets)
         metrics["nsp_accuracy"].update(outputs["nsp_logits"], batch["nsp_labels"])
         if self.unigram_log_probs is not None:
-            log_probs = self.unigram_log_probs.to(targets.device)
-            metrics["baseline_mlm_loss"].update(-log_probs[targets].mean(), weight=n_masked)
-            metrics["baseline_mlm_accuracy"].update(
-                (targets == log_probs.argmax()).float().mean(), weight=n_masked
-            )
+            baseline_loss, baseline_accuracy = unigram_scores(self.unigram_log_probs, targets)
+            metrics["baseline_mlm_loss"].update(baseline_loss, weight=n_masked)
+            metrics["baseline_mlm_accuracy"].update(baseline_accuracy, weight=n_masked)
             majority = (batch["nsp_labels"] == self.majority_nsp_label).float().mean()
             metrics["baseline_nsp_accuracy"].update(majority, weight=n_pairs)
 
@@ -365,30 +354,17 @@ class MaskedLMNextSentence(Task):
             )
         labels, ids = batch["mlm_labels"], batch["input_ids"]
         original = torch.where(labels != IGNORE, labels, ids)
-        guesses = outputs["mlm_logits"].argmax(-1).tolist()
+        masked = masked_token_records(labels, outputs["mlm_logits"], tokenizer)
         is_next = outputs["nsp_logits"].float().softmax(-1)[:, IS_NEXT].tolist()
-        records, k = [], 0
+        records = []
         for row in range(len(ids)):
             real = batch["attention_mask"][row].bool()
             segment = batch["token_type_ids"][row]
-            positions = (labels[row] != IGNORE).nonzero().flatten().tolist()
-            masked = []
-            for position in positions:
-                target, guess = int(labels[row, position]), guesses[k]
-                masked.append(
-                    {
-                        "position": position,
-                        "target": tokenizer.id_to_piece([target])[0],
-                        "predicted": tokenizer.id_to_piece([guess])[0],
-                        "correct": target == guess,
-                    }
-                )
-                k += 1
             records.append(
                 {
                     "segment_a": tokenizer.decode(original[row][real & (segment == 0)].tolist()),
                     "segment_b": tokenizer.decode(original[row][real & (segment == 1)].tolist()),
-                    "masked": masked,
+                    "masked": masked[row],
                     "is_next_probability": round(is_next[row], 4),
                     "is_next_label": int(batch["nsp_labels"][row]) == IS_NEXT,
                 }

@@ -64,6 +64,13 @@ LOCAL_DATA = {
         "--data.sources.question.max_examples", "3000",  # whole articles: enough for a held-out one
         "--data.tokenizer.vocab_size", "4000",
     ],
+    "long_mlm.yaml": [
+        "--data.sources.mlm.path", str(WIKITEXT),
+        # windows of 512 tokens: one step on 8192 takes minutes on a CPU; tests/test_mlm.py checks the
+        # 8192-token windows of every article
+        "--model.tasks.mlm.init_args.max_length", "512",
+        "--data.tokenizer.vocab_size", "2000",
+    ],
     "span_qa_squad.yaml": [
         "--config", str(CONFIGS / "local" / "squad.yaml"),
         "--data.sources.qa.path", str(SQUAD),
@@ -74,6 +81,7 @@ LOCAL_DATA = {
 NEEDS = {
     "span_qa_squad.yaml": SQUAD,
     "pretrain_mlm_nsp.yaml": WIKITEXT,
+    "long_mlm.yaml": WIKITEXT,
     "siamese_stsb.yaml": STSB,
     "classify_sst2.yaml": SST2,
     "classify_trec.yaml": TREC,

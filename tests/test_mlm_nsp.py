@@ -11,6 +11,7 @@ import torch
 from datamodules.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerConfig
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
+from tasks.masking import mask_tokens
 from tasks.mlm_nsp import IGNORE, IS_NEXT, RANDOM_NEXT, MaskedLMNextSentence
 from tasks.sentences import split_sentences
 
@@ -50,7 +51,9 @@ def test_a_document_given_as_a_list_of_sentences_keeps_its_sentences(tokenizer):
 
 
 def test_masking_statistics_over_many_draws(tokenizer):
+    """BERT's rule as every masked-LM task applies it (tasks/masking.py, MaskedLMNextSentence's defaults)."""
     task = MaskedLMNextSentence(max_length=128)
+    rates = task.mlm_probability, task.mask_fraction, task.random_fraction
     specials = torch.tensor([tokenizer.cls_id, tokenizer.sep_id])
     ids = torch.cat(
         [
@@ -64,7 +67,7 @@ def test_masking_statistics_over_many_draws(tokenizer):
     candidates = (~torch.isin(ids, specials)).sum().item()
     selected = masked = randomised = kept = 0
     for seed in range(2000):
-        out, labels = task.mask_tokens(ids, torch.Generator().manual_seed(seed), tokenizer)
+        out, labels = mask_tokens(ids, torch.Generator().manual_seed(seed), tokenizer, *rates)
         chosen = labels != IGNORE
         assert not torch.isin(ids[chosen], specials).any(), "a special token was selected"
         assert (out[~chosen] == ids[~chosen]).all(), "an unselected token was changed"
