@@ -165,7 +165,7 @@ class LSHSelfAttention(nn.Module):
 
         gather_index = sorted_pos[..., None].expand(-1, -1, -1, dh)  # (B, H, L, Dh)
         queries = chunked(qk.gather(2, gather_index))  # (B, H, N, C, Dh)
-        keys = F.normalize(queries, dim=-1)
+        keys = F.normalize(queries, dim=-1)  # before the scale, which goes on the queries: C x Dh, not C x K
         values = chunked(v.gather(2, gather_index))
         q_pos, q_bucket = chunked(sorted_pos), chunked(sorted_bucket)  # (B, H, N, C)
         k_pos, k_bucket = q_pos, q_bucket
@@ -173,7 +173,7 @@ class LSHSelfAttention(nn.Module):
             keys, values = look_one_back(keys), look_one_back(values)  # (B, H, N, 2C, Dh)
             k_pos, k_bucket = look_one_back(k_pos), look_one_back(k_bucket)  # (B, H, N, 2C)
 
-        scores = torch.einsum("bhncd,bhnkd->bhnck", queries, keys) * self.scale  # (B, H, N, C, K)
+        scores = torch.einsum("bhncd,bhnkd->bhnck", queries * self.scale, keys)  # (B, H, N, C, K)
         blocked = q_bucket[..., :, None] != k_bucket[..., None, :]  # (B, H, N, C, K)
         batch_rows = torch.arange(b, device=qk.device)[:, None, None, None]
         blocked |= ~real[batch_rows, k_pos][..., None, :]
