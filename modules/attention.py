@@ -14,6 +14,7 @@ encoder memory (projected once, on the first step). See `KVCache` for the contra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -173,6 +174,11 @@ class MultiHeadAttention(nn.Module):
 
     Self-attention projects q, k and v with one (d_model -> 3 * H * Dh) matmul; cross-attention
     projects q from the decoder and k, v together from the encoder memory.
+
+    Attention runs in SDPA's fused kernels, which never hand out the softmax weights. To look at
+    them (`polyhead inspect attention`, the validation pictures), set `on_weights` to a callable:
+    forward then computes the same attention step by step and passes it the (B, H, T, S) weights
+    it used. Left None (the default), forward takes the fused path.
     """
 
     def __init__(
@@ -196,6 +202,7 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(inner, d_model, bias=bias)
         self.dropout = dropout
         self.scale = None if scale else 1.0  # None lets SDPA use 1/sqrt(head_dim)
+        self.on_weights: Callable[[Tensor], None] | None = None  # see the class docstring
 
     @property
     def query_weight(self) -> Tensor:
@@ -228,17 +235,37 @@ class MultiHeadAttention(nn.Module):
             q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
             if cache is not None:
                 k, v = cache.append(k, v)  # (B, H, past + T, Dh)
-        y = F.scaled_dot_product_attention(  # (B, H, T, Dh)
-            q,
-            k,
-            v,
-            attn_mask=bias,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal and bias is None,
-            scale=self.scale,
-        )
+        if self.on_weights is None:
+            y = F.scaled_dot_product_attention(  # (B, H, T, Dh)
+                q,
+                k,
+                v,
+                attn_mask=bias,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal and bias is None,
+                scale=self.scale,
+            )
+        else:
+            y = self._attend_showing_weights(q, k, v, bias, is_causal and bias is None)
         b, _, t, _ = y.shape
         return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def _attend_showing_weights(
+        self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: bool
+    ) -> Tensor:
+        """SDPA's arithmetic written out, handing the softmax weights to `on_weights` before dropout.
+        q: (B, H, T, Dh); k, v: (B, H, S, Dh) -> (B, H, T, Dh). is_causal blocks key j > query i, as
+        SDPA's own causal mask does."""
+        scale = self.scale if self.scale is not None else self.head_dim**-0.5
+        logits = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+        if bias is not None:
+            logits = logits + bias
+        if is_causal:
+            future = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).triu(1)
+            logits = logits.masked_fill(future, float("-inf"))
+        weights = logits.float().softmax(dim=-1).to(v.dtype)  # (B, H, T, S), rows sum to 1
+        self.on_weights(weights.detach())
+        return F.dropout(weights, self.dropout, self.training) @ v
 
     def _memory_keys_values(self, memory: Tensor | None, cache: LayerKV | None) -> tuple[Tensor, Tensor]:
         """Cross-attention keys and values (B, H, S, Dh), projected once per cache."""
