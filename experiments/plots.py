@@ -1,15 +1,21 @@
 """PNG charts, one function per kind, drawn with matplotlib's file backend (no display needed):
-`line_chart` (curves over steps: learning curves, benchmark sweeps) and `point_chart` (a
+`line_chart` (curves over steps: learning curves, benchmark sweeps), `point_chart` (a
 measurement against a setting, one point per run, with the mean and 95% interval where a setting
-has several). Each takes plain lists and a path and returns the path; callers decide what to plot.
+has several), `heatmap_grid` (matrices with labelled rows and columns: attention maps) and
+`scatter_map` (2-D points coloured by group: projected embeddings). Each takes plain lists or
+arrays and a path and returns the path; callers decide what to plot.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -76,4 +82,101 @@ def point_chart(
         axes.set_xticks(range(len(categories)), categories, rotation=20 if len(categories) > 4 else 0)
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
     axes.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+PANEL_INCHES = 2.5  # one heatmap of a grid: 300 px at DPI
+SINGLE_PANEL_INCHES = 6.0  # a heatmap alone, large enough to read every token
+TITLE_INCHES = 0.5
+MAX_TICKS = 48  # more tokens than this: label every n-th
+SCATTER_SIZE = (7.5, 6.0)
+_TAB20 = plt.get_cmap("tab20").colors  # a dark and a light shade of ten hues; 14 and 15 are greys
+GROUP_COLOURS = [_TAB20[i] for i in [*range(0, 20, 2), *range(1, 20, 2)] if i not in (14, 15)]
+"""The colours of a scatter map's groups, dark shades first; grey is left for "other"."""
+MAX_LEGEND = len(GROUP_COLOURS)  # groups that get a colour of their own in a scatter map
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """One panel of `heatmap_grid`: values (R, C) with a label per row and per column."""
+
+    title: str
+    values: np.ndarray
+    row_labels: Sequence[str]
+    column_labels: Sequence[str]
+
+
+def heatmap_grid_inches(rows: int, columns: int) -> tuple[float, float]:
+    """The figure size of a grid of rows x columns panels (a lone panel is drawn larger)."""
+    side = SINGLE_PANEL_INCHES if rows == columns == 1 else PANEL_INCHES
+    return columns * side, rows * side + TITLE_INCHES
+
+
+def _token_ticks(axis, labels: Sequence[str], side_points: float, rotate: bool) -> None:
+    """Label every token (every n-th beyond MAX_TICKS) with a font that fits the panel."""
+    step = math.ceil(len(labels) / MAX_TICKS)
+    where = list(range(0, len(labels), step))
+    size = max(2.5, min(8.0, 0.8 * side_points * step / max(len(labels), 1)))
+    ticks = axis.set_xticks if rotate else axis.set_yticks
+    ticks(where, [labels[i] for i in where], fontsize=size, rotation=90 if rotate else 0)
+
+
+def heatmap_grid(path: str | Path, panels: Sequence[Sequence[Heatmap]], title: str) -> Path:
+    """panels: rows of equally many heatmaps that share their row and column labels, drawn on the
+    first panel of each row (tick labels are most of the drawing time). Each panel is coloured from
+    0 to its own largest value, named in its title, so a head that spreads its attention thinly
+    still shows its shape."""
+    rows, columns = len(panels), len(panels[0])
+    figure, axes = plt.subplots(rows, columns, figsize=heatmap_grid_inches(rows, columns), squeeze=False)
+    side_points = 72 * (SINGLE_PANEL_INCHES if rows == columns == 1 else PANEL_INCHES)
+    for r, row in enumerate(panels):
+        for c, panel in enumerate(row):
+            axis = axes[r][c]
+            top = float(panel.values.max())
+            axis.imshow(panel.values, cmap="viridis", vmin=0.0, vmax=top or 1.0, aspect="auto",
+                        interpolation="nearest")  # fmt: skip
+            axis.set_title(f"{panel.title} (max {top:.2f})", fontsize=7)
+            if c == 0:
+                _token_ticks(axis, panel.column_labels, side_points, rotate=True)
+                _token_ticks(axis, panel.row_labels, side_points, rotate=False)
+            else:
+                axis.set_xticks([])
+                axis.set_yticks([])
+    figure.suptitle(title, fontsize=9)
+    return _save(figure, path)
+
+
+def scatter_map(
+    path: str | Path,
+    points: np.ndarray,
+    groups: Sequence[str],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    marked: dict[int, str] | None = None,
+) -> Path:
+    """points: (N, 2), one colour per distinct group, with a legend. Beyond MAX_LEGEND groups the
+    MAX_LEGEND largest keep their colours and the rest are drawn grey as one "other", as more
+    colours than that cannot be told apart. marked: point index -> a short name written beside it
+    (the queries of a neighbour table)."""
+    figure, axes = plt.subplots(figsize=SCATTER_SIZE)
+    sizes = Counter(groups)
+    named = sorted(sizes, key=lambda name: -sizes[name])[:MAX_LEGEND]  # stable: ties keep first-seen order
+    group = np.array(groups)
+    rest = ~np.isin(group, named)
+    if rest.any():
+        axes.scatter(points[rest, 0], points[rest, 1], s=10, alpha=0.5, color="0.75",
+                     label=f"other ({len(sizes) - len(named)} groups)")  # fmt: skip
+    for i, name in enumerate(named):
+        mine = group == name
+        axes.scatter(
+            points[mine, 0], points[mine, 1], s=14, alpha=0.8, color=GROUP_COLOURS[i], label=name[:40]
+        )
+    for index, text in (marked or {}).items():
+        axes.scatter(*points[index], s=60, facecolors="none", edgecolors="black", linewidths=1.2)
+        axes.annotate(text, points[index], xytext=(4, 4), textcoords="offset points", fontsize=8)
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axes.grid(alpha=0.3)
+    if len(sizes) > 1:
+        axes.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), markerscale=1.5)
     return _save(figure, path)
