@@ -1,7 +1,8 @@
 """`polyhead fit|validate|test|predict --config X.yaml`: LightningCLI over MultiTaskModel and
 MultiTaskDataModule, with W&B logging (offline unless credentials exist), checkpoints, and one-line
 errors for user mistakes. `polyhead convert` (HF BERT / T5 <-> polyhead) is its own small command,
-experiments/convert_command.py."""
+experiments/convert_command.py, as is `polyhead inspect` (pictures of attention and embeddings),
+experiments/inspect_command.py."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from experiments.compare_command import best_checkpoint, compare
 from experiments.convert_command import convert
 from experiments.fault_messages import explain
 from experiments.graceful_stop import GracefulStop
+from experiments.inspect_command import inspect
 from experiments.latest_checkpoint import LatestCheckpoint
 from experiments.objective_guard import ObjectiveGuard
 from experiments.sweep_command import sweep
@@ -210,8 +212,8 @@ def run(args: list[str] | None = None) -> PolyheadCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """The `polyhead` command: `convert`, `sweep`, `compare`, or `run` (LightningCLI's subcommands), with user mistakes
-    reported in one line and a non-zero exit."""
+    """The `polyhead` command: `convert`, `sweep`, `compare`, `inspect`, or `run` (LightningCLI's subcommands),
+    with user mistakes reported in one line and a non-zero exit."""
     command = sys.argv[1:] if args is None else args
     try:
         if command[:1] == ["convert"]:
@@ -220,6 +222,8 @@ def main(args: list[str] | None = None) -> None:
             sweep(command[1:])
         elif command[:1] == ["compare"]:
             compare(command[1:])
+        elif command[:1] == ["inspect"]:
+            inspect(command[1:])
         else:
             run(args)
     except UserError as error:
