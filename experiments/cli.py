@@ -29,6 +29,7 @@ from experiments.inspect_command import inspect
 from experiments.latest_checkpoint import LatestCheckpoint
 from experiments.objective_guard import ObjectiveGuard
 from experiments.sweep_command import sweep
+from experiments.validation_pictures import ValidationPictures
 from experiments.wandb_mode import configure_wandb_mode
 from experiments.yaml_files import check_config_files
 from modules.atomic_io import AtomicCheckpointIO
@@ -186,6 +187,7 @@ TRAINER_DEFAULTS = {
         lazy_instance(TokenThroughput),
         lazy_instance(GracefulStop),
         lazy_instance(ObjectiveGuard),
+        lazy_instance(ValidationPictures),
     ],
     # the mixture sampler shards data across processes itself
     "use_distributed_sampler": False,
