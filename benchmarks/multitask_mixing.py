@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ import yaml
 
 from datamodules.mixture import MixtureConfig, mixing_rates
 from experiments.cli import run
+from experiments.plots import BarPanel, bar_chart
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -142,27 +144,22 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Each task's main metric (the last it lists: F1, Spearman), a bar per run that has figures; a
+    task a run lacks gets no bar."""
     main_metric = {name: metrics[-1] for name, (_, _, metrics) in TASKS.items()}
-    runs = [("single", "single-task")] + [(r, f"multi-task, {r}") for r in MIXTURES if r in results]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(runs)
-    for k, (key, label) in enumerate(runs):
-        values = []
-        for name in TASKS:
-            source = results.get(key, {}).get(name, {}) if key == "single" else results[key]
-            values.append(source.get("scores", {}).get(name, {}).get(main_metric[name], 0.0))
-        ax.bar([i + (k - (len(runs) - 1) / 2) * width for i in range(len(TASKS))], values, width, label=label)
-    ax.set_xticks(range(len(TASKS)), [f"{n}\n{main_metric[n]}" for n in TASKS])
-    ax.set_ylabel("validation score x 100")
-    ax.set_title("one backbone, four tasks: single-task vs multi-task at equal total steps")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(runs), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    runs = {}  # label -> task -> its scores
+    if "single" in results:
+        runs["single-task"] = {name: result["scores"][name] for name, result in results["single"].items()}
+    runs |= {f"multi-task, {name}": results[name]["scores"] for name in MIXTURES if name in results}
+    panel = BarPanel(
+        title="one backbone, four tasks: single-task vs multi-task at equal total steps",
+        categories=[f"{name}\n{main_metric[name]}" for name in TASKS],
+        series={
+            label: [scores.get(name, {}).get(main_metric[name], math.nan) for name in TASKS]
+            for label, scores in runs.items()
+        },
+    )
+    bar_chart(path, [panel], ylabel="validation score x 100")
 
 
 def main() -> None:

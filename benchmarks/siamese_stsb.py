@@ -15,15 +15,18 @@ vs gold over all pairs; queries = s1 of pairs scoring >= 4, corpus = distinct s2
     python benchmarks/siamese_stsb.py                 # everything (~1.5 h on 2 cores)
     python benchmarks/siamese_stsb.py --no-pretrain --no-peer --losses batch_hard
     python benchmarks/siamese_stsb.py --init-from runs/siamese_stsb/pretrain/last.ckpt  # reuse MLM+NSP
+    python benchmarks/siamese_stsb.py --redraw --margin 0.2  # the table and plot again, from the saved figures
 
 Updates benchmarks/results/siamese_stsb.json (the runs asked for replace their earlier figures, the
-others stay), prints a markdown table, draws siamese_stsb.png.
+others stay; with --margin M, siamese_stsb_marginM.json), prints a markdown table, draws the
+matching .png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 
 from experiments.cli import run
+from experiments.plots import BarPanel, bar_chart
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -46,6 +50,9 @@ RUNS = {  # name -> task settings
     "in_batch_negatives": {"loss": "in_batch_negatives"},
 }
 METRICS = {"spearman": "Spearman", "recall@1": "R@1", "mrr@10": "MRR@10", "recall@10": "R@10"}
+PLOTTED_METRICS = ("spearman", "recall@1")  # a panel each
+PLOTTED_SUITES = (("scratch", "random init"), ("pretrained", "MLM+NSP first"))  # a bar each
+PLOTTED_PEERS = ("mnrl", "batchhard")  # a line each
 
 
 def polyhead_args(data: Path, out: Path) -> list[str]:
@@ -131,32 +138,52 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
+    """Spearman and R@1 per loss, a bar per polyhead suite, the peer's MNRL and BatchHard as lines
+    across; a loss a suite lacks gets no bar."""
+    names = list(dict.fromkeys(name for suite, _ in PLOTTED_SUITES for name in results.get(suite, {})))
+    peer = results.get("peer", {})
+    panels = [
+        BarPanel(
+            title=f"STS-B test {METRICS[metric]}",
+            categories=[name.replace("_", " ") for name in names],
+            series={
+                label: [results[suite].get(name, {}).get(metric, math.nan) for name in names]
+                for suite, label in PLOTTED_SUITES
+                if suite in results
+            },
+            references={
+                f"sentence-transformers {name}": peer[name][metric] for name in PLOTTED_PEERS if name in peer
+            },
+        )
+        for metric in PLOTTED_METRICS
+    ]
+    bar_chart(path, panels, ylabel="sts-test score x 100", ylim=(0, 100))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, metric in zip(axes, ("spearman", "recall@1"), strict=True):
-        names = [n for n in results.get("scratch", {})]
-        x = range(len(names))
-        for offset, suite, label in ((-0.2, "scratch", "random init"), (0.2, "pretrained", "MLM+NSP first")):
-            if suite in results:
-                ax.bar([i + offset for i in x], [results[suite][n][metric] for n in names], 0.4, label=label)
-        for name, style in (("mnrl", "--"), ("batchhard", ":")):
-            if name in results.get("peer", {}):
-                ax.axhline(
-                    results["peer"][name][metric],
-                    color="k",
-                    linestyle=style,
-                    label=f"sentence-transformers {name}",
-                )
-        ax.set_xticks(list(x), [n.replace(" + ", "\n+ ").replace("_", " ") for n in names], fontsize=8)
-        ax.set_title(f"STS-B test {METRICS[metric]}")
-        ax.set_ylim(0, 100)
-    axes[0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def measure(args: argparse.Namespace, results: dict, target: Path) -> None:
+    """Run the suites asked for into `results`, saving `target` after each, so that a long run
+    interrupted keeps the suites it finished."""
+    runs = [name.strip() for name in args.losses.split(",")]
+    results["protocol"] = {"steps": args.steps, "pretrain_steps": args.pretrain_steps}
+    if args.margin is not None:
+        results["protocol"]["margin"] = args.margin
+    if not args.no_scratch:
+        print("polyhead from random initialisation", flush=True)
+        scratch = polyhead_suite(args.data, args.steps, runs, None, args.work / "scratch", args.margin)
+        results["scratch"] = results.get("scratch", {}) | scratch
+        target.write_text(json.dumps(results, indent=1))
+    if not args.no_pretrain:
+        print("polyhead after MLM+NSP pretraining", flush=True)
+        checkpoint = args.init_from or pretrain(args.data, args.pretrain_steps, args.work / "pretrain")
+        pretrained = polyhead_suite(
+            args.data, args.steps, runs, checkpoint, args.work / "pretrained", args.margin
+        )
+        results["pretrained"] = results.get("pretrained", {}) | pretrained
+        target.write_text(json.dumps(results, indent=1))
+    if not args.no_peer:
+        print("sentence-transformers peer", flush=True)
+        results["peer"] = peer_suite(args.steps, args.peer_python, args.work / "peer")
+        target.write_text(json.dumps(results, indent=1))
 
 
 def main() -> None:
@@ -178,33 +205,21 @@ def main() -> None:
     parser.add_argument(
         "--margin", type=float, help="triplet margin instead of the config's (results in their own file)"
     )
+    parser.add_argument(
+        "--redraw", action="store_true", help="train nothing: the table and plot again from the saved results"
+    )
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # the CLI runs below get their arguments explicitly
     os.environ.setdefault("WANDB_MODE", "offline")
-    runs = [name.strip() for name in args.losses.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
     target = RESULTS / (
         "siamese_stsb.json" if args.margin is None else f"siamese_stsb_margin{args.margin}.json"
     )
+    if args.redraw and not target.exists():
+        parser.error(f"--redraw: no saved results at {target}")
     results = json.loads(target.read_text()) if target.exists() else {}
-    results["protocol"] = {"steps": args.steps, "pretrain_steps": args.pretrain_steps}
-    if not args.no_scratch:
-        print("polyhead from random initialisation", flush=True)
-        scratch = polyhead_suite(args.data, args.steps, runs, None, args.work / "scratch", args.margin)
-        results["scratch"] = results.get("scratch", {}) | scratch
-        target.write_text(json.dumps(results, indent=1))
-    if not args.no_pretrain:
-        print("polyhead after MLM+NSP pretraining", flush=True)
-        checkpoint = args.init_from or pretrain(args.data, args.pretrain_steps, args.work / "pretrain")
-        pretrained = polyhead_suite(
-            args.data, args.steps, runs, checkpoint, args.work / "pretrained", args.margin
-        )
-        results["pretrained"] = results.get("pretrained", {}) | pretrained
-        target.write_text(json.dumps(results, indent=1))
-    if not args.no_peer:
-        print("sentence-transformers peer", flush=True)
-        results["peer"] = peer_suite(args.steps, args.peer_python, args.work / "peer")
-        target.write_text(json.dumps(results, indent=1))
+    if not args.redraw:
+        measure(args, results, target)
     print(markdown(results))
     plot(results, target.with_suffix(".png"))
 

@@ -1,17 +1,20 @@
 """PNG charts, one function per kind, drawn with matplotlib's file backend (no display needed):
 `line_chart` (curves over steps: learning curves, benchmark sweeps), `point_chart` (a
 measurement against a setting, one point per run, with the mean and 95% interval where a setting
-has several), `heatmap_grid` (matrices with labelled rows and columns: attention maps) and
-`scatter_map` (2-D points coloured by group: projected embeddings). Each takes plain lists or
-arrays and a path and returns the path; callers decide what to plot.
+has several), `bar_chart` (a measurement per category, a bar per series side by side, in one or
+more panels, with reference levels as lines: benchmark results against a baseline),
+`heatmap_grid` (matrices with labelled rows and columns: attention maps) and `scatter_map` (2-D
+points coloured by group: projected embeddings). Each takes plain lists or arrays and a path and
+returns the path; callers decide what to plot.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -82,6 +85,86 @@ def point_chart(
         axes.set_xticks(range(len(categories)), categories, rotation=20 if len(categories) > 4 else 0)
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
     axes.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+BAR_PANEL_INCHES = 5.0  # one panel of a bar chart; the legend beside the last gets LEGEND_INCHES
+LEGEND_INCHES = 2.0
+BAR_GROUP_WIDTH = 0.8  # of a category's slot, shared by its bars
+BAR_AXES_INCHES = 0.85 * BAR_PANEL_INCHES  # the rest of a panel is its margins and labels
+BAR_TICK_FONT = 8
+BAR_TITLE_FONT = 11
+REFERENCE_STYLES = ("--", ":", "-.")
+
+
+@dataclass(frozen=True)
+class BarPanel:
+    """One panel of `bar_chart`. series: label -> one value per category (NaN: no bar), drawn side
+    by side in each category; references: label -> a level drawn as a black line across the panel
+    (a baseline every bar is read against)."""
+
+    title: str
+    categories: Sequence[str]
+    series: dict[str, Sequence[float]]
+    references: dict[str, float] = field(default_factory=dict)
+
+
+def _wrapped(text: str, characters: int) -> str:
+    """text broken at spaces into lines of at most `characters` (more when one word is longer), so
+    that neighbouring category names do not run into each other and a long title stays over its
+    panel; its own line breaks stay."""
+    return "\n".join(part for line in text.split("\n") for part in textwrap.wrap(line, characters) or [""])
+
+
+def _characters_fitting(inches: float, fontsize: float) -> int:
+    """How many characters of text at `fontsize` fit across `inches` (one is about 0.6 of the
+    font size wide), at least 6 so that no word is cut too small."""
+    return max(6, int(inches * 72 / (0.6 * fontsize)))
+
+
+def _bar_panel(axes, panel: BarPanel, colours: dict[str, str], styles: dict[str, str]) -> None:
+    """Draw one panel, its series centred on each category's tick."""
+    width = BAR_GROUP_WIDTH / max(len(panel.series), 1)
+    for k, (label, values) in enumerate(panel.series.items()):
+        offset = (k - (len(panel.series) - 1) / 2) * width
+        axes.bar([i + offset for i in range(len(values))], values, width, label=label, color=colours[label])
+    for label, level in panel.references.items():
+        axes.axhline(level, color="black", linestyle=styles[label], label=label)
+    slot = _characters_fitting(BAR_AXES_INCHES / max(len(panel.categories), 1), BAR_TICK_FONT)
+    names = [_wrapped(category, slot) for category in panel.categories]
+    axes.set_xticks(range(len(names)), names, fontsize=BAR_TICK_FONT)
+    axes.set_title(
+        _wrapped(panel.title, _characters_fitting(BAR_AXES_INCHES, BAR_TITLE_FONT)), fontsize=BAR_TITLE_FONT
+    )
+    axes.grid(axis="y", alpha=0.3)
+
+
+def bar_chart(
+    path: str | Path, panels: Sequence[BarPanel], ylabel: str, ylim: tuple[float, float] | None = None
+) -> Path:
+    """panels side by side, each a group of bars per category; ylabel on the first, ylim (low,
+    high) on all when given. A series or reference keeps its colour or line style across panels,
+    so one legend, beside the last panel, names them all."""
+    series = list(dict.fromkeys(label for panel in panels for label in panel.series))
+    references = list(dict.fromkeys(label for panel in panels for label in panel.references))
+    colours = {label: f"C{k}" for k, label in enumerate(series)}
+    styles = {label: REFERENCE_STYLES[k % len(REFERENCE_STYLES)] for k, label in enumerate(references)}
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(len(panels) * BAR_PANEL_INCHES + LEGEND_INCHES, SIZE[1]), squeeze=False
+    )
+    for axis, panel in zip(axes[0], panels, strict=True):
+        _bar_panel(axis, panel, colours, styles)
+        if ylim is not None:
+            axis.set_ylim(*ylim)
+    axes[0][0].set_ylabel(ylabel)
+    handles = {}  # label -> the first of its handles
+    for axis in axes[0]:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        labels = series + references  # bars first, then lines
+        axes[0][-1].legend([handles[label] for label in labels], labels, fontsize=7, loc="upper left",
+                           bbox_to_anchor=(1.01, 1.0))  # fmt: skip
     return _save(figure, path)
 
 
