@@ -46,11 +46,16 @@ def line_chart(
     title: str,
     xlabel: str,
     ylabel: str,
+    log_axes: bool = False,
 ) -> Path:
-    """lines: label -> (xs, ys), one line each, legend outside the axes when there are many."""
+    """lines: label -> (xs, ys), one line each, legend outside the axes when there are many.
+    log_axes: both axes logarithmic (base 2 along x), for quantities measured at doubling sizes."""
     figure, axes = plt.subplots(figsize=SIZE)
     for label, (xs, ys) in lines.items():
         axes.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, linewidth=1.2, label=label)
+    if log_axes:
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
     axes.grid(alpha=0.3)
     if lines:
