@@ -213,6 +213,15 @@ def run(args: list[str] | None = None) -> PolyheadCLI:
     )
 
 
+def end_wandb_run(failed: bool) -> None:
+    """Finish the W&B run this command started (if any), so that a next command in the same Python
+    process (a notebook, a script calling main() in turn) starts a run of its own in its own
+    directory instead of W&B quietly appending to this one."""
+    wandb = sys.modules.get("wandb")  # not imported: no run was started
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
 def main(args: list[str] | None = None) -> None:
     """The `polyhead` command: `convert`, `sweep`, `compare`, `inspect`, or `run` (LightningCLI's subcommands),
     with user mistakes reported in one line and a non-zero exit."""
@@ -227,7 +236,12 @@ def main(args: list[str] | None = None) -> None:
         elif command[:1] == ["inspect"]:
             inspect(command[1:])
         else:
-            run(args)
+            try:
+                run(args)
+            except BaseException:
+                end_wandb_run(failed=True)
+                raise
+            end_wandb_run(failed=False)
     except UserError as error:
         # explain() first: a data loader worker re-raises a UserError with its traceback as the message
         sys.exit(f"polyhead: error: {one_line(explain(error) or str(error))}")
