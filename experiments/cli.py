@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import datasets
@@ -111,7 +112,10 @@ class PolyheadCLI(LightningCLI):
             self._parser(first.get("subcommand")).set_defaults(
                 {"model.backbone": self.checkpoint_saved["backbone"]}
             )
-        super().parse_arguments(parser, given)
+        # Lightning warns whenever both args and sys.argv exist; `given` is the whole command line
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().parse_arguments(parser, given)
 
     def before_instantiate_classes(self) -> None:
         """A run from a checkpoint file uses the checkpoint's tokenizer, never a newly trained one,
