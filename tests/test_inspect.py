@@ -5,7 +5,9 @@ bad input gets one clear line, and validation logs the pictures to W&B (offline)
 from __future__ import annotations
 
 import glob
+import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,6 +16,7 @@ from torch import Tensor
 from datamodules.tokenizer import Tokenizer, TokenizerConfig
 from experiments.attention_maps import AttentionRecorder, label_maps, select_maps
 from experiments.cli import main
+from experiments.embedding_maps import project
 from experiments.inspect_attention import inspect_attention
 from experiments.plots import DPI, SCATTER_SIZE, heatmap_grid_inches
 from modules.attention import MultiHeadAttention, attention_bias
@@ -238,3 +241,46 @@ def test_validation_logs_attention_and_embedding_pictures_to_wandb(tmp_path):
     for picture in ("mlm_nsp/attention", "triplet/attention", "summarize/attention", "triplet/embeddings"):
         (path,) = glob.glob(f"{images}/{picture}_*.png")
         png_size(path)
+
+
+def three_clusters(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(60, 16) points in three tight, far-apart clusters, and each point's cluster."""
+    centres = rng.normal(0.0, 10.0, (3, 16))
+    labels = np.repeat(np.arange(3), 20)
+    return centres[labels] + rng.normal(0.0, 0.5, (60, 16)), labels
+
+
+def test_pca_axes_are_the_leading_eigenvectors_of_the_covariance():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(200, 8)) * np.array([5.0, 3.0, 1.0, 1.0, 0.5, 0.5, 0.2, 0.1])  # (200, 8)
+    vectors = vectors @ np.linalg.qr(rng.normal(size=(8, 8)))[0]  # rotated: the axes are not the basis
+    points, (first, second) = project(vectors, "pca")
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(vectors, rowvar=False))  # ascending
+    for axis, (value, direction) in enumerate([(eigenvalues[-1], eigenvectors[:, -1]),
+                                               (eigenvalues[-2], eigenvectors[:, -2])]):  # fmt: skip
+        expected = (vectors - vectors.mean(0)) @ direction
+        assert np.allclose(np.abs(points[:, axis]), np.abs(expected), atol=1e-8)
+        assert np.isclose(points[:, axis].var(ddof=1), value)
+    share = eigenvalues[-1] / eigenvalues.sum()
+    assert first == f"PC1 ({share:.0%} of variance)" and second.startswith("PC2 (")
+
+
+@pytest.mark.parametrize("method, module, name", [("tsne", "sklearn", "t-SNE"), ("umap", "umap", "UMAP")])
+def test_tsne_and_umap_keep_each_cluster_together(method, module, name):
+    pytest.importorskip(
+        module, reason=f"--method {method} needs {module} installed (scikit-learn is in the dev extra)"
+    )
+    vectors, labels = three_clusters(np.random.default_rng(1))
+    points, axes = project(vectors, method)
+    assert points.shape == (60, 2) and axes == (f"{name} 1", f"{name} 2")
+    distance = ((points[:, None] - points[None]) ** 2).sum(-1) + np.diag(np.full(60, np.inf))  # (60, 60)
+    assert (labels[distance.argmin(1)] == labels).all()
+
+
+@pytest.mark.parametrize("method, module, package", [("tsne", "sklearn.manifold", "scikit-learn"),
+                                                     ("umap", "umap", "umap-learn")])  # fmt: skip
+def test_a_projection_whose_library_is_missing_names_what_to_install(monkeypatch, method, module, package):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    vectors, _ = three_clusters(np.random.default_rng(2))
+    with pytest.raises(UserError, match=f"--method {method} needs {package} \\(pip install {package}\\)"):
+        project(vectors, method)
