@@ -6,6 +6,7 @@ experiments/inspect_command.py."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -196,6 +197,18 @@ TRAINER_DEFAULTS = {
     # the mixture sampler shards data across processes itself
     "use_distributed_sampler": False,
 }
+
+
+class NoProductTips(logging.Filter):
+    """Drops Lightning's "💡 Tip" lines, which advertise its own cloud products at every run; a
+    polyhead run already logs to W&B."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(NoProductTips())
 
 
 def run(args: list[str] | None = None) -> PolyheadCLI:
