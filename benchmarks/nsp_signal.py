@@ -7,10 +7,12 @@ default, split by article, every 10th article held out) and reports validation a
 - a TF-IDF cosine between segment A and segment B with one threshold fitted on training pairs:
   how separable the pairs are from word overlap alone (no learning of representations);
 - with `--checkpoint`: logistic-regression probes on that model's features of the unmasked pair,
-  fitted on training pairs: the pooled [CLS] (what the NSP head reads), and the comparison
-  features [a * b, |a - b|] of the mean of segment A's and segment B's states, from the embedding
-  layer and from the last layer. A probe far below the TF-IDF figure says the representations do
-  not yet carry the topic identity NSP needs.
+  fitted on training pairs: the pooled [CLS] (what the NSP head reads), the first token of A, and
+  the comparison features [a * b, |a - b|] of the mean of segment A's and segment B's states, from
+  the embedding layer and from the last layer. A probe far below the TF-IDF figure says the representations do
+  not yet carry the topic identity NSP needs;
+- with `--checkpoint`: the spread of the pooled [CLS] and of a text token across inputs. A [CLS]
+  that hardly changes from one input to the next leaves the NSP head nothing to read.
 
     python benchmarks/nsp_signal.py
     python benchmarks/nsp_signal.py --checkpoint runs/pretrain/last.ckpt
@@ -82,7 +84,9 @@ def features(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Probe features of the first `limit` pairs of a split, inputs unmasked."""
     examples = data.examples[split]["mlm_nsp"]
-    out: dict[str, list[torch.Tensor]] = {"pooled [CLS]": [], "embedding layer": [], "last layer": []}
+    out: dict[str, list[torch.Tensor]] = {
+        "pooled [CLS]": [], "first token of A, last layer": [], "embedding layer": [], "last layer": []
+    }  # fmt: skip
     labels = []
     for begin in range(0, min(limit, len(examples)), 64):
         chunk = [examples[i] for i in range(begin, min(begin + 64, limit, len(examples)))]
@@ -92,6 +96,7 @@ def features(
         hidden = model.backbone.encode(ids, batch["attention_mask"], batch["token_type_ids"])  # (B, T, D)
         embedded = model.backbone.embeddings(ids, batch["token_type_ids"])  # (B, T, D)
         out["pooled [CLS]"].append(model.backbone.pool(hidden))
+        out["first token of A, last layer"].append(hidden[:, 1])
         for name, states in (("embedding layer", embedded), ("last layer", hidden)):
             in_a, in_b = (real & ~segment_b)[..., None], (real & segment_b)[..., None]  # (B, T, 1)
             mean_a = (states * in_a).sum(1) / in_a.sum(1)  # (B, D)
@@ -99,6 +104,12 @@ def features(
             out[name].append(torch.cat([mean_a * mean_b, (mean_a - mean_b).abs()], dim=-1))  # (B, 2D)
         labels.append(batch["nsp_labels"] == IS_NEXT)
     return {name: torch.cat(parts) for name, parts in out.items()}, torch.cat(labels).float()
+
+
+def spread(vectors: torch.Tensor) -> float:
+    """(N, D) -> how much the vectors differ between inputs: the mean over dimensions of the std
+    across inputs, over the vectors' root mean square (0: every input gets the same vector)."""
+    return float(vectors.std(0).mean() / vectors.square().mean().sqrt())
 
 
 def probe_accuracy(
@@ -145,6 +156,8 @@ def main() -> None:
         for name in train_features:
             accuracy = probe_accuracy(train_features[name], y_train, val_features[name], y_val)
             print(f"linear probe on {name}: {accuracy:.3f}")
+        for name in ("pooled [CLS]", "first token of A, last layer"):
+            print(f"spread of the {name} across validation inputs: {spread(val_features[name]):.3f}")
 
 
 if __name__ == "__main__":

@@ -230,13 +230,13 @@ def run(args: list[str] | None = None) -> PolyheadCLI:
     )
 
 
-def end_wandb_run(failed: bool) -> None:
+def end_wandb_run(exit_code: int) -> None:
     """Finish the W&B run this command started (if any), so that a next command in the same Python
     process (a notebook, a script calling main() in turn) starts a run of its own in its own
     directory instead of W&B quietly appending to this one."""
     wandb = sys.modules.get("wandb")  # not imported: no run was started
     if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=1 if failed else 0)
+        wandb.finish(exit_code=exit_code)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -255,10 +255,13 @@ def main(args: list[str] | None = None) -> None:
         else:
             try:
                 run(args)
-            except BaseException:
-                end_wandb_run(failed=True)
+            except SystemExit as stop:  # a stop by signal exits 128 + its number
+                end_wandb_run(stop.code if isinstance(stop.code, int) else 1)
                 raise
-            end_wandb_run(failed=False)
+            except BaseException:
+                end_wandb_run(1)
+                raise
+            end_wandb_run(0)
     except UserError as error:
         # explain() first: a data loader worker re-raises a UserError with its traceback as the message
         sys.exit(f"polyhead: error: {one_line(explain(error) or str(error))}")
