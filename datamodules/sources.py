@@ -152,10 +152,12 @@ def _documents(
         dataset = dataset.flatten()  # {"answers": {"text": ...}} -> column "answers.text"
     missing = [col for col in columns if col not in dataset.column_names]
     if missing:
-        raise UserError(
-            f"{name}: missing column(s) {missing}; its columns are {dataset.column_names}. "
-            f"Map them with {where}.columns (task field: source column)"
+        fix = (  # a predict file is read without the source's column mapping
+            f"{where} is read without the source's columns mapping: rename its columns to the task's fields"
+            if where.endswith(".predict_path")
+            else f"Map them with {where}.columns (task field: source column)"
         )
+        raise UserError(f"{name}: missing column(s) {missing}; its columns are {dataset.column_names}. {fix}")
     dataset = dataset.select_columns(columns)
     if source.documents == "heading":
         dataset = _group_by_heading(dataset, source, columns[0])

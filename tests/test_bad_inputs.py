@@ -222,6 +222,20 @@ CASES = [
         ("data.sources.mlm_nsp.predict_path", "file not found", "in.jsonl"),
     ),
     Case(
+        "predict file with the training data's column names",  # the quickstart maps source -> text
+        lambda i: i.from_checkpoint(
+            "predict",
+            *("--data.sources.mlm_nsp.predict_path", str(SEED_CORPUS)),
+            *("--data.sources.triplet.predict_path", i.file("texts.txt", "A short note.\n")),
+            *("--data.sources.summarize.predict_path", i.file("in.jsonl", '{"text": "A short note."}\n')),
+        ),
+        (
+            "missing column(s) ['source']",
+            "data.sources.summarize.predict_path is read without",
+            "rename its columns",
+        ),
+    ),
+    Case(
         "a directory as the data file",
         lambda i: i.fit(MLM, str(Path(i.file("corpus/a.jsonl", DOCUMENTS[0])).parent)),
         ("data.sources.mlm_nsp.path", "corpus' is a directory"),
