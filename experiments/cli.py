@@ -256,7 +256,7 @@ def main(args: list[str] | None = None) -> None:
             try:
                 run(args)
             except SystemExit as stop:  # a stop by signal exits 128 + its number
-                end_wandb_run(stop.code if isinstance(stop.code, int) else 1)
+                end_wandb_run(stop.code if isinstance(stop.code, int) else int(stop.code is not None))
                 raise
             except BaseException:
                 end_wandb_run(1)
