@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modules.dropout import dropout
+
 
 def causal_mask_bias(query_len: int, key_len: int, device: torch.device | None = None) -> Tensor:
     """(query_len, key_len) additive bias: 0 on and below the diagonal, -inf above it.
@@ -178,7 +180,9 @@ class MultiHeadAttention(nn.Module):
     Attention runs in SDPA's fused kernels, which never hand out the softmax weights. To look at
     them (`polyhead inspect attention`, the validation pictures), set `on_weights` to a callable:
     forward then computes the same attention step by step and passes it the (B, H, T, S) weights
-    it used. Left None (the default), forward takes the fused path.
+    it used. Left None (the default), forward takes the fused path, except for training with
+    attention dropout on the CPU: there SDPA falls back to the same step-by-step arithmetic anyway,
+    and written out here it draws its dropout mask the cheap way (modules/dropout.py).
     """
 
     def __init__(
@@ -235,7 +239,8 @@ class MultiHeadAttention(nn.Module):
             q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
             if cache is not None:
                 k, v = cache.append(k, v)  # (B, H, past + T, Dh)
-        if self.on_weights is None:
+        cpu_dropout = self.training and self.dropout > 0 and q.device.type == "cpu"
+        if self.on_weights is None and not cpu_dropout:
             y = F.scaled_dot_product_attention(  # (B, H, T, Dh)
                 q,
                 k,
@@ -246,14 +251,14 @@ class MultiHeadAttention(nn.Module):
                 scale=self.scale,
             )
         else:
-            y = self._attend_showing_weights(q, k, v, bias, is_causal and bias is None)
+            y = self._attend_step_by_step(q, k, v, bias, is_causal and bias is None)
         b, _, t, _ = y.shape
         return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
-    def _attend_showing_weights(
+    def _attend_step_by_step(
         self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: bool
     ) -> Tensor:
-        """SDPA's arithmetic written out, handing the softmax weights to `on_weights` before dropout.
+        """SDPA's arithmetic written out, handing the softmax weights to `on_weights` (if set) before dropout.
         q: (B, H, T, Dh); k, v: (B, H, S, Dh) -> (B, H, T, Dh). is_causal blocks key j > query i, as
         SDPA's own causal mask does."""
         scale = self.scale if self.scale is not None else self.head_dim**-0.5
@@ -264,8 +269,9 @@ class MultiHeadAttention(nn.Module):
             future = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).triu(1)
             logits = logits.masked_fill(future, float("-inf"))
         weights = logits.float().softmax(dim=-1).to(v.dtype)  # (B, H, T, S), rows sum to 1
-        self.on_weights(weights.detach())
-        return F.dropout(weights, self.dropout, self.training) @ v
+        if self.on_weights is not None:
+            self.on_weights(weights.detach())
+        return dropout(weights, self.dropout, self.training) @ v
 
     def _memory_keys_values(self, memory: Tensor | None, cache: LayerKV | None) -> tuple[Tensor, Tensor]:
         """Cross-attention keys and values (B, H, S, Dh), projected once per cache."""

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from modules.attention import KVCache, MultiHeadAttention, RelativePositionBias, attention_bias
 from modules.config import BackboneConfig
+from modules.dropout import Dropout
 from modules.layers import TransformerBlock, make_norm
 from modules.reversible import run_reversible
 
@@ -46,7 +47,7 @@ class Embeddings(nn.Module):
             nn.Embedding(config.type_vocab_size, config.d_model) if config.type_vocab_size else None
         )
         self.norm = make_norm(config) if config.embedding_norm else None
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.position_kind, self.max_len = config.position, config.max_len
 
     def forward(
@@ -108,7 +109,7 @@ class Stack(nn.Module):
         )
         # pre-norm leaves the residual stream un-normalised: one norm at the top of the stack fixes that
         self.final_norm = make_norm(config) if config.norm == "pre" else None
-        self.dropout = nn.Dropout(config.dropout) if config.norm == "pre" else None
+        self.dropout = Dropout(config.dropout) if config.norm == "pre" else None
 
     def forward(
         self,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules.config import BackboneConfig
+from modules.dropout import Dropout
 from modules.layers import ACTIVATIONS, make_norm
 
 
@@ -70,7 +71,7 @@ class PooledClassifierHead(nn.Module):
 
     def __init__(self, config: BackboneConfig, num_classes: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.classifier = nn.Linear(config.d_model, num_classes)
 
     def forward(self, pooled: Tensor) -> Tensor:

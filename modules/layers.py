@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from modules.attention import LayerKV, MultiHeadAttention
 from modules.config import BackboneConfig
+from modules.dropout import Dropout
 from modules.lsh_attention import LSHSelfAttention
 
 ACTIVATIONS = {
@@ -38,7 +39,7 @@ class FeedForward(nn.Module):
         self.up = nn.Linear(config.d_model, width, bias=config.bias)
         self.down = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
         self.act = ACTIVATIONS[config.activation]
-        self.dropout = nn.Dropout(config.dropout if config.ff_dropout is None else config.ff_dropout)
+        self.dropout = Dropout(config.dropout if config.ff_dropout is None else config.ff_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, T, D) -> (B, T, D)"""
@@ -109,7 +110,7 @@ class TransformerBlock(nn.Module):
         self.cross_attn_norm = make_norm(config) if cross else None
         self.ff = FeedForward(config)
         self.ff_norm = make_norm(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def _residual(self, x: Tensor, norm: nn.Module, sublayer) -> Tensor:
         if self.pre_norm:

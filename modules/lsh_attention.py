@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules.attention import LayerKV, attention_bias
+from modules.dropout import dropout
 
 EVAL_ROTATION_SEED = 0
 
@@ -186,8 +187,7 @@ class LSHSelfAttention(nn.Module):
         scores = scores.masked_fill(itself, floor / 2).masked_fill(blocked, floor)
         normaliser = scores.logsumexp(dim=-1, keepdim=True)  # (B, H, N, C, 1)
         weights = (scores - normaliser).exp()
-        if self.training and self.dropout:
-            weights = F.dropout(weights, self.dropout)
+        weights = dropout(weights, self.dropout, self.training)
         out = torch.einsum("bhnck,bhnkd->bhncd", weights, values)  # (B, H, N, C, Dh)
 
         unsort = order.argsort(dim=-1)  # (B, H, L): where each (round, position) went

@@ -153,6 +153,8 @@ class Classify(Task):
             raise UserError(
                 f"Classify.max_length must leave each text a token besides [CLS] and [SEP], got {max_length}"
             )
+        if not 0 <= dropout < 1:
+            raise UserError(f"Classify.dropout must be in [0, 1), got {dropout}")
         if not 0 <= label_smoothing < 1:
             raise UserError(f"Classify.label_smoothing must be in [0, 1), got {label_smoothing}")
         names = [str(label) for label in labels] if labels is not None else []
