@@ -23,11 +23,17 @@ def keep_mask(shape: torch.Size, dropped: int, device: torch.device) -> Tensor:
     faster."""
     n = shape.numel()
     words = torch.randint(
-        torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max, ((n + 3) // 4,), dtype=torch.int64, device=device
+        torch.iinfo(torch.int64).min,
+        torch.iinfo(torch.int64).max,
+        ((n + 3) // 4,),
+        dtype=torch.int64,
+        device=device,
     )  # (ceil(n / 4),) uniform 64-bit words
     halves = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
     return torch.ge(
-        halves, dropped + torch.iinfo(torch.int16).min, out=torch.empty(shape, dtype=torch.uint8, device=device)
+        halves,
+        dropped + torch.iinfo(torch.int16).min,
+        out=torch.empty(shape, dtype=torch.uint8, device=device),
     )
 
 
