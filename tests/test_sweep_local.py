@@ -226,6 +226,9 @@ def test_ctrl_c_stops_each_trial_with_one_signal_so_it_saves_its_checkpoint(tmp_
         [sys.executable, "-m", "experiments.cli", "sweep", str(spec), "--sweeps-dir", str(tmp_path / "sweeps")],
         cwd=ROOT, env=offline_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,  # its own process group, as a shell gives a job
+        # as a terminal's job has it: a suite started in the background by a script (`pytest &`)
+        # ignores SIGINT, and the controller would inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     logs = tmp_path / "sweeps"
     deadline = time.monotonic() + 300
