@@ -53,6 +53,18 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return MaskAndScale.apply(x, keep, HALF_WORDS / (HALF_WORDS - dropped))
 
 
+def relu_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """dropout(relu(x)). On the CPU in training, ReLU's mask joins dropout's in one multiply: no
+    ReLU pass forward or backward, and only the one-byte mask kept, where a feed-forward block
+    (T5's) would otherwise keep the (B, T, d_ff) ReLU output too."""
+    dropped = round(p * HALF_WORDS)
+    if not training or x.device.type != "cpu" or dropped in (0, HALF_WORDS):
+        return dropout(F.relu(x), p, training)
+    keep = keep_mask(x.shape, dropped, x.device)
+    keep.mul_(torch.gt(x, 0, out=torch.empty_like(keep)))
+    return MaskAndScale.apply(x, keep, HALF_WORDS / (HALF_WORDS - dropped))
+
+
 class MaskAndScale(torch.autograd.Function):
     """x * keep * scale, keeping only the one-byte mask for backward."""
 

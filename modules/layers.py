@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from modules.attention import LayerKV, MultiHeadAttention
 from modules.config import BackboneConfig
-from modules.dropout import Dropout
+from modules.dropout import Dropout, relu_dropout
 from modules.lsh_attention import LSHSelfAttention
 
 ACTIVATIONS = {
@@ -46,10 +46,10 @@ class FeedForward(nn.Module):
         h = self.up(x)  # (B, T, d_ff) or (B, T, 2 * d_ff)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = self.act(gate) * up
-        else:
-            h = self.act(h)
-        return self.down(self.dropout(h))
+            return self.down(self.dropout(self.act(gate) * up))
+        if self.act is F.relu:  # ReLU and dropout as one masked multiply
+            return self.down(relu_dropout(h, self.dropout.p, self.training))
+        return self.down(self.dropout(self.act(h)))
 
 
 def in_chunks(function, x: Tensor, chunks: int) -> Tensor:

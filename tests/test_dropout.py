@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modules.attention import MultiHeadAttention
-from modules.dropout import HALF_WORDS, Dropout, dropout
+from modules.dropout import HALF_WORDS, Dropout, dropout, relu_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.37, 0.9])
@@ -69,3 +69,19 @@ def test_training_attention_with_dropout_is_unbiased():
         draws = torch.stack([attention(x) for _ in range(4000)])
     assert not torch.allclose(draws[0], expected, atol=1e-3)
     assert torch.allclose(draws.mean(0), expected, atol=0.03)
+
+
+def test_relu_dropout_is_dropout_of_relu():
+    """The fused ReLU + dropout of T5's feed-forward block: the same values and gradients as
+    dropout(relu(x)) drawn from the same seed."""
+    x = torch.randn(16, 7, 40, requires_grad=True)
+    upstream = torch.randn_like(x)
+    torch.manual_seed(5)
+    fused = relu_dropout(x, 0.2, training=True)
+    (fused_grad,) = torch.autograd.grad(fused, x, upstream)
+    torch.manual_seed(5)
+    plain = dropout(torch.relu(x), 0.2, training=True)
+    (plain_grad,) = torch.autograd.grad(plain, x, upstream)
+    assert torch.equal(fused, plain) and torch.equal(fused_grad, plain_grad)
+    assert (plain == 0).float().mean() > 0.55  # both masks at work: about 1 - 0.5 * 0.8
+    assert torch.equal(relu_dropout(x, 0.2, training=False), torch.relu(x))
