@@ -422,7 +422,14 @@ def export_hf(checkpoint_path: Path, out: Path) -> Conversion:
     backbone = _strip(state, "backbone.")
     try:
         if config.architecture == "encoder":
-            model_type, head_prefix = "bert", _head_of(checkpoint, "MaskedLMNextSentence")
+            model_type, head_prefix = (
+                "bert",
+                _head_of(  # BERT's NSP head is the pooled one
+                    checkpoint,
+                    "MaskedLMNextSentence",
+                    lambda args: args.get("nsp_head", "pooled") == "pooled",
+                ),
+            )
             head = None if head_prefix is None else _strip(state, head_prefix)
             hf_config = bert_config_to_hf(config, tokenizer.pad_id, with_heads=head is not None)
             weights = polyhead_to_bert(backbone, head, config)

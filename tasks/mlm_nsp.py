@@ -25,7 +25,7 @@ from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.errors import UserError
-from modules.heads import MaskedLMHead, PooledClassifierHead
+from modules.heads import MaskedLMHead, PooledClassifierHead, SegmentMatchHead
 from tasks.base import Task, at_positions, check_fits_positions, label_positions, packed_rows
 from tasks.masking import (
     IGNORE,
@@ -38,6 +38,7 @@ from tasks.masking import (
 from tasks.sentences import split_sentences
 
 IS_NEXT, RANDOM_NEXT = 0, 1
+NSP_HEADS = ("pooled", "match")
 
 
 @dataclass
@@ -149,6 +150,7 @@ class MaskedLMNextSentence(Task):
         short_seq_prob: float = 0.1,
         dupe_factor: int = 5,
         pack: bool = False,
+        nsp_head: str = "pooled",
         loss_weight: float = 1.0,
     ) -> None:
         """
@@ -160,11 +162,19 @@ class MaskedLMNextSentence(Task):
         pack: put consecutive inputs of a batch into shared rows of max_length tokens, each input
             attending only to itself with positions from 0 (Backbone.encode's document_ids): the
             same outputs and loss as one input per row, with less padding when inputs are short.
+        nsp_head: "pooled" reads NSP from BERT's pooled [CLS] (BERT's own head, the one `polyhead
+            convert` maps); "match" from how well each segment's tokens find a match in the other
+            (modules/heads.py SegmentMatchHead), which learns within a small budget.
         """
         super().__init__(loss_weight)
         if max_length < 8:
             raise UserError(f"MaskedLMNextSentence max_length must be at least 8, got {max_length}")
         check_masking_rates(mlm_probability, mask_fraction, random_fraction)
+        if nsp_head not in NSP_HEADS:
+            raise UserError(
+                f"MaskedLMNextSentence nsp_head must be one of {', '.join(NSP_HEADS)}, got {nsp_head!r}"
+            )
+        self.nsp_head = nsp_head
         self.max_length, self.mlm_probability = max_length, mlm_probability
         self.mask_fraction, self.random_fraction = mask_fraction, random_fraction
         self.short_seq_prob, self.dupe_factor, self.pack = short_seq_prob, dupe_factor, pack
@@ -180,15 +190,19 @@ class MaskedLMNextSentence(Task):
             "short_seq_prob": self.short_seq_prob,
             "dupe_factor": self.dupe_factor,
             "pack": self.pack,
+            "nsp_head": self.nsp_head,
             "loss_weight": self.loss_weight,
         }
 
     def build_head(self, config: BackboneConfig) -> nn.Module:
+        check_fits_positions(config, self.max_length, "MaskedLMNextSentence.max_length")
+        if self.nsp_head == "match":
+            return nn.ModuleDict({"mlm": MaskedLMHead(config), "nsp": SegmentMatchHead(config)})
         if not config.pooler:
             raise UserError(
-                "task MaskedLMNextSentence needs model.backbone.pooler: true (NSP reads the pooled [CLS])"
+                "task MaskedLMNextSentence with nsp_head: pooled needs model.backbone.pooler: true (NSP reads "
+                "the pooled [CLS]); or set nsp_head: match"
             )
-        check_fits_positions(config, self.max_length, "MaskedLMNextSentence.max_length")
         return nn.ModuleDict(
             {"mlm": MaskedLMHead(config), "nsp": PooledClassifierHead(config, num_classes=2)}
         )
@@ -235,8 +249,9 @@ class MaskedLMNextSentence(Task):
     def collate(self, examples: list, seeds: list[int], tokenizer: Tokenizer) -> dict[str, Tensor]:
         """-> input_ids, token_type_ids, attention_mask, mlm_labels (R, T), mlm_positions (N,) (the
         masked positions, see `label_positions`) and nsp_labels (B,): R = B rows of one input each,
-        or fewer rows packing several with `pack`, which adds document_ids (R, T) and cls_positions
-        (B,), each input's [CLS] as an index into the flattened (R * T)."""
+        or fewer rows packing several with `pack`, which adds document_ids (R, T), cls_positions
+        (B,), each input's [CLS] as an index into the flattened (R * T), and pair_ids (R, T), the input
+        each token belongs to (-1 at padding)."""
         inputs = []
         for (a, b, _), seed in zip(examples, seeds, strict=True):
             ids = torch.from_numpy(
@@ -261,6 +276,7 @@ class MaskedLMNextSentence(Task):
         labels = torch.full(shape, IGNORE, dtype=torch.long)
         document_ids = torch.zeros(shape, dtype=torch.long)
         cls_positions = torch.zeros(len(inputs), dtype=torch.long)
+        pair_ids = torch.full(shape, -1, dtype=torch.long)
         for r, row in enumerate(rows):
             start = 0
             for document, i in enumerate(row):
@@ -274,6 +290,7 @@ class MaskedLMNextSentence(Task):
                 token_type_ids[r, start + segment_b : end] = 1
                 document_ids[r, start:] = document  # padding after the last input joins it, masked
                 cls_positions[i] = r * length + start
+                pair_ids[r, start:end] = i
                 start = end
         batch = {
             "input_ids": input_ids,
@@ -284,7 +301,7 @@ class MaskedLMNextSentence(Task):
             "nsp_labels": torch.tensor([label for _, _, label in examples], dtype=torch.long),
         }
         if self.pack:
-            batch |= {"document_ids": document_ids, "cls_positions": cls_positions}
+            batch |= {"document_ids": document_ids, "cls_positions": cls_positions, "pair_ids": pair_ids}
         return batch
 
     def forward(self, backbone: Backbone, head: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -292,13 +309,26 @@ class MaskedLMNextSentence(Task):
             batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch.get("document_ids")
         )  # (R, T, D)
         masked = at_positions(hidden, batch["mlm_positions"])  # (N, D)
+        return {
+            "mlm_logits": head["mlm"](masked, backbone.token_embedding),  # (N, V)
+            "nsp_logits": self.nsp_logits(backbone, head["nsp"], hidden, batch),  # (B, 2)
+        }
+
+    def nsp_logits(
+        self, backbone: Backbone, head: nn.Module, hidden: Tensor, batch: dict[str, Tensor]
+    ) -> Tensor:
+        """hidden: (R, T, D) -> NSP logits (B, 2), one row per input."""
+        if self.nsp_head == "match":
+            pair_ids = batch.get("pair_ids")  # packed rows name each token's input
+            if pair_ids is None:  # one input per row
+                pair_ids = torch.arange(hidden.size(0), device=hidden.device)[:, None].expand(
+                    hidden.shape[:2]
+                )
+            return head(hidden, batch["attention_mask"], batch["token_type_ids"], pair_ids)
         firsts = hidden  # (B, T, D) whose column 0 is each input's [CLS], as the pooler reads it
         if "cls_positions" in batch:  # packed rows: gather each input's [CLS]
             firsts = at_positions(hidden, batch["cls_positions"])[:, None]  # (B, 1, D)
-        return {
-            "mlm_logits": head["mlm"](masked, backbone.token_embedding),  # (N, V)
-            "nsp_logits": head["nsp"](backbone.pool(firsts)),  # (B, 2)
-        }
+        return head(backbone.pool(firsts))
 
     def loss(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
         targets = at_positions(batch["mlm_labels"], batch["mlm_positions"])  # (N,)

@@ -74,3 +74,25 @@ def test_a_backbone_hf_cannot_compute_is_refused_naming_the_key(bert_dir, tmp_pa
     message = fails(capsys, "convert", "--to-hf", str(tmp_path / "relative.ckpt"), str(tmp_path / "hf"))
     assert "cannot be written as HF BERT" in message and "model.backbone.position='relative'" in message
     assert not (tmp_path / "hf").exists()
+
+
+def test_an_encoder_whose_nsp_head_is_not_berts_exports_as_bert_model(bert_dir, tmp_path, capsys):
+    """BERT's NSP head is the pooled one: an MLM + NSP model with the segment-match head exports its
+    encoder as `BertModel`, every backbone tensor as it was, rather than a wrong BertForPreTraining."""
+    tokenizer = HFTokenizer(
+        (bert_dir / "tokenizer.json").read_text(),
+        {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"},
+    )
+    config = BackboneConfig(
+        vocab_size=tokenizer.vocab_size, d_model=32, n_heads=4, d_ff=64, encoder_layers=1, pooler=True
+    )
+    model = MultiTaskModel({"mlm_nsp": MaskedLMNextSentence(nsp_head="match")}, config, tokenizer=tokenizer)
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "match.ckpt")
+    polyhead("convert", "--to-hf", str(tmp_path / "match.ckpt"), str(tmp_path / "hf"))
+    assert "bert (BertModel)" in capsys.readouterr().out
+    exported = loaded_cleanly(transformers.BertModel, tmp_path / "hf")
+    torch.testing.assert_close(
+        exported.embeddings.word_embeddings.weight, model.backbone.embeddings.tokens.weight, rtol=0, atol=0
+    )

@@ -183,21 +183,28 @@ def test_sentences_the_vocabulary_cannot_spell_are_left_out(tokenizer):
 
 
 @pytest.mark.parametrize(
-    "layout",
+    "layout, nsp_head",
     [
-        {},  # BERT: learned absolute positions, post-norm
-        {"position": "relative", "norm": "pre", "norm_type": "rmsnorm", "type_vocab_size": 0},  # T5-style
+        ({}, "pooled"),  # BERT: learned absolute positions, post-norm
+        (
+            {"position": "relative", "norm": "pre", "norm_type": "rmsnorm", "type_vocab_size": 0},
+            "pooled",
+        ),  # T5-style
+        ({}, "match"),  # NSP from each segment's matches in the other, within each input of a row
     ],
 )
-def test_packed_rows_give_each_input_its_unpacked_outputs(examples, tokenizer, layout):
+def test_packed_rows_give_each_input_its_unpacked_outputs(examples, tokenizer, layout, nsp_head):
     """Several inputs in one row attend only to themselves, with positions from 0: the MLM and NSP
     logits and the loss equal those of one input per row, while the batch has fewer rows."""
-    task, pairs = examples
-    packing = MaskedLMNextSentence(max_length=2 * task.max_length, pack=True)  # rows of two inputs or more
+    _, pairs = examples
+    task = MaskedLMNextSentence(max_length=64, nsp_head=nsp_head)
+    packing = MaskedLMNextSentence(max_length=2 * task.max_length, pack=True, nsp_head=nsp_head)
     short = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))[:12]
     chosen, seeds = [pairs[i] for i in short], list(range(12))
     torch.manual_seed(0)
     backbone, head = _model(task, tokenizer, max_len=packing.max_length, **layout)
+    for parameter in head["nsp"].parameters():  # the match head starts at zero: give it weights to test
+        torch.nn.init.normal_(parameter)
     backbone.eval(), head.eval()
     alone, packed = task.collate(chosen, seeds, tokenizer), packing.collate(chosen, seeds, tokenizer)
     assert len(packed["input_ids"]) < len(alone["input_ids"]) == 12, "some inputs must share a row"
