@@ -324,7 +324,9 @@ class MaskedLMNextSentence(Task):
                 pair_ids = torch.arange(hidden.size(0), device=hidden.device)[:, None].expand(
                     hidden.shape[:2]
                 )
-            return head(hidden, batch["attention_mask"], batch["token_type_ids"], pair_ids)
+            return head(
+                hidden, batch["attention_mask"], batch["token_type_ids"], pair_ids, len(batch["nsp_labels"])
+            )
         firsts = hidden  # (B, T, D) whose column 0 is each input's [CLS], as the pooler reads it
         if "cls_positions" in batch:  # packed rows: gather each input's [CLS]
             firsts = at_positions(hidden, batch["cls_positions"])[:, None]  # (B, 1, D)

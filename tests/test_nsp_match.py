@@ -59,7 +59,7 @@ def test_scores_are_each_tokens_best_cosine_in_the_other_segment_averaged():
     attention_mask, segment_ids, pair_ids = _random_pairs(2, 50, torch.Generator().manual_seed(1))
     hidden = torch.randn(2, 50, D)
     with torch.no_grad():
-        logits = head(hidden, attention_mask, segment_ids, pair_ids) * (1 + head.norm.eps) ** 0.5
+        logits = head(hidden, attention_mask, segment_ids, pair_ids, 4) * (1 + head.norm.eps) ** 0.5
         states = F.normalize(head.project(hidden), dim=-1)
     for pair in range(4):
         row = pair // 2
@@ -75,7 +75,7 @@ def test_a_training_batch_of_one_pair_uses_the_running_statistics():
     head = _head().train()
     attention_mask = torch.ones(1, 10, dtype=torch.long)
     segment_ids = torch.tensor([[0] * 5 + [1] * 5])
-    logits = head(torch.randn(1, 10, D), attention_mask, segment_ids, torch.zeros(1, 10, dtype=torch.long))
+    logits = head(torch.randn(1, 10, D), attention_mask, segment_ids, torch.zeros(1, 10, dtype=torch.long), 1)
     assert logits.shape == (1, 2) and torch.isfinite(logits).all()
 
 
@@ -111,7 +111,9 @@ def test_learns_next_from_random_segments_by_their_shared_words():
     mask, pair_ids = torch.ones(512, 30, dtype=torch.long), torch.arange(512)[:, None].expand(512, 30)
     for step in range(60):
         batch = slice(64 * (step % 8), 64 * (step % 8 + 1))
-        logits = head(train_hidden[batch], mask[batch], segment_ids[batch], pair_ids[batch] - 64 * (step % 8))
+        logits = head(
+            train_hidden[batch], mask[batch], segment_ids[batch], pair_ids[batch] - 64 * (step % 8), 64
+        )
         loss = F.cross_entropy(logits, train_labels[batch])
         optimizer.zero_grad()
         loss.backward()
@@ -119,7 +121,7 @@ def test_learns_next_from_random_segments_by_their_shared_words():
     head.eval()
     test_hidden, test_segments, test_labels = pairs(256, range(30, 40))
     with torch.no_grad():
-        logits = head(test_hidden, mask[:256], test_segments, pair_ids[:256])
+        logits = head(test_hidden, mask[:256], test_segments, pair_ids[:256], 256)
     accuracy = (logits.argmax(-1) == test_labels).float().mean()
     assert accuracy > 0.75, f"held-out NSP accuracy {accuracy:.2f} from shared words"
 
