@@ -84,6 +84,12 @@ class PolyheadCLI(LightningCLI):
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         if config.get("logger") is not False:
             callbacks = [*callbacks, LearningRateMonitor(logging_interval="step")]
+        loggers = config.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if isinstance(logger, WandbLogger):
+                # Lightning hands wandb.init anonymous=None, which wandb 0.2x answers with a warning
+                # on every run although the setting does nothing: leave it out
+                getattr(logger, "_wandb_init", {}).pop("anonymous", None)
         return super()._instantiate_trainer(config, callbacks)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:

@@ -202,12 +202,17 @@ class MultiTaskModel(pl.LightningModule):
                     value = metric.compute()  # a metric may return several named values
                     values.update(value if isinstance(value, dict) else {key: value})
             metrics.reset()
-            for key, value in values.items():
-                self.log(f"{stage}/{name}/{key}", value, prog_bar=key == self.tasks[name].monitor[0])
+            for key, value in values.items():  # sync_dist: the same value on every rank, said so to Lightning
+                self.log(
+                    f"{stage}/{name}/{key}",
+                    value,
+                    prog_bar=key == self.tasks[name].monitor[0],
+                    sync_dist=True,
+                )
             overall = overall + self.tasks[name].loss_weight * values["loss"]
             logged |= {(name, key): value for key, value in values.items()}
             self._log_samples(f"{stage}/{name}/samples", self.tasks[name].take_samples())
-        self.log(f"{stage}/loss", overall)
+        self.log(f"{stage}/loss", overall, sync_dist=True)
         self._log_score(stage, logged)
 
     def _log_score(self, stage: str, values: dict[tuple[str, str], Tensor]) -> None:
@@ -225,7 +230,8 @@ class MultiTaskModel(pl.LightningModule):
         if missing:
             return
         total = sum(self.score_weights.values())
-        self.log(f"{stage}/score", sum(w * values[key] for key, w in self.score_weights.items()) / total)
+        score = sum(w * values[key] for key, w in self.score_weights.items()) / total
+        self.log(f"{stage}/score", score, sync_dist=True)
 
     def _log_samples(self, key: str, samples: tuple[list[str], list[list[str]]] | None) -> None:
         """A task's example outputs as a W&B table (other loggers have no tables)."""
