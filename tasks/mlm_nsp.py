@@ -249,9 +249,9 @@ class MaskedLMNextSentence(Task):
     def collate(self, examples: list, seeds: list[int], tokenizer: Tokenizer) -> dict[str, Tensor]:
         """-> input_ids, token_type_ids, attention_mask, mlm_labels (R, T), mlm_positions (N,) (the
         masked positions, see `label_positions`) and nsp_labels (B,): R = B rows of one input each,
-        or fewer rows packing several with `pack`, which adds document_ids (R, T), cls_positions
-        (B,), each input's [CLS] as an index into the flattened (R * T), and pair_ids (R, T), the input
-        each token belongs to (-1 at padding)."""
+        or fewer rows packing several with `pack`, which adds document_ids (R, T) and cls_positions
+        (B,), each input's [CLS] as an index into the flattened (R * T). The match NSP head also gets
+        pair_ids (R, T), the input each token belongs to (-1 at padding)."""
         inputs = []
         for (a, b, _), seed in zip(examples, seeds, strict=True):
             ids = torch.from_numpy(
@@ -301,7 +301,9 @@ class MaskedLMNextSentence(Task):
             "nsp_labels": torch.tensor([label for _, _, label in examples], dtype=torch.long),
         }
         if self.pack:
-            batch |= {"document_ids": document_ids, "cls_positions": cls_positions, "pair_ids": pair_ids}
+            batch |= {"document_ids": document_ids, "cls_positions": cls_positions}
+        if self.nsp_head == "match":
+            batch["pair_ids"] = pair_ids
         return batch
 
     def forward(self, backbone: Backbone, head: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -319,13 +321,12 @@ class MaskedLMNextSentence(Task):
     ) -> Tensor:
         """hidden: (R, T, D) -> NSP logits (B, 2), one row per input."""
         if self.nsp_head == "match":
-            pair_ids = batch.get("pair_ids")  # packed rows name each token's input
-            if pair_ids is None:  # one input per row
-                pair_ids = torch.arange(hidden.size(0), device=hidden.device)[:, None].expand(
-                    hidden.shape[:2]
-                )
             return head(
-                hidden, batch["attention_mask"], batch["token_type_ids"], pair_ids, len(batch["nsp_labels"])
+                hidden,
+                batch["attention_mask"],
+                batch["token_type_ids"],
+                batch["pair_ids"],
+                len(batch["nsp_labels"]),
             )
         firsts = hidden  # (B, T, D) whose column 0 is each input's [CLS], as the pooler reads it
         if "cls_positions" in batch:  # packed rows: gather each input's [CLS]

@@ -80,8 +80,9 @@ def test_a_training_batch_of_one_pair_uses_the_running_statistics():
 
 
 def test_learns_next_from_random_segments_by_their_shared_words():
-    """Pairs from one of 40 'documents' (each ten words of its own, mixed with common words): a true next segment draws from A's document, a random one from another. Trained on the
-    fixed token vectors alone, the head must separate held-out pairs of unseen documents."""
+    """Pairs from one of 40 'documents' (each ten words of its own, mixed with common words): a true
+    next segment draws from A's document, a random one from another. Trained on the fixed token
+    vectors alone, the head must separate held-out pairs of unseen documents."""
     generator = torch.Generator().manual_seed(0)
     embedding = torch.randn(450, D, generator=generator)
     common = torch.arange(50)  # words every document uses
