@@ -1,4 +1,4 @@
-"""HuggingFace model directories <-> polyhead checkpoints: the files behind `polyhead convert`.
+"""HuggingFace model directory -> polyhead checkpoint: the import half of `polyhead convert`.
 
 Import (`import_hf`): a local directory, or a hub name fetched with huggingface_hub, holding what
 `save_pretrained` writes: config.json, the weights (model.safetensors or pytorch_model.bin, or a
@@ -8,11 +8,11 @@ pretraining heads as a task (BERT: `mlm_nsp`, MaskedLMNextSentence; T5: `seq2seq
 `--model.init_from` (fine-tune), `validate|test|predict --ckpt_path` and `MultiTaskModel.from_checkpoint`
 take it as they take a trained one; it holds no optimizer state, so `fit --ckpt_path` (resume) refuses it.
 
-Export (`export_hf`): a polyhead checkpoint whose backbone BERT or T5 can compute -> a directory
-that `BertForPreTraining` / `BertModel` / `T5ForConditionalGeneration.from_pretrained` load.
+Export is modules/hf_export.py (`export_hf`); both share `Conversion` (what was done) and
+`create_atomically` from here.
 
-modules/convert_bert.py and modules/convert_t5.py map configs and tensors; this module reads and
-writes the files around them.
+modules/convert_bert.py and modules/convert_t5.py map configs and tensors; this module reads the
+files around them.
 Every problem with the user's files is a UserError naming the file and the fix, raised before
 anything is written; outputs appear whole or not at all (temporary name, then os.replace).
 """
@@ -35,21 +35,16 @@ import torch
 from torch import Tensor
 
 from datamodules.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
-from modules.checkpoint import code_the_pickle_wants, read_checkpoint
-from modules.config import BackboneConfig
+from modules.checkpoint import code_the_pickle_wants
 from modules.convert import StateDict
 from modules.convert_bert import (
     BERT_DEFAULTS,
     backbone_config_from_bert,
-    bert_config_to_hf,
     bert_to_polyhead,
-    polyhead_to_bert,
 )
 from modules.convert_t5 import (
     T5_DEFAULTS,
     backbone_config_from_t5,
-    polyhead_to_t5,
-    t5_config_to_hf,
     t5_to_polyhead,
 )
 from modules.errors import UserError, one_line
@@ -374,97 +369,4 @@ def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
         tokenizer=tokenizer,
         tasks={name: type(task).__name__ for name, task in tasks.items()},
         tokenizer_files=[],
-    )
-
-
-def _head_of(
-    checkpoint: dict, task_class: str, usable: Callable[[dict], bool] = lambda args: True
-) -> str | None:
-    """The state-dict prefix of the first task of class `task_class` (with usable settings), or None."""
-    for name, spec in checkpoint["polyhead"]["tasks"].items():
-        if spec["class"] == task_class and usable(spec["init_args"]):
-            return f"heads.{name}."
-    return None
-
-
-def _strip(state: dict[str, Tensor], prefix: str) -> StateDict:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _tokenizer_files(tokenizer: Tokenizer, model_type: str) -> dict[str, bytes]:
-    """The tokenizer as transformers reads it: tokenizer.json, or T5's spiece.model, with a
-    tokenizer_config.json naming its class and special tokens. polyhead's own sentencepiece
-    vocabulary in a BERT-shaped model is written as spiece.model alone: no BERT tokenizer reads it."""
-    tokens = {
-        HF_TOKEN_KEYS[role]: piece for role, piece in tokenizer.special.items() if role in HF_TOKEN_KEYS
-    }
-    settings = {"tokenizer_class": "BertTokenizer" if model_type == "bert" else "T5Tokenizer", **tokens}
-    if isinstance(tokenizer, HFTokenizer):
-        files = {"tokenizer.json": tokenizer.tokenizer_json.encode()}
-    else:
-        assert isinstance(tokenizer, SentencePieceTokenizer)
-        files = {"spiece.model": tokenizer.model_proto}
-        if model_type == "bert":
-            return files
-        settings["extra_ids"] = tokenizer.extra_ids
-    return files | {"tokenizer_config.json": json.dumps(settings, indent=2).encode()}
-
-
-def export_hf(checkpoint_path: Path, out: Path) -> Conversion:
-    """A polyhead checkpoint -> a HF directory at `out` (see the module docstring)."""
-    if out.exists():
-        raise UserError(f"{out}: already exists; remove it or choose another output directory")
-    checkpoint = read_checkpoint(checkpoint_path)
-    saved = checkpoint["polyhead"]
-    config = BackboneConfig.from_dict(saved["backbone"])
-    tokenizer = Tokenizer.from_state_dict(saved["tokenizer"])
-    state = checkpoint["state_dict"]
-    backbone = _strip(state, "backbone.")
-    try:
-        if config.architecture == "encoder":
-            model_type, head_prefix = (
-                "bert",
-                _head_of(  # BERT's NSP head is the pooled one
-                    checkpoint,
-                    "MaskedLMNextSentence",
-                    lambda args: args.get("nsp_head", "pooled") == "pooled",
-                ),
-            )
-            head = None if head_prefix is None else _strip(state, head_prefix)
-            hf_config = bert_config_to_hf(config, tokenizer.pad_id, with_heads=head is not None)
-            weights = polyhead_to_bert(backbone, head, config)
-            exported = [*backbone.values(), *(head or {}).values()]
-        elif config.architecture == "encoder-decoder":
-            model_type, head_prefix = "t5", _head_of(checkpoint, "Seq2Seq", lambda args: not args.get("copy"))
-            tokenizer.require(("pad", "eos", "start"), "export to HF T5")
-            lm_head = state.get(f"{head_prefix}decoder.weight") if head_prefix else None
-            hf_config = t5_config_to_hf(config, tokenizer.pad_id, tokenizer.eos_id, tokenizer.start_id)
-            weights = polyhead_to_t5(backbone, lm_head, config)
-            exported = [*backbone.values(), *([] if lm_head is None else [lm_head])]
-        else:
-            raise UserError(
-                "a decoder-only backbone has no HF export; polyhead exports BERT (encoder) and T5 (encoder-decoder)"
-            )
-    except UserError as error:
-        raise UserError(f"{checkpoint_path}: {error}") from None
-    files = _tokenizer_files(tokenizer, model_type)
-
-    def write(directory: Path) -> None:
-        directory.mkdir()
-        (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        safetensors.torch.save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
-        for name, content in files.items():
-            (directory / name).write_bytes(content)
-
-    create_atomically(out, write)
-    return Conversion(
-        model_type=model_type,
-        architecture=hf_config["architectures"][0],
-        source=str(checkpoint_path),
-        written=out,
-        parameters=sum(t.numel() for t in exported),  # ours: a tied copy HF keeps twice counts once
-        embedding_rows=config.vocab_size,
-        tokenizer=tokenizer,
-        tasks={},
-        tokenizer_files=sorted(files),
     )
