@@ -1,6 +1,6 @@
 """The data structures of sentence-embedding training: distinct texts, groups of texts that mean
 the same thing (connected components of positive pairs), P x K training chunks with their hard
-negatives, and evaluation rows. tasks/triplet.py builds them from a source's columns.
+negatives, and evaluation rows. tasks/sentence_data.py builds them from a source's columns.
 """
 
 from __future__ import annotations

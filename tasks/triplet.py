@@ -11,6 +11,8 @@ and comes out as a unit vector. Training data become *groups* of texts that mean
   input "triplets"  fields anchor, positive, negative: anchor-positive components are groups and
                     each negative is kept as a hard negative of its anchor.
 
+tasks/sentence_data.py turns the columns into these groups, evaluation rows and padded batches.
+
 Training batches are P x K: the mixture sampler draws P "chunks" per batch (data.batch_size = P),
 each K members of one group, so every anchor has a positive in the batch; a chunk also brings one
 of its members' hard negatives (given in the data, or mined between epochs) when it has any.
@@ -37,24 +39,22 @@ from modules.errors import UserError
 from modules.heads import EmbeddingHead
 from modules.losses import MINERS, in_batch_negatives_loss, triplet_margin_loss
 from tasks.base import Task, check_fits_positions
-from tasks.groups import (
-    EvalRows,
-    GroupChunks,
-    TextTable,
-    connected_components,
-    flatten_units,
-    members_by_group,
-)
+from tasks.groups import GroupChunks
 from tasks.metrics import EmbeddingRetrieval
 from tasks.mining import mine_negatives
-from tasks.sentences import split_sentences
+from tasks.sentence_data import (
+    INPUT_FIELDS,
+    check_scores,
+    collate_chunks,
+    collate_rows,
+    eval_rows,
+    group_chunks,
+    pad_texts,
+    predict_rows,
+    tokenize_columns,
+)
 
 LOSSES = (*MINERS, "in_batch_negatives")
-INPUT_FIELDS = {
-    "pairs": ("sentence1", "sentence2"),
-    "labelled": ("text",),
-    "triplets": ("anchor", "positive", "negative"),
-}
 BAG_WIDTH = 4096  # columns of the bag-of-pieces baseline embedding
 
 
@@ -207,169 +207,39 @@ class SentenceEmbedding(Task):
         check_fits_positions(config, self.max_length, "SentenceEmbedding.max_length")
         return EmbeddingHead(config, self.pooling, self.projection)
 
-    # ----- data -----
+    # ----- data (tasks/sentence_data.py) -----
 
     def tokenize(self, batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
-        out: dict[str, list] = {}
-        for name in batch:
-            if name in ("score", "label"):
-                out[name] = [str(v) if name == "label" else float(v) for v in batch[name]]
-            elif name == "text" and self.unit != "row":
-                units = [self._units(text) for text in batch[name]]
-                flat = tokenizer.encode([u for text in units for u in text])
-                out[name], k = [], 0
-                for text in units:
-                    out[name].append(flat[k : k + len(text)])
-                    k += len(text)
-            else:
-                out[name] = tokenizer.encode(list(batch[name]))
-        return out
-
-    def _units(self, text: str) -> list[str]:
-        if self.unit == "sentence":
-            return split_sentences(text)
-        return [line.strip() for line in text.splitlines() if line.strip()]
-
-    def _check_scores(self, scores: list[float], split: str) -> None:
-        if self.score_range is None:
-            return
-        low, high = self.score_range
-        for row, score in enumerate(scores):
-            if not low <= score <= high:
-                raise UserError(
-                    f"the {split} data of task SentenceEmbedding, row {row + 1}: score {score} is outside "
-                    f"score_range [{low}, {high}]; fix the row or the task's score_range"
-                )
+        return tokenize_columns(batch, tokenizer, self.unit)
 
     def build_examples(self, tokenized, tokenizer: Tokenizer, split: str, seed: int):
         columns = {name: tokenized[name] for name in tokenized.column_names}
         if "score" in columns:
-            self._check_scores(columns["score"], split)
+            check_scores(columns["score"], self.score_range, split)
         if split == "predict":
-            return self._predict_rows(columns)
+            return predict_rows(columns, self.predict_fields)
         if split == "train":
-            self.train_pool = self._groups(columns, np.random.default_rng(seed))
-            return self.train_pool
-        return self._eval_rows(columns)
-
-    def _predict_rows(self, columns: dict[str, list]) -> EvalRows:
-        texts = TextTable()
-        units = [u for name in self.predict_fields if name in columns for u in columns[name]]
-        indices = [texts.add(u) for u in flatten_units(units)]
-        return EvalRows(texts, np.asarray(indices, dtype=np.int64)[:, None], np.zeros(len(indices)))
-
-    def _groups(self, columns: dict[str, list], rng: np.random.Generator) -> GroupChunks:
-        texts, edges, given_negatives = TextTable(), [], {}
-        labelled: dict[str, list[int]] = {}
-        if self.input == "labelled":
-            for units, label in zip(columns["text"], columns["label"], strict=True):
-                for u in flatten_units([units]):
-                    labelled.setdefault(label, []).append(texts.add(u))
-            for label, members in labelled.items():
-                if len(set(members)) < 2:
-                    raise UserError(
-                        f"the training data of task SentenceEmbedding: label {label!r} has a single distinct text, "
-                        "so it has no positive; give every label at least 2 texts or remove it"
-                    )
-                edges.extend((members[0], m) for m in members[1:])
-        else:
-            first, second = self.fields[0], self.fields[1]
-            scores = columns.get("score", [None] * len(columns[first]))
-            self_pairs = 0
-            for row in range(len(columns[first])):
-                a, b = texts.add(columns[first][row]), texts.add(columns[second][row])
-                if self.input == "triplets":
-                    given_negatives.setdefault(a, []).append(texts.add(columns["negative"][row]))
-                if scores[row] is None or scores[row] >= self.threshold:
-                    if a == b:
-                        self_pairs += 1
-                    else:
-                        edges.append((a, b))
-            if self_pairs:
-                rank_zero_info(
-                    f"SentenceEmbedding: {self_pairs} positive pair(s) join a text to itself and teach nothing; skipped"
-                )
-        component = connected_components(len(texts), edges)
-        grouped = np.zeros(len(texts), dtype=bool)
-        for a, b in edges:
-            grouped[a] = grouped[b] = True
-        group = np.full(len(texts), -1, dtype=np.int64)
-        roots = {c: i for i, c in enumerate(dict.fromkeys(component[grouped].tolist()))}
-        group[grouped] = [roots[c] for c in component[grouped].tolist()]
-        if not roots:
-            raise UserError(
-                "the training data of task SentenceEmbedding has no positive pair; "
-                + ("lower the task's threshold" if self.input == "pairs" else "check the data")
+            self.train_pool = group_chunks(
+                columns,
+                self.input,
+                self.threshold,
+                self.samples_per_group,
+                self.mined_negatives,
+                np.random.default_rng(seed),
             )
-        chunks = []
-        for members in members_by_group(group, len(roots)):
-            members = rng.permutation(members)
-            n_chunks = -(-len(members) // self.samples_per_group)
-            cycle = np.resize(members, n_chunks * self.samples_per_group)  # wraps around: small groups repeat
-            chunks.extend(cycle.reshape(n_chunks, self.samples_per_group))
-        pool = GroupChunks(texts, group, np.stack(chunks), given_negatives)
-        if self.mined_negatives:
-            pool.mined = torch.full((len(texts), self.mined_negatives), -1, dtype=torch.long).share_memory_()
-        return pool
-
-    def _eval_rows(self, columns: dict[str, list]) -> EvalRows:
-        texts = TextTable()
-        if self.input == "labelled":
-            label_ids: dict[str, int] = {}
-            rows, values = [], []
-            for units, label in zip(columns["text"], columns["label"], strict=True):
-                for u in flatten_units([units]):
-                    rows.append([texts.add(u)])
-                    values.append(label_ids.setdefault(label, len(label_ids)))
-            return EvalRows(texts, np.asarray(rows, dtype=np.int64), np.asarray(values, dtype=np.float64))
-        n = len(columns[self.fields[0]])
-        rows = [[texts.add(columns[f][r]) for f in self.fields] for r in range(n)]
-        values = columns.get("score", [0.0] * n)
-        return EvalRows(texts, np.asarray(rows, dtype=np.int64), np.asarray(values, dtype=np.float64))
+            return self.train_pool
+        return eval_rows(columns, self.input)
 
     # ----- batches -----
 
     def _pad(self, token_lists: list[np.ndarray], tokenizer: Tokenizer) -> tuple[Tensor, Tensor]:
         """Texts -> input_ids, attention_mask (R, T) as [CLS] text [SEP], cut to max_length."""
-        body = self.max_length - 2
-        length = max(min(len(t), body) for t in token_lists) + 2
-        input_ids = torch.full((len(token_lists), length), tokenizer.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, tokens in enumerate(token_lists):
-            ids = [tokenizer.cls_id, *tokens[:body].tolist(), tokenizer.sep_id]
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-        return input_ids, attention_mask
+        return pad_texts(token_lists, tokenizer, self.max_length)
 
     def collate(self, examples: list, seeds: list[int], tokenizer: Tokenizer) -> dict[str, Tensor]:
         if isinstance(examples[0][0], list):
-            return self._collate_train(examples, seeds, tokenizer)
-        return self._collate_eval(examples, tokenizer)
-
-    def _collate_train(self, chunks: list, seeds: list[int], tokenizer: Tokenizer) -> dict[str, Tensor]:
-        tokens, labels = [], []
-        for (members, negatives), seed in zip(chunks, seeds, strict=True):
-            for text, label in members:
-                tokens.append(text)
-                labels.append(label)
-            if negatives:
-                text, label = negatives[np.random.default_rng(seed).integers(len(negatives))]
-                tokens.append(text)
-                labels.append(label)
-        input_ids, attention_mask = self._pad(tokens, tokenizer)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(labels)}
-
-    def _collate_eval(self, examples: list, tokenizer: Tokenizer) -> dict[str, Tensor]:
-        """Rows of F fields -> F blocks of B texts: input (F * B, T), field f of row i at f * B + i."""
-        ids = torch.tensor(np.stack([row for row, _, _ in examples]))  # (B, F)
-        tokens = [texts[f] for f in range(ids.shape[1]) for _, texts, _ in examples]
-        input_ids, attention_mask = self._pad(tokens, tokenizer)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "text_ids": ids,
-            "values": torch.tensor([v for _, _, v in examples], dtype=torch.float64),
-        }
+            return collate_chunks(examples, seeds, tokenizer, self.max_length)
+        return collate_rows(examples, tokenizer, self.max_length)
 
     def _eval_labels(self, batch: dict[str, Tensor]) -> Tensor:
         """Labels of an evaluation batch's texts, so the training loss can be scored on it too."""
