@@ -115,8 +115,9 @@ class LayerKV:
         if self.spare is None:
             self.spare = (torch.empty_like(self.keys), torch.empty_like(self.values))
         keys, values = self.spare
-        torch.index_select(self.keys, 0, index, out=keys)
-        torch.index_select(self.values, 0, index, out=values)
+        filled = slice(0, self.length)  # the columns after it hold nothing yet: not worth copying
+        torch.index_select(self.keys[:, :, filled], 0, index, out=keys[:, :, filled])
+        torch.index_select(self.values[:, :, filled], 0, index, out=values[:, :, filled])
         self.spare = (self.keys, self.values)
         self.keys, self.values = keys, values
 
@@ -228,15 +229,19 @@ class MultiHeadAttention(nn.Module):
     ) -> Tensor:
         """x: (B, T, D); memory: (B, S, D) for cross-attention; bias: broadcastable to (B, H, T, S).
 
+        memory (and its padding bias) may also hold one row per group of c consecutive rows of x, the c
+        beams or samples of a source while decoding (see `_fold_copies`).
+
         is_causal asks SDPA for its built-in causal mask; it is only used when no bias is given.
         With a cache, self-attention attends over the cached keys plus this call's, and
         cross-attention projects `memory` only the first time.
         """
+        n, t, _ = x.shape
         if self.cross:
-            q = self._heads(self.q(x))
             k, v = self._memory_keys_values(memory, cache)  # (B, H, S, Dh) each
+            q = _fold_copies(self._heads(self.q(x)), k.size(0))  # (N, H, T, Dh) -> (B, H, c * T, Dh)
         else:
-            q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+            q, k, v = (self._heads(part) for part in self.qkv(x).chunk(3, dim=-1))
             if cache is not None:
                 k, v = cache.append(k, v)  # (B, H, past + T, Dh)
         cpu_dropout = self.training and self.dropout > 0 and q.device.type == "cpu"
@@ -252,8 +257,9 @@ class MultiHeadAttention(nn.Module):
             )
         else:
             y = self._attend_step_by_step(q, k, v, bias, is_causal and bias is None)
-        b, _, t, _ = y.shape
-        return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        # (B, H, c, T, Dh): c = 1 unless the copies of a source were folded into its queries
+        y = y.view(-1, self.n_heads, n // y.size(0), t, self.head_dim)
+        return self.out(y.permute(0, 2, 3, 1, 4).reshape(n, t, self.n_heads * self.head_dim))
 
     def _attend_step_by_step(
         self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: bool
@@ -283,6 +289,26 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             cache.memory_kv = (k, v)
         return k, v
+
+
+def _fold_copies(q: Tensor, memory_rows: int) -> Tensor:
+    """Fold the copies of a source into the query axis. q: (N, H, T, Dh) -> (B, H, c * T, Dh), B = memory_rows.
+
+    While decoding, the c beams or samples of a source are c consecutive query rows that share one
+    memory row, so the memory is kept (and its keys/values projected) once per source, not once per
+    copy, and each source's keys/values are read once per step for all its copies. Queries attend
+    independently, so stacking a source's copies along the query axis computes the same attention,
+    given a memory bias that is the same for every query: the padding mask, (B, 1, 1, S).
+    """
+    n, h, t, dh = q.shape
+    if n == memory_rows:
+        return q
+    if n % memory_rows:
+        raise ValueError(
+            f"cross-attention over {memory_rows} memory rows needs a multiple of {memory_rows} query rows, got {n}"
+        )
+    copies = n // memory_rows
+    return q.view(memory_rows, copies, h, t, dh).transpose(1, 2).reshape(memory_rows, h, copies * t, dh)
 
 
 class RelativePositionBias(nn.Module):

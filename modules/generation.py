@@ -157,7 +157,7 @@ class _CachedDecoder:
     """The decoder stack on a KV cache, fed the newest token of every row each step: what all strategies drive.
 
     It tracks each row's next position, so left-padded prompts keep counting from their first real token.
-    The encoder memory is the same for every beam of a source row, so only the cache moves on reorder.
+    The encoder memory holds one row per source, shared by its beams, so only the cache moves on reorder.
     """
 
     def __init__(
@@ -169,7 +169,7 @@ class _CachedDecoder:
         memory_mask: Tensor | None = None,
     ) -> None:
         self.backbone, self.project, self.cache = backbone, project, cache
-        self.memory, self.memory_mask = memory, memory_mask  # (N, S, D), (N, S)
+        self.memory, self.memory_mask = memory, memory_mask  # (B, S, D), (B, S): one row per source
         self.next_position = torch.empty(0, dtype=torch.long)  # (N,) once the start token or prompt is fed
 
     def feed(self, input_ids: Tensor, mask: Tensor | None, positions: Tensor) -> Tensor:
@@ -200,14 +200,16 @@ def _start_from_source(
     start_id: int,
     memory: Tensor | None = None,
 ) -> tuple[_CachedDecoder, Tensor]:
-    """Encode each source once, repeat it per beam/sample, feed start_id -> (decoder, first logits (N, V))."""
+    """Encode each source once, feed start_id to each of its `copies` rows -> (decoder, first logits (N, V)).
+
+    The memory stays one row per source: cross-attention serves a source's consecutive copies (beams or
+    samples) from that row, projecting its keys/values once (see `_fold_copies` in modules/attention.py).
+    """
     _check_positions_fit(backbone, config.max_new_tokens - 1, config)
-    rows = torch.arange(source.size(0), device=source.device).repeat_interleave(copies)  # (N,)
-    memory = (backbone.encode(source, source_mask) if memory is None else memory)[rows]  # (N, S, D)
-    memory_mask = source_mask[rows] if source_mask is not None else None
+    memory = backbone.encode(source, source_mask) if memory is None else memory  # (B, S, D)
     cache = backbone.decoder_cache(config.max_new_tokens)  # start token + all but the last new token
-    decoder = _CachedDecoder(backbone, project, cache, memory, memory_mask)
-    start = torch.full((rows.numel(), 1), start_id, dtype=torch.long, device=source.device)
+    decoder = _CachedDecoder(backbone, project, cache, memory, source_mask)
+    start = torch.full((source.size(0) * copies, 1), start_id, dtype=torch.long, device=source.device)
     return decoder, decoder.feed(start, None, torch.zeros_like(start))
 
 

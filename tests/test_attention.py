@@ -92,6 +92,24 @@ def test_cross_attention_ignores_padded_memory():
     torch.testing.assert_close(model.decode(tgt, memory=noisy, memory_mask=src_mask), base, rtol=0, atol=1e-6)
 
 
+def test_copies_of_a_source_share_its_memory_row():
+    """Decoding c beams per source keeps one memory row per source: the decoder's output for each copy
+    must equal decoding against that memory repeated c times, padding included."""
+    torch.manual_seed(0)
+    model = Backbone(small(decoder_layers=2, position="relative", norm="pre", bias=False)).eval()
+    src = torch.randint(7, 50, (2, 9))
+    src_mask = torch.ones(2, 9, dtype=torch.long)
+    src_mask[1, 5:] = 0
+    memory = model.encode(src, src_mask)  # (2, S, D)
+    tgt = torch.randint(7, 50, (6, 4))  # 3 copies of each source, grouped by source
+    rows = torch.arange(2).repeat_interleave(3)
+    repeated = model.decode(tgt, memory=memory[rows], memory_mask=src_mask[rows])
+    shared = model.decode(tgt, memory=memory, memory_mask=src_mask)
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 2 query rows, got 5"):
+        model.decode(tgt[:5], memory=memory, memory_mask=src_mask)
+
+
 def test_fully_padded_row_stays_finite():
     bias = attention_bias(3, 3, key_padding_mask=torch.zeros(1, 3), causal=True)
     scores = torch.softmax(torch.zeros(1, 1, 3, 3) + bias, dim=-1)
