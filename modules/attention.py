@@ -268,9 +268,11 @@ class MultiHeadAttention(nn.Module):
         q: (B, H, T, Dh); k, v: (B, H, S, Dh) -> (B, H, T, Dh). is_causal blocks key j > query i, as
         SDPA's own causal mask does."""
         scale = self.scale if self.scale is not None else self.head_dim**-0.5
-        logits = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+        if scale != 1.0:  # T5 leaves its logits unscaled: no pass over them for nothing
+            q = q * scale  # (B, H, T, Dh): cheaper than scaling the (T, S) logits
+        logits = q @ k.transpose(-2, -1)  # (B, H, T, S)
         if bias is not None:
-            logits = logits + bias
+            logits = logits + bias  # not in place: under autocast the bias may be the wider dtype
         if is_causal:
             future = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).triu(1)
             logits = logits.masked_fill(future, float("-inf"))
