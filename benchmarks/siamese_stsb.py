@@ -16,10 +16,11 @@ vs gold over all pairs; queries = s1 of pairs scoring >= 4, corpus = distinct s2
     python benchmarks/siamese_stsb.py --no-pretrain --no-peer --losses batch_hard
     python benchmarks/siamese_stsb.py --init-from runs/siamese_stsb/pretrain/last.ckpt  # reuse MLM+NSP
     python benchmarks/siamese_stsb.py --redraw --margin 0.2  # the table and plot again, from the saved figures
+    python benchmarks/siamese_stsb.py --nsp-head match --no-scratch --no-peer  # pretrain with the match head
 
 Updates benchmarks/results/siamese_stsb.json (the runs asked for replace their earlier figures, the
-others stay; with --margin M, siamese_stsb_marginM.json), prints a markdown table, draws the
-matching .png.
+others stay; with --margin M, siamese_stsb_marginM.json; with --nsp-head match, ..._nsp_match.json),
+prints a markdown table, draws the matching .png.
 """
 
 from __future__ import annotations
@@ -74,15 +75,16 @@ def test_scores(args: list[str]) -> dict[str, float]:
     return {name: round(100 * float(metrics[f"test/triplet/{name}"]), 2) for name in METRICS}
 
 
-def pretrain(data: Path, steps: int, out: Path) -> Path:
+def pretrain(data: Path, steps: int, nsp_head: str, out: Path) -> Path:
     """MLM + NSP on WikiText-2 for `steps` steps (the issue-2 config) -> its last checkpoint. NSP reads
-    BERT's pooled [CLS], as in every figure recorded here (the config now defaults to the match head)."""
+    BERT's pooled [CLS] unless --nsp-head match, as in every figure recorded in siamese_stsb.json
+    (the config itself now defaults to the match head)."""
     run(
         [
             "fit", "--config", str(CONFIGS / "pretrain_mlm_nsp.yaml"),
             "--data.sources.mlm_nsp.path", str(data / "wikitext2" / "wiki.test.raw"),
             "--data.tokenizer.lowercase", "true",
-            "--model.tasks.mlm_nsp.init_args.nsp_head", "pooled",
+            "--model.tasks.mlm_nsp.init_args.nsp_head", nsp_head,
             "--trainer.max_steps", str(steps),
             "--trainer.val_check_interval", str(steps),
             "--trainer.logger", "false",
@@ -167,6 +169,8 @@ def measure(args: argparse.Namespace, results: dict, target: Path) -> None:
     interrupted keeps the suites it finished."""
     runs = [name.strip() for name in args.losses.split(",")]
     results["protocol"] = {"steps": args.steps, "pretrain_steps": args.pretrain_steps}
+    if args.nsp_head != "pooled":
+        results["protocol"]["nsp_head"] = args.nsp_head
     if args.margin is not None:
         results["protocol"]["margin"] = args.margin
     if not args.no_scratch:
@@ -176,7 +180,8 @@ def measure(args: argparse.Namespace, results: dict, target: Path) -> None:
         target.write_text(json.dumps(results, indent=1))
     if not args.no_pretrain:
         print("polyhead after MLM+NSP pretraining", flush=True)
-        checkpoint = args.init_from or pretrain(args.data, args.pretrain_steps, args.work / "pretrain")
+        where = args.work / ("pretrain" if args.nsp_head == "pooled" else f"pretrain_{args.nsp_head}")
+        checkpoint = args.init_from or pretrain(args.data, args.pretrain_steps, args.nsp_head, where)
         pretrained = polyhead_suite(
             args.data, args.steps, runs, checkpoint, args.work / "pretrained", args.margin
         )
@@ -208,15 +213,21 @@ def main() -> None:
         "--margin", type=float, help="triplet margin instead of the config's (results in their own file)"
     )
     parser.add_argument(
+        "--nsp-head",
+        choices=("pooled", "match"),
+        default="pooled",
+        help="the NSP head of the MLM+NSP pretraining (match: results in their own file)",
+    )
+    parser.add_argument(
         "--redraw", action="store_true", help="train nothing: the table and plot again from the saved results"
     )
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # the CLI runs below get their arguments explicitly
     os.environ.setdefault("WANDB_MODE", "offline")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    target = RESULTS / (
-        "siamese_stsb.json" if args.margin is None else f"siamese_stsb_margin{args.margin}.json"
-    )
+    margin = "" if args.margin is None else f"_margin{args.margin}"
+    head = "" if args.nsp_head == "pooled" else f"_nsp_{args.nsp_head}"
+    target = RESULTS / f"siamese_stsb{margin}{head}.json"
     if args.redraw and not target.exists():
         parser.error(f"--redraw: no saved results at {target}")
     results = json.loads(target.read_text()) if target.exists() else {}
