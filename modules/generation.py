@@ -392,7 +392,7 @@ def _beam_search(
         if config.no_repeat_ngram_size and step:
             history = running[:, :, :step].reshape(b * k, step)
             log_probs = _ban_repeated_ngrams(log_probs, history, config.no_repeat_ngram_size)
-        log_probs = log_probs.view(b, k, -1) + scores[..., None]  # (B, K, V)
+        log_probs = log_probs.view(b, k, -1).add_(scores[..., None])  # (B, K, V), a fresh tensor
         vocab = log_probs.size(-1)
         # 2K candidates: even if the K best all end here, K unfinished ones are left to run on
         top_scores, flat = log_probs.view(b, -1).topk(2 * k, dim=1)  # (B, 2K)
