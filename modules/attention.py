@@ -112,8 +112,9 @@ class LayerKV:
         """Row i becomes old row index[i] (self-attention only; see `KVCache.reorder`)."""
         if self.keys is None or self.values is None:
             return
-        if self.spare is None:
-            self.spare = (torch.empty_like(self.keys), torch.empty_like(self.values))
+        if self.spare is None or self.spare[0].size(0) != index.numel():  # first use, or a new row count
+            rows = (index.numel(), *self.keys.shape[1:])
+            self.spare = (self.keys.new_empty(rows), self.values.new_empty(rows))
         keys, values = self.spare
         filled = slice(0, self.length)  # the columns after it hold nothing yet: not worth copying
         torch.index_select(self.keys[:, :, filled], 0, index, out=keys[:, :, filled])
@@ -161,7 +162,8 @@ class KVCache:
         return self.key_mask[:, :end]
 
     def reorder(self, index: Tensor) -> None:
-        """Row i of the batch becomes old row index[i] (index: (B,) long).
+        """Row i of the batch becomes old row index[i] (index: (N,) long). N may differ from the old
+        row count: generation repeats each prompt's cache once per beam or sample this way.
 
         Cross-attention keys/values are left alone: beam search only moves a row among the beams of
         the same source, which share one encoder memory, so reordering them would copy for nothing.

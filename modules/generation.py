@@ -221,14 +221,20 @@ def _start_from_prompt(
     copies: int,
     config: GenerationConfig,
 ) -> tuple[_CachedDecoder, Tensor]:
-    """Run the left-padded prompts, repeated per beam/sample, through the decoder -> (decoder, first logits)."""
+    """Run each left-padded prompt through the decoder once, then give each of its `copies` rows (beams or
+    samples) a copy of its cache -> (decoder, first logits (N, V)). The prompt, often far longer than
+    what is generated (an article before its summary), is thus computed once, not once per copy."""
     mask = _left_padded(prompt, prompt_mask)  # (B, T) bool
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, T): real tokens count from 0, as unpadded
     _check_positions_fit(backbone, int(positions[:, -1].max()) + config.max_new_tokens - 1, config)
-    rows = torch.arange(prompt.size(0), device=prompt.device).repeat_interleave(copies)  # (N,)
     cache = backbone.decoder_cache(prompt.size(1) + config.max_new_tokens - 1)
     decoder = _CachedDecoder(backbone, project, cache)
-    return decoder, decoder.feed(prompt[rows], mask[rows], positions[rows])
+    logits = decoder.feed(prompt, mask, positions)  # (B, V)
+    if copies == 1:
+        return decoder, logits
+    rows = torch.arange(prompt.size(0), device=prompt.device).repeat_interleave(copies)  # (N,)
+    decoder.reorder(rows)
+    return decoder, logits[rows]
 
 
 def _left_padded(prompt: Tensor, prompt_mask: Tensor | None) -> Tensor:

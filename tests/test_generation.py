@@ -257,19 +257,19 @@ def test_beam_of_width_one_is_greedy(encoder_layers):
 
 @torch.no_grad()
 def enumerate_sequences(
-    backbone, project, memory, memory_mask, vocab: int, eos: int, steps: int, alpha: float
+    backbone, project, prefix: list[int], memory, memory_mask, vocab: int, eos: int, steps: int, alpha: float
 ):
     """Every sequence of at most `steps` tokens that ends at its first eos or at `steps`, with its score
-    log p(sequence) / length ** alpha, computed by full decoder passes (start token 0). Best first."""
+    log p(sequence) / length ** alpha, computed by full decoder passes over prefix + sequence (prefix:
+    the start token of an encoder-decoder, or a decoder-only prompt). Best first."""
     scored = []
     for length in range(1, steps + 1):
         for seq in itertools.product(range(vocab), repeat=length):
             if eos in seq[:-1] or (length < steps and seq[-1] != eos):
                 continue
-            ids = torch.tensor([[0, *seq[:-1]]])
-            log_probs = project(backbone.decode(ids, memory=memory, memory_mask=memory_mask)[0]).log_softmax(
-                -1
-            )
+            ids = torch.tensor([[*prefix, *seq[:-1]]])
+            hidden = backbone.decode(ids, memory=memory, memory_mask=memory_mask)[0, len(prefix) - 1 :]
+            log_probs = project(hidden).log_softmax(-1)  # (length, vocab)
             total = log_probs[torch.arange(length), torch.tensor(seq)].sum().item()
             scored.append((total / length**alpha, list(seq)))
     return sorted(scored, reverse=True)
@@ -294,13 +294,40 @@ def test_beam_search_finds_the_best_sequences_of_an_exhaustive_enumeration(alpha
     memory = backbone.encode(source, source_mask)
     for row in range(2):
         best = enumerate_sequences(
-            backbone, project, memory[row : row + 1], source_mask[row : row + 1], vocab, eos, steps, alpha
+            backbone,
+            project,
+            [0],
+            memory[row : row + 1],
+            source_mask[row : row + 1],
+            vocab,
+            eos,
+            steps,
+            alpha,
         )[:n]
         for rank, (score, seq) in enumerate(best):
             got = out.tokens[row * n + rank].tolist()
             assert got[: len(seq)] == seq and all(t == 0 for t in got[len(seq) :])
             assert out.scores[row * n + rank].item() == pytest.approx(score, abs=1e-4)
         assert best[0][1] != best[1][1]
+
+
+def test_decoder_only_beam_search_finds_the_best_continuations_of_an_exhaustive_enumeration():
+    """Decoder-only: each left-padded prompt runs once and its cache is copied to its 16 beams; the
+    n-best continuations must still be the n best of all, scored by full passes over prompt + sequence."""
+    vocab, eos, steps, n = 4, 1, 3, 3
+    backbone, project = model(tiny("relative", encoder_layers=0), vocab_out=vocab, seed=1)
+    prompts = [torch.randint(2, 40, (length,)) for length in (6, 3)]
+    ids, mask = left_padded(prompts)
+    settings = GenerationConfig(
+        strategy="beam", num_beams=vocab**2, num_return_sequences=n, max_new_tokens=steps, eos_id=eos
+    )
+    out = generate(backbone, project, ids, mask, settings)
+    for row, prompt in enumerate(prompts):
+        best = enumerate_sequences(backbone, project, prompt.tolist(), None, None, vocab, eos, steps, 1.0)[:n]
+        for rank, (score, seq) in enumerate(best):
+            got = out.tokens[row * n + rank].tolist()
+            assert got[: len(seq)] == seq and all(t == 0 for t in got[len(seq) :])
+            assert out.scores[row * n + rank].item() == pytest.approx(score, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------------------- sampling
