@@ -81,7 +81,8 @@ class LayerKV:
     Self-attention keys/values are written into buffers allocated once for `capacity` columns, so a
     decoding step copies only its own new column instead of the whole history. Cross-attention
     keys/values (the encoder memory projected by this layer) are stored on first use and reused.
-    Beam search's reordering writes into a second pair of buffers and swaps, so no step allocates.
+    Beam search's reordering writes into a second pair of buffers and swaps, so once both exist (with
+    as many rows as there are beams) no step allocates.
     """
 
     def __init__(self, capacity: int) -> None:
