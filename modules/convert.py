@@ -1,6 +1,6 @@
 """HuggingFace checkpoints <-> polyhead's `Backbone`: what the per-family conversions share
-(modules/convert_bert.py, modules/convert_t5.py), so that each family is only its config mapping
-and its key table.
+(modules/convert_bert.py, modules/convert_t5.py, modules/convert_gpt2.py), so that each family is
+only its config mapping and its key table.
 
 A key table (a list of `KeyMap`) names every tensor of ours with the HF tensors it is made of.
 Import reads the table one way, export the other, so the two directions cannot drift apart.
@@ -13,7 +13,8 @@ are named in each family's conversion docstrings.
 Where HF keeps separate projections that we fuse, the weights are concatenated on the output
 dimension (nn.Linear weights are (out_features, in_features)), in the order our modules split them:
 self-attention q|k|v (`MultiHeadAttention.qkv`), cross-attention k|v (`MultiHeadAttention.kv`),
-gated feed-forward gate|up (`FeedForward.up`, T5's wi_0|wi_1).
+gated feed-forward gate|up (`FeedForward.up`, T5's wi_0|wi_1). GPT-2's `Conv1D` stores its weight
+as (in_features, out_features); its table entries are marked `transposed`.
 
 Shapes in the key tables' docstrings: D = d_model, H = n_heads, Dh = head_dim, I = H * Dh,
 F = d_ff, V = vocab, L = max_len, S = type_vocab_size, R = relative_buckets.
@@ -122,15 +123,18 @@ def require_same(
 
 @dataclass(frozen=True)
 class KeyMap:
-    """Our tensor `ours` is HF's tensors `theirs`, each of shape `shape`, concatenated on dim 0."""
+    """Our tensor `ours` is HF's tensors `theirs`, each of shape `shape`, concatenated on dim 0
+    (transposed first when `transposed`: HF keeps them (in, out), we keep (out, in))."""
 
     ours: str
     theirs: tuple[str, ...]
     shape: tuple[int, ...]
+    transposed: bool = False
 
     @property
     def our_shape(self) -> tuple[int, ...]:
-        return (self.shape[0] * len(self.theirs), *self.shape[1:])
+        part = self.shape[::-1] if self.transposed else self.shape
+        return (part[0] * len(self.theirs), *part[1:])
 
 
 def one_to_one(ours: str, theirs: str, *shape: int) -> KeyMap:
@@ -155,7 +159,8 @@ def import_tensors(ledger: KeyLedger, table: list[KeyMap]) -> StateDict:
     for entry in table:
         parts = [ledger.take(key, entry.shape) for key in entry.theirs]
         if all(part is not None for part in parts):
-            out[entry.ours] = torch.cat(parts, dim=0)  # type: ignore[arg-type]
+            ordered = [part.t() if entry.transposed else part for part in parts]  # type: ignore[union-attr]
+            out[entry.ours] = torch.cat(ordered, dim=0)
     return out
 
 
@@ -166,7 +171,7 @@ def export_tensors(ledger: KeyLedger, table: list[KeyMap]) -> StateDict:
         tensor = ledger.take(entry.ours, entry.our_shape)
         if tensor is not None:
             for key, part in zip(entry.theirs, tensor.chunk(len(entry.theirs)), strict=True):
-                out[key] = part.contiguous().clone()
+                out[key] = (part.t() if entry.transposed else part).contiguous().clone()
     return out
 
 
