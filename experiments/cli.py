@@ -1,6 +1,6 @@
 """`polyhead fit|validate|test|predict --config X.yaml`: LightningCLI over MultiTaskModel and
 MultiTaskDataModule, with W&B logging (offline unless credentials exist), checkpoints, and one-line
-errors for user mistakes. `polyhead convert` (HF BERT / T5 <-> polyhead) is its own small command,
+errors for user mistakes. `polyhead convert` (HF BERT / T5 / GPT-2 <-> polyhead) is its own small command,
 experiments/convert_command.py, as is `polyhead inspect` (pictures of attention and embeddings),
 experiments/inspect_command.py."""
 

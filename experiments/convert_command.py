@@ -1,4 +1,4 @@
-"""`polyhead convert`: HuggingFace BERT / T5 -> a polyhead checkpoint, and back.
+"""`polyhead convert`: HuggingFace BERT / T5 / GPT-2 -> a polyhead checkpoint, and back.
 
     polyhead convert SOURCE OUT.ckpt [--task NAME]   SOURCE: a local HF model directory, or a hub name
     polyhead convert --to-hf CKPT OUT_DIR            a polyhead checkpoint -> a HF model directory
@@ -32,11 +32,11 @@ def parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("out", help="the polyhead checkpoint to write (with --to-hf: the HF directory)")
     convert.add_argument(
-        "--to-hf", action="store_true", help="export a polyhead checkpoint as a HF BERT or T5 directory"
+        "--to-hf", action="store_true", help="export a polyhead checkpoint as a HF BERT, T5 or GPT-2 directory"
     )
     convert.add_argument(
         "--task",
-        help="name of the pretraining task in the checkpoint (default mlm_nsp / seq2seq); heads load by "
+        help="name of the pretraining task in the checkpoint (default mlm_nsp / seq2seq / prefix_lm); heads load by "
         "task name, so name it as your fine-tuning config does to start from its head (an untied T5's LM head)",
     )
     return convert

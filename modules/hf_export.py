@@ -1,11 +1,11 @@
 """polyhead checkpoint -> HuggingFace model directory: the export half of `polyhead convert --to-hf`.
 
-A checkpoint whose backbone BERT or T5 can compute becomes a directory that `BertForPreTraining` /
-`BertModel` / `T5ForConditionalGeneration.from_pretrained` load: config.json, model.safetensors and
-the tokenizer files. BERT's MLM and pooled NSP heads go along when the checkpoint has them (else
-the encoder alone, as `BertModel`); T5's LM head when it is T5's own (not polyhead's copy head).
-modules/convert_bert.py and modules/convert_t5.py map configs and tensors; modules/hf_files.py
-reads HF directories (the import half).
+A checkpoint whose backbone BERT, T5 or GPT-2 can compute becomes a directory that
+`BertForPreTraining` / `BertModel` / `T5ForConditionalGeneration` / `GPT2LMHeadModel.from_pretrained`
+load: config.json, model.safetensors and the tokenizer files. BERT's MLM and pooled NSP heads go
+along when the checkpoint has them (else the encoder alone, as `BertModel`); T5's and GPT-2's LM
+head when it is their own (not polyhead's copy head). modules/convert_bert.py, convert_t5.py and
+convert_gpt2.py map configs and tensors; modules/hf_files.py reads HF directories (the import half).
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ from modules.checkpoint import read_checkpoint
 from modules.config import BackboneConfig
 from modules.convert import StateDict
 from modules.convert_bert import bert_config_to_hf, polyhead_to_bert
+from modules.convert_gpt2 import gpt2_config_to_hf, polyhead_to_gpt2
 from modules.convert_t5 import polyhead_to_t5, t5_config_to_hf
 from modules.errors import UserError
 from modules.hf_files import HF_TOKEN_KEYS, Conversion, create_atomically
+
+TOKENIZER_CLASSES = {"bert": "BertTokenizer", "t5": "T5Tokenizer", "gpt2": "GPT2Tokenizer"}
 
 
 def _head_of(
@@ -44,17 +47,18 @@ def _strip(state: dict[str, Tensor], prefix: str) -> StateDict:
 def _tokenizer_files(tokenizer: Tokenizer, model_type: str) -> dict[str, bytes]:
     """The tokenizer as transformers reads it: tokenizer.json, or T5's spiece.model, with a
     tokenizer_config.json naming its class and special tokens. polyhead's own sentencepiece
-    vocabulary in a BERT-shaped model is written as spiece.model alone: no BERT tokenizer reads it."""
+    vocabulary in a BERT- or GPT-2-shaped model is written as spiece.model alone: neither family's
+    tokenizer reads it."""
     tokens = {
         HF_TOKEN_KEYS[role]: piece for role, piece in tokenizer.special.items() if role in HF_TOKEN_KEYS
     }
-    settings = {"tokenizer_class": "BertTokenizer" if model_type == "bert" else "T5Tokenizer", **tokens}
+    settings = {"tokenizer_class": TOKENIZER_CLASSES[model_type], **tokens}
     if isinstance(tokenizer, HFTokenizer):
         files = {"tokenizer.json": tokenizer.tokenizer_json.encode()}
     else:
         assert isinstance(tokenizer, SentencePieceTokenizer)
         files = {"spiece.model": tokenizer.model_proto}
-        if model_type == "bert":
+        if model_type != "t5":
             return files
         settings["extra_ids"] = tokenizer.extra_ids
     return files | {"tokenizer_config.json": json.dumps(settings, indent=2).encode()}
@@ -92,9 +96,11 @@ def export_hf(checkpoint_path: Path, out: Path) -> Conversion:
             weights = polyhead_to_t5(backbone, lm_head, config)
             exported = [*backbone.values(), *([] if lm_head is None else [lm_head])]
         else:
-            raise UserError(
-                "a decoder-only backbone has no HF export; polyhead exports BERT (encoder) and T5 (encoder-decoder)"
-            )
+            model_type, head_prefix = "gpt2", _head_of(checkpoint, "PrefixLM")
+            lm_head = state.get(f"{head_prefix}decoder.weight") if head_prefix else None
+            hf_config = gpt2_config_to_hf(config, tokenizer.eos_id, tokenizer.pad_id)
+            weights = polyhead_to_gpt2(backbone, lm_head, config)
+            exported = list(weights.values())
     except UserError as error:
         raise UserError(f"{checkpoint_path}: {error}") from None
     files = _tokenizer_files(tokenizer, model_type)

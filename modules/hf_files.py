@@ -2,17 +2,18 @@
 
 Import (`import_hf`): a local directory, or a hub name fetched with huggingface_hub, holding what
 `save_pretrained` writes: config.json, the weights (model.safetensors or pytorch_model.bin, or a
-sharded index of either) and the tokenizer (BERT: tokenizer.json; T5: spiece.model, else
+sharded index of either) and the tokenizer (BERT, GPT-2: tokenizer.json; T5: spiece.model, else
 tokenizer.json). It becomes a checkpoint laid out exactly as a polyhead run writes one, with the
-pretraining heads as a task (BERT: `mlm_nsp`, MaskedLMNextSentence; T5: `seq2seq`, Seq2Seq), so
+pretraining heads as a task (BERT: `mlm_nsp`, MaskedLMNextSentence; T5: `seq2seq`, Seq2Seq;
+GPT-2: `prefix_lm`, PrefixLM), so
 `--model.init_from` (fine-tune), `validate|test|predict --ckpt_path` and `MultiTaskModel.from_checkpoint`
 take it as they take a trained one; it holds no optimizer state, so `fit --ckpt_path` (resume) refuses it.
 
 Export is modules/hf_export.py (`export_hf`); both share `Conversion` (what was done) and
 `create_atomically` from here.
 
-modules/convert_bert.py and modules/convert_t5.py map configs and tensors; this module reads the
-files around them.
+modules/convert_bert.py, modules/convert_t5.py and modules/convert_gpt2.py map configs and
+tensors; this module reads the files around them.
 Every problem with the user's files is a UserError naming the file and the fix, raised before
 anything is written; outputs appear whole or not at all (temporary name, then os.replace).
 """
@@ -36,12 +37,14 @@ from torch import Tensor
 
 from datamodules.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 from modules.checkpoint import code_the_pickle_wants
+from modules.config import BackboneConfig
 from modules.convert import StateDict
 from modules.convert_bert import (
     BERT_DEFAULTS,
     backbone_config_from_bert,
     bert_to_polyhead,
 )
+from modules.convert_gpt2 import GPT2_DEFAULTS, backbone_config_from_gpt2, gpt2_to_polyhead
 from modules.convert_t5 import (
     T5_DEFAULTS,
     backbone_config_from_t5,
@@ -52,6 +55,7 @@ from modules.model import MultiTaskModel
 from modules.network import hub_offline
 from modules.optim import OptimizerConfig
 from tasks.mlm_nsp import MaskedLMNextSentence
+from tasks.prefix_lm import PrefixLM
 from tasks.seq2seq import Seq2Seq
 
 HUB_TEXT_FILES = [
@@ -85,6 +89,11 @@ HF_TOKEN_KEYS = {
 in config.json as decoder_start_token_id)."""
 BERT_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 T5_TOKENS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
+GPT2_TOKENS = {"eos": "<|endoftext|>", "unk": "<|endoftext|>"}
+"""GPT-2 has no pad token; its eos pads (HF's usual `tokenizer.pad_token = tokenizer.eos_token`):
+padded positions are masked out of attention and of the loss, so the id they hold never counts."""
+HF_DEFAULTS = {"bert": BERT_DEFAULTS, "t5": T5_DEFAULTS, "gpt2": GPT2_DEFAULTS}
+ARCHITECTURES = {"bert": "BertForPreTraining", "t5": "T5ForConditionalGeneration", "gpt2": "GPT2LMHeadModel"}
 T5_EXTRA_IDS = 100  # transformers' T5Tokenizer default, when tokenizer_config.json does not say
 FIX = "pass the directory that save_pretrained wrote (config.json, weights, tokenizer files)"
 
@@ -93,7 +102,7 @@ FIX = "pass the directory that save_pretrained wrote (config.json, weights, toke
 class Conversion:
     """What a conversion read and wrote, for the command's report."""
 
-    model_type: str  # "bert" or "t5"
+    model_type: str  # "bert", "t5" or "gpt2"
     architecture: str  # the HF class whose weights were read or written
     source: str
     written: Path
@@ -221,14 +230,18 @@ def read_tokenizer(directory: Path, model_type: str, hf_config: SimpleNamespace)
     settings = _tokenizer_settings(directory)
     names = _token_names(settings)
     json_file, spiece = directory / "tokenizer.json", directory / "spiece.model"
-    if model_type == "bert":
+    if model_type in ("bert", "gpt2"):
         if not json_file.is_file():
             raise UserError(
-                f"{directory}: no tokenizer.json, which polyhead reads BERT's vocabulary from; write one with "
-                "transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
+                f"{directory}: no tokenizer.json, which polyhead reads {model_type.upper()}'s vocabulary from; "
+                "write one with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
             )
         text = json_file.read_text(encoding="utf-8")
-        return _checked_tokenizer(json_file, lambda: HFTokenizer(text, BERT_TOKENS | names))
+        if model_type == "bert":
+            return _checked_tokenizer(json_file, lambda: HFTokenizer(text, BERT_TOKENS | names))
+        special = GPT2_TOKENS | names
+        special.setdefault("pad", special["eos"])
+        return _checked_tokenizer(json_file, lambda: HFTokenizer(text, special))
     special = T5_TOKENS | {role: token for role, token in names.items() if role in T5_TOKENS}
     if spiece.is_file():
         proto, extra_ids = spiece.read_bytes(), settings.get("extra_ids", T5_EXTRA_IDS)
@@ -303,12 +316,22 @@ def create_atomically(target: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
-    """HF BERT / T5 (directory or hub name) -> a polyhead checkpoint at `out` (see the module docstring).
+def _prefix_lm_lengths(config: BackboneConfig) -> dict[str, int]:
+    """PrefixLM's default prompt and target lengths (384 + 128), cut to fit the model's positions in
+    the same 3 : 1 ratio where they do not."""
+    if config.max_len >= 512:
+        return {}
+    target = config.max_len // 4
+    return {"max_source_length": config.max_len - target, "max_target_length": target}
 
-    task: the name of the pretraining task in the checkpoint (default "mlm_nsp" / "seq2seq"). Heads
-    load by task name, so a fine-tuning config whose Seq2Seq task is called `summarize` starts from
-    an untied T5's LM head only if the checkpoint names its task so too.
+
+def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
+    """HF BERT / T5 / GPT-2 (directory or hub name) -> a polyhead checkpoint at `out` (see the module
+    docstring).
+
+    task: the name of the pretraining task in the checkpoint (default "mlm_nsp" / "seq2seq" /
+    "prefix_lm"). Heads load by task name, so a fine-tuning config whose Seq2Seq task is called
+    `summarize` starts from an untied T5's LM head only if the checkpoint names its task so too.
     """
     if task is not None and not re.fullmatch(r"[A-Za-z_]\w*", task):
         raise UserError(f"convert --task {task!r}: a task name is letters, digits and _ (as in model.tasks)")
@@ -320,16 +343,18 @@ def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
         raise UserError(f"{directory}: no config.json; {FIX}")
     values = read_json(config_path)
     model_type = values.get("model_type")
-    if model_type not in ("bert", "t5"):
+    if model_type not in HF_DEFAULTS:
         raise UserError(
             f"{config_path}: model_type {model_type!r} is not supported; polyhead converts 'bert' "
-            "(BertForPreTraining) and 't5' (T5ForConditionalGeneration)"
+            "(BertForPreTraining), 't5' (T5ForConditionalGeneration) and 'gpt2' (GPT2LMHeadModel)"
         )
-    hf = SimpleNamespace(**((BERT_DEFAULTS if model_type == "bert" else T5_DEFAULTS) | values))
+    hf = SimpleNamespace(**(HF_DEFAULTS[model_type] | values))
     state, weights_path = read_weights(directory)
     try:
         if model_type == "bert":
             config = backbone_config_from_bert(hf)
+        elif model_type == "gpt2":
+            config = backbone_config_from_gpt2(hf)
         else:
             config = backbone_config_from_t5(hf, lm_head_in_weights="lm_head.weight" in state)
     except (UserError, TypeError) as error:
@@ -343,13 +368,17 @@ def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
             pretraining = MaskedLMNextSentence(max_length=min(128, config.max_len))  # BERT's phase-1 length
             tasks, heads = {name: pretraining}, {f"heads.{name}.{k}": v for k, v in head.items()}
         else:
-            name = task or "seq2seq"
-            backbone, lm_head = t5_to_polyhead(state, config)
+            name = task or ("seq2seq" if model_type == "t5" else "prefix_lm")
+            to_polyhead = t5_to_polyhead if model_type == "t5" else gpt2_to_polyhead
+            backbone, lm_head = to_polyhead(state, config)
             if lm_head is None and not config.tie_embeddings:
-                raise UserError(
-                    "no lm_head.weight: an untied T5 without its LM head (T5Model) has nothing to generate with"
+                family = (
+                    "T5 without its LM head (T5Model)"
+                    if model_type == "t5"
+                    else "GPT-2 without its LM head (GPT2Model)"
                 )
-            tasks = {name: Seq2Seq()}
+                raise UserError(f"no lm_head.weight: an untied {family} has nothing to generate with")
+            tasks = {name: Seq2Seq() if model_type == "t5" else PrefixLM(**_prefix_lm_lengths(config))}
             heads = {} if lm_head is None else {f"heads.{name}.decoder.weight": lm_head}
     except UserError as error:
         raise UserError(f"{weights_path}: {error}") from None
@@ -361,7 +390,7 @@ def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
     create_atomically(out, lambda path: torch.save(checkpoint, path))
     return Conversion(
         model_type=model_type,
-        architecture="BertForPreTraining" if model_type == "bert" else "T5ForConditionalGeneration",
+        architecture=ARCHITECTURES[model_type],
         source=str(directory),
         written=out,
         parameters=sum(p.numel() for p in model.parameters()),

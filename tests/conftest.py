@@ -90,3 +90,11 @@ def t5_dir(request, tmp_path_factory) -> Path:
     from .hf_models import t5_directory
 
     return t5_directory(tmp_path_factory.mktemp(f"hf-t5-{request.param}"), *T5_VARIANTS[request.param])
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny GPT2LMHeadModel directory as save_pretrained writes it, with its tokenizer.json."""
+    from .hf_models import gpt2_directory
+
+    return gpt2_directory(tmp_path_factory.mktemp("hf-gpt2"))

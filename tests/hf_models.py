@@ -1,4 +1,4 @@
-"""Small HF models shaped like BERT's and T5's, the reference the conversion tests compare against:
+"""Small HF models shaped like BERT's, T5's and GPT-2's, the reference the conversion tests compare against:
 random weights (no downloads), every parameter perturbed so that a swapped or dropped tensor
 (biases and norms start at 0 and 1) cannot go unnoticed, saved as `save_pretrained` lays them out.
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from .hf_tokenizers import SENTENCES, bert_wordpiece, t5_sentencepiece
+from .hf_tokenizers import GPT2_EOS, SENTENCES, bert_wordpiece, gpt2_byte_bpe, t5_sentencepiece
 
 transformers = pytest.importorskip("transformers", reason="transformers (a dev extra) is the reference")
 
@@ -90,6 +90,37 @@ def t5_directory(root: Path, feed_forward_proj: str, tie: bool, own_lm_head: boo
     model.save_pretrained(root)
     hf_tokenizer.save_pretrained(root)
     (root / "spiece.model").write_bytes(proto)  # save_pretrained of transformers 5 leaves it out
+    return root
+
+
+def tiny_gpt2_config(vocab_size: int, eos_id: int, tie: bool = True):
+    """A GPT-2 small enough for CPU whose shapes tell its dimensions apart: d_ff (n_inner) is not
+    4 x n_embd, and the position table is longer than any test sequence."""
+    return transformers.GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_inner=48,
+        n_positions=64,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        tie_word_embeddings=tie,
+    )
+
+
+def gpt2_directory(root: Path) -> Path:
+    """A GPT2LMHeadModel directory as save_pretrained writes it, with its tokenizer.json."""
+    trained = gpt2_byte_bpe(SENTENCES * 4)
+    hf_tokenizer = transformers.GPT2TokenizerFast(
+        tokenizer_object=trained, bos_token=GPT2_EOS, eos_token=GPT2_EOS, unk_token=GPT2_EOS
+    )
+    config = tiny_gpt2_config(trained.get_vocab_size(), trained.token_to_id(GPT2_EOS))
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    perturb(model)
+    model.save_pretrained(root)
+    hf_tokenizer.save_pretrained(root)
     return root
 
 

@@ -1,4 +1,4 @@
-"""Small tokenizers shaped like BERT's and T5's, trained in the test on a few lines (no downloads)."""
+"""Small tokenizers shaped like BERT's, T5's and GPT-2's, trained in the test on a few lines (no downloads)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 BERT_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 T5_SPECIALS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>", "start": "<pad>"}
+GPT2_EOS = "<|endoftext|>"
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -56,3 +57,20 @@ def t5_sentencepiece(lines: list[str], vocab_size: int = 80) -> bytes:
         minloglevel=2,
     )
     return model.getvalue()
+
+
+def gpt2_byte_bpe(lines: list[str], vocab_size: int = 400) -> Tokenizer:
+    """A GPT-2 tokenizer: byte-level pre-tokenizer (no prefix space), BPE over the 256 byte symbols,
+    byte-level decoder, and <|endoftext|> as its one special token, as gpt2's tokenizer.json."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(
+        lines,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[GPT2_EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return tokenizer

@@ -119,11 +119,11 @@ def test_bad_sources_end_in_one_line_naming_the_file_and_write_nothing(bert_dir,
     message = fails(capsys, "convert", str(tmp_path / "empty"), str(out))
     assert "no config.json" in message and "save_pretrained" in message
 
-    gpt = tmp_path / "gpt"
-    gpt.mkdir()
-    (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    message = fails(capsys, "convert", str(gpt), str(out))
-    assert "config.json: model_type 'gpt2' is not supported" in message and "'bert'" in message
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    message = fails(capsys, "convert", str(llama), str(out))
+    assert "config.json: model_type 'llama' is not supported" in message and "'gpt2'" in message
 
     truncated = tmp_path / "truncated"
     truncated.mkdir()

@@ -1,0 +1,236 @@
+"""HF GPT-2 <-> polyhead (modules/convert_gpt2.py, and `polyhead convert` both ways): a converted
+GPT-2 computes HF's logits over padded batches and generates HF's tokens; export gives HF back the
+same tensors, and a decoder-only backbone polyhead trained (segment embeddings, its own vocabulary)
+exports to a GPT-2 that computes what polyhead computes; what GPT-2 cannot compute is refused by key.
+
+Small randomly initialised HF models (no downloads), every parameter perturbed (tests/hf_models.py);
+eval mode, fp32, outputs agree to ATOL = RTOL = 1e-5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from datamodules.tokenizer import HFTokenizer
+from modules.backbone import Backbone
+from modules.config import BackboneConfig
+from modules.convert_gpt2 import (
+    backbone_config_from_gpt2,
+    gpt2_config_to_hf,
+    gpt2_to_polyhead,
+    polyhead_to_gpt2,
+)
+from modules.errors import UserError
+from modules.generation import GenerationConfig, generate
+from modules.heads import LanguageModelHead
+from modules.model import MultiTaskModel
+from tasks.prefix_lm import PrefixLM
+
+from .convert_cli import fails, polyhead
+from .hf_models import ATOL, RTOL, loaded_cleanly, perturb, tiny_gpt2_config, transformers
+from .hf_tokenizers import GPT2_EOS, SENTENCES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB, EOS = 90, 7
+
+
+def gpt2_pair(tie: bool) -> tuple:
+    """(HF GPT2LMHeadModel, its polyhead Backbone, the polyhead LM head) holding the same weights."""
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(tiny_gpt2_config(VOCAB, EOS, tie)).eval()
+    perturb(hf)
+    config = backbone_config_from_gpt2(hf.config)
+    state, lm_head = gpt2_to_polyhead(hf.state_dict(), config)
+    backbone = Backbone(config).eval()
+    backbone.load_state_dict(state, strict=True)
+    head = LanguageModelHead(config).eval()
+    if lm_head is not None:
+        head.load_state_dict({"decoder.weight": lm_head}, strict=True)
+    return hf, backbone, head
+
+
+def logits(backbone: Backbone, head: LanguageModelHead, ids: Tensor, mask: Tensor) -> Tensor:
+    """(B, T) -> (B, T, V) next-token logits of a decoder-only polyhead model."""
+    return head(backbone.decode(ids, mask), backbone.token_embedding)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_gpt2_logits_match_hf_over_a_right_padded_batch(tie: bool) -> None:
+    hf, backbone, head = gpt2_pair(tie)
+    assert backbone.config.tie_embeddings == tie and (head.decoder is None) == tie
+    ids = torch.randint(0, VOCAB, (3, 21))
+    mask = (torch.arange(21)[None, :] < torch.tensor([21, 13, 5])[:, None]).long()  # (B, T)
+    with torch.no_grad():
+        ours, theirs = logits(backbone, head, ids, mask), hf(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=ATOL, rtol=RTOL)
+
+
+def test_gpt2_greedy_generation_from_left_padded_prompts_gives_hfs_tokens() -> None:
+    hf, backbone, head = gpt2_pair(tie=True)
+    lengths = torch.tensor([9, 4, 7])
+    mask = (torch.arange(9)[None, :] >= (9 - lengths)[:, None]).long()  # (B, T) left padding
+    ids = torch.randint(0, VOCAB, (3, 9)).masked_fill(mask == 0, EOS)
+    steps = 12
+    with torch.no_grad():
+        ours = generate(
+            backbone,
+            lambda h: head(h, backbone.token_embedding),
+            ids,
+            mask,
+            GenerationConfig(max_new_tokens=steps, eos_id=None, pad_id=EOS),
+        ).tokens
+        theirs = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=None,
+            pad_token_id=EOS,
+        )[:, ids.size(1) :]
+    assert torch.equal(ours, theirs)
+
+
+def test_gpt2_export_inverts_import_tensor_for_tensor() -> None:
+    hf, backbone, head = gpt2_pair(tie=False)
+    back = polyhead_to_gpt2(backbone.state_dict(), head.decoder.weight, backbone.config)
+    theirs = hf.state_dict()
+    assert back.keys() == theirs.keys()
+    for key, tensor in back.items():
+        assert torch.equal(tensor, theirs[key]), key
+    hf_config = gpt2_config_to_hf(backbone.config, EOS, None)
+    assert backbone_config_from_gpt2(SimpleNamespace(**hf_config)) == backbone.config
+
+
+def test_original_hub_key_names_and_legacy_mask_buffers_convert() -> None:
+    """gpt2 on the hub is saved without the "transformer." prefix, with causal-mask buffers."""
+    hf, backbone, _ = gpt2_pair(tie=True)
+    original = {
+        k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"
+    }
+    for i in range(hf.config.n_layer):
+        original[f"h.{i}.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
+        original[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    state, lm_head = gpt2_to_polyhead(original, backbone.config)
+    assert lm_head is None
+    for key, tensor in backbone.state_dict().items():
+        assert torch.equal(state[key], tensor), key
+    with pytest.raises(
+        UserError, match=r"missing keys: \['h.1.mlp.c_fc.bias'\].*not consumed: \['h.1.mlp.fc.bias'\]"
+    ):
+        original["h.1.mlp.fc.bias"] = original.pop("h.1.mlp.c_fc.bias")
+        gpt2_to_polyhead(original, backbone.config)
+
+
+def test_a_decoder_polyhead_trained_exports_to_a_gpt2_computing_the_same() -> None:
+    """polyhead's default decoder-only backbone has segment embeddings; it adds row 0 everywhere,
+    which export folds into the positions."""
+    config = BackboneConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        n_heads=4,
+        d_ff=64,
+        encoder_layers=0,
+        decoder_layers=2,
+        max_len=40,
+        norm="pre",
+        embedding_norm=False,
+        pooler=False,
+        activation="gelu",
+    )
+    assert config.type_vocab_size == 2
+    torch.manual_seed(1)
+    backbone, head = Backbone(config).eval(), LanguageModelHead(config).eval()
+    perturb(backbone)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**gpt2_config_to_hf(config, EOS, EOS))).eval()
+    missing, unexpected = hf.load_state_dict(
+        polyhead_to_gpt2(backbone.state_dict(), None, config), strict=False
+    )
+    assert not unexpected and set(missing) == {"lm_head.weight"}  # tied to wte
+    ids = torch.randint(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            logits(backbone, head, ids, torch.ones_like(ids)), hf(input_ids=ids).logits, atol=ATOL, rtol=RTOL
+        )
+
+
+def test_backbones_gpt2_cannot_compute_are_refused_naming_the_key() -> None:
+    config = gpt2_pair(tie=True)[1].config
+    for change, key in [
+        ({"bias": False}, "model.backbone.bias=False"),
+        ({"norm_type": "rmsnorm"}, "model.backbone.norm_type='rmsnorm'"),
+        ({"head_dim": 4}, "model.backbone.head_dim=4"),
+        ({"gated_ff": True}, "model.backbone.gated_ff=True"),
+        ({"embedding_norm": True}, "model.backbone.embedding_norm=True"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(key)):
+            gpt2_config_to_hf(dataclasses.replace(config, **change), EOS, None)
+    with pytest.raises(UserError, match=re.escape("model.backbone.position='sinusoidal'")):
+        gpt2_config_to_hf(dataclasses.replace(config, position="sinusoidal"), EOS, None)
+    with pytest.raises(UserError, match="needs a decoder-only backbone"):
+        polyhead_to_gpt2({}, None, dataclasses.replace(config, encoder_layers=2))
+    for key in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        with pytest.raises(UserError, match=f"GPT-2 {key}=true"):
+            backbone_config_from_gpt2(tiny_gpt2_config(VOCAB, EOS).__class__(**{key: True}))
+
+
+# ------------------------------------------------------------------------------ `polyhead convert`
+
+
+def test_gpt2_converts_with_its_tokenizer_and_round_trips_exactly(gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "gpt2.ckpt"
+    polyhead("convert", str(gpt2_dir), str(out))
+    report = capsys.readouterr().out
+    assert "gpt2 (GPT2LMHeadModel)" in report and "prefix_lm (PrefixLM)" in report
+    assert "tokenizers (BPE, tokenizer.json)" in report
+
+    model = MultiTaskModel.from_checkpoint(out)
+    tokenizer, task = model.tokenizer, model.tasks["prefix_lm"]
+    assert isinstance(tokenizer, HFTokenizer) and isinstance(task, PrefixLM)
+    eos = tokenizer.piece_id(GPT2_EOS, "eos")
+    assert tokenizer.eos_id == tokenizer.pad_id == eos  # GPT-2 has no pad: its eos pads
+    assert task.max_source_length + task.max_target_length <= model.backbone_config.max_len
+    reference = transformers.AutoTokenizer.from_pretrained(gpt2_dir)
+    texts = [*SENTENCES, "An unseen sentence, with Çafé accents."]
+    assert tokenizer.encode(texts) == [reference(t)["input_ids"] for t in texts]
+    assert [tokenizer.decode(ids) for ids in tokenizer.encode(texts)] == texts
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    ids = torch.tensor([tokenizer.encode([SENTENCES[4]])[0][:20]])
+    with torch.no_grad():
+        ours = model.heads["prefix_lm"](model.backbone.decode(ids), model.backbone.token_embedding)
+        torch.testing.assert_close(ours, hf(input_ids=ids).logits, atol=ATOL, rtol=RTOL)
+
+    polyhead("convert", "--to-hf", str(out), str(tmp_path / "hf"))
+    assert "tokenizer.json" in capsys.readouterr().out
+    original, exported = (
+        load_file(gpt2_dir / "model.safetensors"),
+        load_file(tmp_path / "hf" / "model.safetensors"),
+    )
+    assert original.keys() == exported.keys()
+    for key, tensor in original.items():
+        assert torch.equal(tensor, exported[key]), key
+    again = loaded_cleanly(transformers.GPT2LMHeadModel, tmp_path / "hf")
+    assert again.config.eos_token_id == eos
+    exported_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert [exported_tokenizer(t)["input_ids"] for t in texts] == [reference(t)["input_ids"] for t in texts]
+
+
+def test_a_gpt2_directory_without_tokenizer_json_is_refused_in_one_line(gpt2_dir, tmp_path, capsys):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (partial / name).write_bytes((gpt2_dir / name).read_bytes())
+    message = fails(capsys, "convert", str(partial), str(tmp_path / "out.ckpt"))
+    assert "no tokenizer.json" in message and str(partial) in message
+    assert not (tmp_path / "out.ckpt").exists()
