@@ -1,5 +1,6 @@
 """Text generation throughput: polyhead's `generate` (modules/generation.py) against HuggingFace
-transformers' `T5ForConditionalGeneration.generate`, on the same T5 config and the same weights.
+transformers' `T5ForConditionalGeneration.generate` (or, with --model gpt2, the decoder-only
+`GPT2LMHeadModel.generate`), on the same config and the same weights.
 
 Issue 8 ("Speed and scale") asks for polyhead >= 2x HF's generation throughput; this script
 measures both. Two cases, on one batch of sources:
@@ -21,6 +22,13 @@ vocabulary 8000, T5's 32 relative-position buckets up to distance 128; a batch o
 (ids from 5 up, T5's low ids being special) of 128 columns, right-padded with T5's pad id 0 behind
 each row's real tokens (row 0 is full; the others keep between half and all of the columns), 64 new
 tokens per row. Both decoders start from T5's start token, pad id 0.
+
+--model gpt2: the same widths in GPT-2's layout (pre-LayerNorm, learned positions for prompt + new
+tokens, biases, tanh GELU, output tied to the embeddings), --layers decoder layers, built as
+`GPT2LMHeadModel` and converted by `backbone_config_from_gpt2` / `gpt2_to_polyhead`
+(modules/convert_gpt2.py). The sources become prompts, LEFT-padded (the pad in front of each row's
+real tokens, so every row's next token lands in the same column, as decoder-only generation needs);
+both sides continue each prompt from its own last real token, with positions counted from its first.
 
 Both sides do the same work: every row generates exactly --new-tokens tokens. Neither side has an
 eos: polyhead runs with `eos_id=None`, which decodes every row for max_new_tokens, and HF's
@@ -47,10 +55,11 @@ output per source (beams are not counted).
     python benchmarks/generate.py --threads 1 --repeats 9  # a pinned thread count, more repeats
     python benchmarks/generate.py --cases beam --beams 8 --batch 32
     python benchmarks/generate.py --device cuda
+    python benchmarks/generate.py --model gpt2             # decoder-only, against HF GPT-2
     python benchmarks/generate.py --quick                  # a tiny smoke run
 
 Prints one line per case (tokens/s of both sides and their ratio, polyhead / HF) and writes
-benchmarks/results/generate.json (generate_cuda.json on a GPU).
+benchmarks/results/generate.json (generate_gpt2.json for --model gpt2; _cuda before .json on a GPU).
 """
 
 from __future__ import annotations
@@ -64,9 +73,10 @@ from collections.abc import Callable
 import torch
 from records import write_record
 from torch import Tensor
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, T5Config, T5ForConditionalGeneration
 
 from modules.backbone import Backbone
+from modules.convert_gpt2 import backbone_config_from_gpt2, gpt2_to_polyhead
 from modules.convert_t5 import backbone_config_from_t5, t5_to_polyhead
 from modules.generation import GenerationConfig, generate
 from modules.heads import LanguageModelHead
@@ -77,6 +87,7 @@ PERTURBATION = 0.5  # std of the noise added to every HF parameter, as tests/tes
 SEED = 0
 SIDES = ("polyhead", "hf")
 CASES = ("greedy", "beam")
+MODELS = ("t5", "gpt2")
 QUICK = {"repeats": 2, "batch": 4, "seq": 16, "new_tokens": 8, "layers": 1, "d_model": 64, "vocab": 500}
 """--quick: a config small enough to run in seconds; flags given explicitly still win."""
 
@@ -101,32 +112,66 @@ def hf_t5(args: argparse.Namespace) -> T5ForConditionalGeneration:
         pad_token_id=T5_PAD,
         eos_token_id=None,
     )
+    return perturbed(lambda: T5ForConditionalGeneration(config))
+
+
+def hf_gpt2(args: argparse.Namespace) -> GPT2LMHeadModel:
+    """HF's GPT-2 at the benchmark's size, positions for prompt + new tokens, randomly initialised
+    then perturbed (see the docstring), with no eos."""
+    config = GPT2Config(
+        vocab_size=args.vocab,
+        n_embd=args.d_model,
+        n_layer=args.layers,
+        n_head=args.heads,
+        n_inner=4 * args.d_model,
+        n_positions=args.seq + args.new_tokens,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=T5_PAD,
+    )
+    return perturbed(lambda: GPT2LMHeadModel(config))
+
+
+def perturbed(build: Callable[[], PreTrainedModel]) -> PreTrainedModel:
+    """The model `build` makes at HF's random initialisation (seeded), every parameter then moved by
+    N(0, PERTURBATION), in eval mode."""
     torch.manual_seed(SEED)
-    model = T5ForConditionalGeneration(config).eval()
+    model = build()
     with torch.no_grad():
         for param in model.parameters():
             param.add_(PERTURBATION * torch.randn_like(param))
-    return model
+    return model.eval()
 
 
-def polyhead_copy(hf: T5ForConditionalGeneration) -> tuple[Backbone, LanguageModelHead]:
-    """The same network in polyhead, by the project's converter: backbone and (tied, scaled) LM head.
+def polyhead_copy(hf: PreTrainedModel) -> tuple[Backbone, LanguageModelHead]:
+    """The same network in polyhead, by the project's converter: backbone and (tied) LM head.
     Loaded strictly, so every converted weight has its place and none is left at its initialisation."""
-    config = backbone_config_from_t5(hf.config)
-    state, lm_head = t5_to_polyhead(hf.state_dict(), config)
+    if isinstance(hf, T5ForConditionalGeneration):
+        config = backbone_config_from_t5(hf.config)
+        state, lm_head = t5_to_polyhead(hf.state_dict(), config)
+    else:
+        config = backbone_config_from_gpt2(hf.config)
+        state, lm_head = gpt2_to_polyhead(hf.state_dict(), config)
     if lm_head is not None:
-        raise RuntimeError("a T5 v1.0 layout ties its output to the embeddings; the converter gave a head")
+        raise RuntimeError(
+            "the benchmark's models tie their output to the embeddings; the converter gave a head"
+        )
     backbone = Backbone(config).eval()
     backbone.load_state_dict(state, strict=True)
     return backbone, LanguageModelHead(config).eval()
 
 
-def source_batch(batch: int, seq: int, vocab: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Random sources, right-padded: row 0 fills all `seq` columns, the others keep a random length
-    between seq / 2 and seq, then T5's pad id. -> ids (B, S), attention mask (B, S) 1 at real tokens."""
+def source_batch(
+    batch: int, seq: int, vocab: int, generator: torch.Generator, left: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Random sources, right-padded (`left`: left-padded prompts): row 0 fills all `seq` columns, the
+    others keep a random length between seq / 2 and seq, beside T5's pad id. -> ids (B, S), attention
+    mask (B, S) 1 at real tokens."""
     lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=generator)  # (B,)
     lengths[0] = seq
     mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()  # (B, S)
+    if left:
+        mask = mask.flip(1)
     ids = torch.randint(FIRST_TEXT_ID, vocab, (batch, seq), generator=generator)  # (B, S)
     return ids.masked_fill(mask == 0, T5_PAD), mask
 
@@ -148,18 +193,21 @@ def polyhead_run(
     def project(hidden: Tensor) -> Tensor:
         return head(hidden, backbone.token_embedding)  # (N, D) -> (N, V)
 
+    start = T5_START if backbone.encoder is not None else None  # decoder-only: continue the prompt
+
     def run() -> Tensor:
         with torch.inference_mode():
-            return generate(backbone, project, source, mask, settings, start_id=T5_START).tokens
+            return generate(backbone, project, source, mask, settings, start_id=start).tokens
 
     return run
 
 
 def hf_run(
-    hf: T5ForConditionalGeneration, source: Tensor, mask: Tensor, case: str, args: argparse.Namespace
+    hf: PreTrainedModel, source: Tensor, mask: Tensor, case: str, args: argparse.Namespace
 ) -> Generate:
     """HF's generate for a case, every option that changes the tokens or the work stated (beam search's
-    only for beam: HF warns of unused ones); its start token is cut off, so it returns what polyhead does."""
+    only for beam: HF warns of unused ones); T5's start token, or GPT-2's prompt, is cut off, so it
+    returns what polyhead does."""
     beam = {"length_penalty": 1.0, "early_stopping": "never"} if case == "beam" else {}
     options = beam | {
         "max_new_tokens": args.new_tokens,
@@ -169,16 +217,18 @@ def hf_run(
         "do_sample": False,
         "no_repeat_ngram_size": 0,
         "repetition_penalty": 1.0,
-        "decoder_start_token_id": T5_START,
         "pad_token_id": T5_PAD,
         "eos_token_id": None,
         "use_cache": True,
         "disable_compile": True,
     }
+    if hf.config.is_encoder_decoder:
+        options["decoder_start_token_id"] = T5_START
+    given = 1 if hf.config.is_encoder_decoder else source.size(1)  # T5's start token, or GPT-2's prompt
 
     def run() -> Tensor:
         with torch.inference_mode():
-            return hf.generate(input_ids=source, attention_mask=mask, **options)[:, 1:]  # (B, L)
+            return hf.generate(input_ids=source, attention_mask=mask, **options)[:, given:]  # (B, L)
 
     return run
 
@@ -242,7 +292,15 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="sources per generate call")
     parser.add_argument("--seq", type=int, default=128, help="source columns (rows are right-padded)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
-    parser.add_argument("--layers", type=int, default=4, help="encoder layers, and as many decoder layers")
+    parser.add_argument(
+        "--model", default="t5", choices=MODELS, help="the architecture: T5, or decoder-only GPT-2"
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=4,
+        help="encoder layers, and as many decoder layers (gpt2: decoder layers)",
+    )
     parser.add_argument("--d-model", type=int, default=256, help="width; d_ff is 4 x d_model")
     parser.add_argument("--heads", type=int, default=4, help="attention heads (head width d_model / heads)")
     parser.add_argument("--vocab", type=int, default=8000, help="vocabulary size")
@@ -273,12 +331,13 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
     device = torch.device(args.device)
-    hf = hf_t5(args)
+    decoder_only = args.model == "gpt2"
+    hf = hf_gpt2(args) if decoder_only else hf_t5(args)
     backbone, head = polyhead_copy(hf)
     hf, backbone, head = hf.to(device), backbone.to(device), head.to(device)
+    generator = torch.Generator().manual_seed(SEED)
     source, mask = (
-        t.to(device)
-        for t in source_batch(args.batch, args.seq, args.vocab, torch.Generator().manual_seed(SEED))
+        t.to(device) for t in source_batch(args.batch, args.seq, args.vocab, generator, decoder_only)
     )
     results = {}
     print(HEADER)
@@ -293,7 +352,8 @@ def main(argv: list[str]) -> None:
     setting |= {"d_ff": 4 * args.d_model, "source_real_tokens": int(mask.sum())}
     setting |= {"parameters": sum(p.numel() for p in backbone.parameters())}
     setting |= {"hf_attention": hf.config._attn_implementation, "dtype": "fp32"}
-    write_record("generate", argv, device, {"setting": setting, "cases": results})
+    body = {"setting": setting, "cases": results}
+    write_record("generate", argv, device, body, name="generate_gpt2" if decoder_only else None)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,13 @@ def resident_mib(field: str = "VmRSS") -> float:
     return int(line.split()[1]) / 1024  # given in kB
 
 
-def write_record(script: str, argv: list[str], device: torch.device, body: dict) -> Path:
-    """Write benchmarks/results/<script>.json (<script>_cuda.json on a GPU): the command, the date,
-    the machine and the library versions, then `body` (the setting and the results)."""
+def write_record(
+    script: str, argv: list[str], device: torch.device, body: dict, name: str | None = None
+) -> Path:
+    """Write benchmarks/results/<name>.json (<name>_cuda.json on a GPU; name defaults to the script's):
+    the command, the date, the machine and the library versions, then `body` (the setting and the
+    results)."""
+    name = name or script
     machine = {"platform": platform.platform(), "cpus": os.cpu_count()}
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
@@ -38,7 +42,7 @@ def write_record(script: str, argv: list[str], device: torch.device, body: dict)
         "versions": {"torch": torch.__version__, "transformers": version("transformers")},
         **body,
     }
-    output = RESULTS / (f"{script}.json" if device.type == "cpu" else f"{script}_{device.type}.json")
+    output = RESULTS / (f"{name}.json" if device.type == "cpu" else f"{name}_{device.type}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(record, indent=1) + "\n")
     return output
