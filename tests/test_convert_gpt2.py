@@ -1,7 +1,8 @@
 """HF GPT-2 <-> polyhead (modules/convert_gpt2.py, and `polyhead convert` both ways): a converted
 GPT-2 computes HF's logits over padded batches and generates HF's tokens; export gives HF back the
 same tensors, and a decoder-only backbone polyhead trained (segment embeddings, its own vocabulary)
-exports to a GPT-2 that computes what polyhead computes; what GPT-2 cannot compute is refused by key.
+exports to a GPT-2 that computes what polyhead computes; an imported GPT-2 fine-tunes as the
+decoder-only summarizer and exports back; what GPT-2 cannot compute is refused by key.
 
 Small randomly initialised HF models (no downloads), every parameter perturbed (tests/hf_models.py);
 eval mode, fp32, outputs agree to ATOL = RTOL = 1e-5.
@@ -10,6 +11,8 @@ eval mode, fp32, outputs agree to ATOL = RTOL = 1e-5.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import re
 from types import SimpleNamespace
 
@@ -20,6 +23,7 @@ from torch import Tensor
 
 from datamodules.tokenizer import HFTokenizer
 from modules.backbone import Backbone
+from modules.checkpoint import read_checkpoint
 from modules.config import BackboneConfig
 from modules.convert_gpt2 import (
     backbone_config_from_gpt2,
@@ -234,3 +238,48 @@ def test_a_gpt2_directory_without_tokenizer_json_is_refused_in_one_line(gpt2_dir
     message = fails(capsys, "convert", str(partial), str(tmp_path / "out.ckpt"))
     assert "no tokenizer.json" in message and str(partial) in message
     assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_imported_gpt2_fine_tunes_as_a_summarizer_and_exports_what_it_computes(
+    gpt2_dir, tmp_path, caplog, capsys
+):
+    """--model.init_from alone: the whole backbone loads, a few PrefixLM steps change it, and the
+    run's checkpoint exports as a GPT2LMHeadModel whose logits are polyhead's."""
+    polyhead("convert", str(gpt2_dir), str(tmp_path / "gpt2.ckpt"))
+    rows = [{"source": s, "target": s.split()[0]} for s in SENTENCES]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {"max_source_length": 40, "max_target_length": 16, "generation": {"max_new_tokens": 8}}
+    config = {
+        "model": {"tasks": {"summarize": {"class_path": "PrefixLM", "init_args": task}}},
+        "data": {
+            "sources": {
+                "summarize": {
+                    "path": str(tmp_path / "rows.jsonl"),
+                    "validation_path": str(tmp_path / "rows.jsonl"),
+                }
+            },
+            "batch_size": 3,
+        },
+        "trainer": {"max_steps": 3, "logger": False, "limit_val_batches": 1, "enable_progress_bar": False},
+        "checkpoint": {"dirpath": str(tmp_path / "run"), "monitor": None},
+    }
+    (tmp_path / "fit.yaml").write_text(json.dumps(config))
+    with caplog.at_level(logging.INFO):
+        polyhead(
+            "fit", "--config", str(tmp_path / "fit.yaml"), "--model.init_from", str(tmp_path / "gpt2.ckpt")
+        )
+    imported = read_checkpoint(tmp_path / "gpt2.ckpt")["state_dict"]
+    backbone_tensors = sum(k.startswith("backbone.") for k in imported)
+    assert f"{backbone_tensors} loaded" in caplog.text and "0 mismatched" in caplog.text
+    ours = MultiTaskModel.from_checkpoint(tmp_path / "run" / "last.ckpt").eval()
+    assert ours.tokenizer.state_dict() == read_checkpoint(tmp_path / "gpt2.ckpt")["polyhead"]["tokenizer"]
+    trained = ours.state_dict()["backbone.embeddings.tokens.weight"]
+    assert not torch.equal(trained, imported["backbone.embeddings.tokens.weight"])
+
+    polyhead("convert", "--to-hf", str(tmp_path / "run" / "last.ckpt"), str(tmp_path / "hf"))
+    assert "gpt2 (GPT2LMHeadModel)" in capsys.readouterr().out
+    hf = loaded_cleanly(transformers.GPT2LMHeadModel, tmp_path / "hf")
+    ids = torch.tensor(ours.tokenizer.encode([f"summarize: {SENTENCES[1]}"]))
+    with torch.no_grad():
+        logits = ours.heads["summarize"](ours.backbone.decode(ids), ours.backbone.token_embedding)
+        torch.testing.assert_close(logits, hf(input_ids=ids).logits, atol=ATOL, rtol=RTOL)
