@@ -2,17 +2,20 @@
 architecture, batch, sequence length, dtype (fp32) and thread count.
 
 Issue 8 ("Speed and scale") asks for polyhead >= 1.3x HF's training throughput on CPU in fp32 at
-this small config, with no more peak memory; this script measures both. Two cases:
+this small config, with no more peak memory; this script measures both. Three cases:
 
 - bert: polyhead's post-LN encoder with the MaskedLMNextSentence heads and loss (tasks/mlm_nsp.py)
   against `BertForPreTraining`;
 - t5: polyhead's pre-RMSNorm encoder-decoder with relative position bias and the Seq2Seq task
   (tasks/seq2seq.py), in T5 v1.0's layout (ReLU, output tied to the embeddings and scaled), against
-  `T5ForConditionalGeneration`.
+  `T5ForConditionalGeneration`;
+- gpt2: polyhead's pre-LayerNorm decoder with learned positions and the PrefixLM task
+  (tasks/prefix_lm.py) with the loss on every next token (`loss_on: all`), in GPT-2's layout (tanh
+  GELU, biases, output tied to the embeddings), against `GPT2LMHeadModel`.
 
 Both sides of a case are one `BackboneConfig`: HF's config is written from it by
-`bert_config_to_hf` (modules/convert_bert.py) or `t5_config_to_hf` (modules/convert_t5.py), which
-refuse any field HF would compute differently. The parameter counts must then be equal (no
+`bert_config_to_hf` (modules/convert_bert.py), `t5_config_to_hf` (modules/convert_t5.py) or
+`gpt2_config_to_hf` (modules/convert_gpt2.py), which refuse any field HF would compute differently. The parameter counts must then be equal (no
 difference is allowed for: there is none), HF starts from a copy of polyhead's initial weights, and
 before anything is timed both must give the same loss on the benchmark batch with dropout off.
 
@@ -22,7 +25,8 @@ Default config: 4 layers (and 4 decoder layers for t5), d_model 256, 4 heads, d_
 thread count unless --threads. Batches are random tokens, all of them real (attention masks all
 ones), the same tensors for both sides: for bert segment A is the first half and B the second, about
 15% of positions carry an MLM label, NSP labels are random; for t5 the decoder reads the labels
-shifted right behind the start token (teacher forcing) and every target token is a label.
+shifted right behind the start token (teacher forcing) and every target token is a label; for gpt2
+every position but the last predicts the next token (HF shifts its labels itself).
 
 The timed unit is one training step: forward, loss, backward, AdamW step (lr 5e-4, weight decay 0.01
 on matrices and embeddings only, grouped for both sides by polyhead's modules/optim.py). Both models
@@ -35,11 +39,13 @@ after imports (VmRSS).
 
 What differs is how each library computes the same network, which is what is measured: polyhead
 projects MLM logits at the masked positions only (HF: at every position) and fuses q/k/v (and
-T5's cross-attention k/v) into one matmul. Dropout sits where each original puts it (BERT: none
-between the feed-forward projections, `ff_dropout: 0.0`, as an imported BERT gets; T5: there too). HF T5 is called with
+T5's cross-attention k/v) into one matmul. Dropout sits where each original puts it (BERT and GPT-2:
+none between the feed-forward projections, `ff_dropout: 0.0`, as an imported BERT or GPT-2 gets; T5:
+there too), except that polyhead's pre-norm stack also drops after its final norm (T5's place),
+which GPT-2 does not: one dropout more on polyhead's side. HF T5 and GPT-2 are called with
 use_cache=False: training needs no KV cache.
 
-    python benchmarks/train_throughput.py                           # both cases, default config
+    python benchmarks/train_throughput.py                           # every case, default config
     python benchmarks/train_throughput.py --threads 2 --repeats 9   # the threads the peers used
     python benchmarks/train_throughput.py --cases t5 --batch 16 --seq 256
     python benchmarks/train_throughput.py --quick                   # a tiny smoke run
@@ -64,17 +70,27 @@ from typing import Any
 import torch
 from records import resident_mib, write_record
 from torch import Tensor, nn
-from transformers import BertConfig, BertForPreTraining, PreTrainedModel, T5Config, T5ForConditionalGeneration
+from transformers import (
+    BertConfig,
+    BertForPreTraining,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from modules.backbone import Backbone, init_weights
 from modules.config import BackboneConfig
 from modules.convert_bert import bert_config_to_hf, polyhead_to_bert
+from modules.convert_gpt2 import gpt2_config_to_hf, polyhead_to_gpt2
 from modules.convert_t5 import polyhead_to_t5, t5_config_to_hf
 from modules.flops import network_cost, peak_flops
 from modules.optim import OptimizerConfig, build_optimizer
 from modules.speed import SpeedConfig, apply_speed
 from tasks.base import Task, batch_tokens
 from tasks.mlm_nsp import IGNORE, MaskedLMNextSentence
+from tasks.prefix_lm import PrefixLM
 from tasks.seq2seq import Seq2Seq
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,18 +151,31 @@ def seq2seq_batch(
     }
 
 
+def lm_batch(batch: int, seq: int, vocab: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """Random sequences, no padding; each position's label is the next token (the last has none), as
+    PrefixLM.collate makes them with `loss_on: all`."""
+    input_ids = torch.randint(FIRST_TEXT_ID, vocab, (batch, seq), generator=generator)  # (B, T)
+    labels = torch.cat([input_ids[:, 1:], torch.full((batch, 1), IGNORE)], dim=1)  # (B, T)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),  # (B, T)
+        "labels": labels,
+        "label_positions": (labels != IGNORE).flatten().nonzero().squeeze(1),  # (N,) as collate gives them
+    }
+
+
 def sized(args: argparse.Namespace, **layout) -> BackboneConfig:
     """The benchmark's size (width, depth, heads, dropout) in the layout of one case."""
-    return BackboneConfig(
-        vocab_size=args.vocab,
-        d_model=args.d_model,
-        n_heads=args.heads,
-        d_ff=4 * args.d_model,
-        encoder_layers=args.layers,
-        dropout=args.dropout,
-        attention_dropout=args.dropout,
-        **layout,
-    )
+    size = {
+        "vocab_size": args.vocab,
+        "d_model": args.d_model,
+        "n_heads": args.heads,
+        "d_ff": 4 * args.d_model,
+        "encoder_layers": args.layers,
+        "dropout": args.dropout,
+        "attention_dropout": args.dropout,
+    }
+    return BackboneConfig(**(size | layout))
 
 
 def bert_case(args: argparse.Namespace) -> Case:
@@ -205,7 +234,40 @@ def t5_case(args: argparse.Namespace) -> Case:
     )
 
 
-CASES = {"bert": bert_case, "t5": t5_case}
+def gpt2_case(args: argparse.Namespace) -> Case:
+    """PrefixLM with the loss on every next token, in GPT-2's layout (as backbone_config_from_gpt2
+    reads HF's GPT2Config defaults), against GPT2LMHeadModel."""
+    config = sized(
+        args,
+        encoder_layers=0,
+        decoder_layers=args.layers,
+        max_len=args.seq,
+        type_vocab_size=0,
+        norm="pre",
+        norm_eps=1e-5,
+        embedding_norm=False,
+        activation="gelu_tanh",
+        ff_dropout=0.0,
+        pooler=False,
+    )
+    batch = lm_batch(args.batch, args.seq, args.vocab, torch.Generator().manual_seed(SEED))
+    target = args.seq // 4  # PrefixLM's lengths only bound its inputs; this batch is built whole
+    return Case(
+        config=config,
+        task=PrefixLM(max_source_length=args.seq - target, max_target_length=target, loss_on="all"),
+        batch=batch,
+        hf_inputs={
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "labels": batch["input_ids"],
+            "use_cache": False,
+        },
+        hf_model=lambda c: GPT2LMHeadModel(GPT2Config.from_dict(gpt2_config_to_hf(c, None, None))),
+        hf_weights=lambda model, c: polyhead_to_gpt2(model["backbone"].state_dict(), None, c),
+    )
+
+
+CASES = {"bert": bert_case, "t5": t5_case, "gpt2": gpt2_case}
 
 
 def on_device(case: Case, device: torch.device) -> Case:
@@ -436,7 +498,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per block")
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks per side")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--cases", default="bert,t5", help="comma-separated, of: " + ", ".join(CASES))
+    parser.add_argument("--cases", default="bert,t5,gpt2", help="comma-separated, of: " + ", ".join(CASES))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128, help="tokens per input (t5: source; target seq/4)")
     parser.add_argument("--layers", type=int, default=4, help="encoder layers (t5: and decoder layers)")
