@@ -97,7 +97,7 @@ def prompt_limit(task: GenerativeTask, backbone: Backbone) -> tuple[int, str]:
     """The most prompt tokens the task reads, and why: its max_source_length, and for a decoder-only
     model room left in the position table for the tokens it will generate."""
     config = backbone.config
-    if task.stacks == "decoder" and config.position != "relative":
+    if task.stacks == "decoder" and config.absolute_positions:
         room = config.max_len - task.decoding.max_new_tokens + 1
         if room < task.max_source_length:
             return room, "model.backbone.max_len less generation.max_new_tokens"
@@ -125,7 +125,7 @@ def generated_tokens(task: GenerativeTask, name: str, model: MultiTaskModel, pro
     if task.stacks == "decoder":  # prompt, its </s>, and the continuation: one causal sequence
         return Tokens(decoder=torch.tensor([prompt_ids + output]), generated=text, notes=notes)
     decoder = [tokenizer.start_id, *output]
-    if backbone.config.position != "relative":
+    if backbone.config.absolute_positions:
         decoder = decoder[: backbone.config.max_len]
     return Tokens(
         encoder=torch.tensor([prompt_ids]), decoder=torch.tensor([decoder]), generated=text, notes=notes

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules.dropout import dropout
+from modules.rotary import Rotation, rotate
 
 
 def causal_mask_bias(query_len: int, key_len: int, device: torch.device | None = None) -> Tensor:
@@ -178,8 +179,10 @@ class KVCache:
 class MultiHeadAttention(nn.Module):
     """Self- or cross-attention with fused projections.
 
-    Self-attention projects q, k and v with one (d_model -> 3 * H * Dh) matmul; cross-attention
-    projects q from the decoder and k, v together from the encoder memory.
+    Self-attention projects q, k and v with one (d_model -> (H + 2 * Hkv) * Dh) matmul; cross-attention
+    projects q from the decoder and k, v together from the encoder memory. Hkv = kv_heads is H unless
+    grouped-query attention shares each key/value head among H / Hkv query heads. Self-attention
+    turns q and k by their positions when given a rotary `rotation` (modules/rotary.py).
 
     Attention runs in SDPA's fused kernels, which never hand out the softmax weights. To look at
     them (`polyhead inspect attention`, the validation pictures), set `on_weights` to a callable:
@@ -198,15 +201,18 @@ class MultiHeadAttention(nn.Module):
         dropout: float,
         scale: bool,
         cross: bool = False,
+        kv_heads: int | None = None,
     ) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.cross = n_heads, head_dim, cross
-        inner = n_heads * head_dim
+        self.kv_heads = kv_heads or n_heads
+        inner, kv_inner = n_heads * head_dim, self.kv_heads * head_dim
+        self.split = (inner, kv_inner, kv_inner)  # q | k | v widths of the fused projection
         if cross:
             self.q = nn.Linear(d_model, inner, bias=bias)
-            self.kv = nn.Linear(d_model, 2 * inner, bias=bias)
+            self.kv = nn.Linear(d_model, 2 * kv_inner, bias=bias)
         else:
-            self.qkv = nn.Linear(d_model, 3 * inner, bias=bias)
+            self.qkv = nn.Linear(d_model, inner + 2 * kv_inner, bias=bias)
         self.out = nn.Linear(inner, d_model, bias=bias)
         self.dropout = dropout
         self.scale = None if scale else 1.0  # None lets SDPA use 1/sqrt(head_dim)
@@ -218,9 +224,9 @@ class MultiHeadAttention(nn.Module):
         return self.q.weight if self.cross else self.qkv.weight[: self.n_heads * self.head_dim]
 
     def _heads(self, x: Tensor) -> Tensor:
-        """(B, T, H*Dh) -> (B, H, T, Dh)"""
-        b, t, _ = x.shape
-        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        """(B, T, heads*Dh) -> (B, heads, T, Dh)"""
+        b, t, width = x.shape
+        return x.view(b, t, width // self.head_dim, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -229,6 +235,7 @@ class MultiHeadAttention(nn.Module):
         bias: Tensor | None = None,
         is_causal: bool = False,
         cache: LayerKV | None = None,
+        rotation: Rotation | None = None,
     ) -> Tensor:
         """x: (B, T, D); memory: (B, S, D) for cross-attention; bias: broadcastable to (B, H, T, S).
 
@@ -237,16 +244,19 @@ class MultiHeadAttention(nn.Module):
 
         is_causal asks SDPA for its built-in causal mask; it is only used when no bias is given.
         With a cache, self-attention attends over the cached keys plus this call's, and
-        cross-attention projects `memory` only the first time.
+        cross-attention projects `memory` only the first time. rotation: the rotary angles of x's
+        positions (self-attention only); keys enter the cache already turned.
         """
         n, t, _ = x.shape
         if self.cross:
-            k, v = self._memory_keys_values(memory, cache)  # (B, H, S, Dh) each
+            k, v = self._memory_keys_values(memory, cache)  # (B, Hkv, S, Dh) each
             q = _fold_copies(self._heads(self.q(x)), k.size(0))  # (N, H, T, Dh) -> (B, H, c * T, Dh)
         else:
-            q, k, v = (self._heads(part) for part in self.qkv(x).chunk(3, dim=-1))
+            q, k, v = (self._heads(part) for part in self.qkv(x).split(self.split, dim=-1))
+            if rotation is not None:
+                q, k = rotate(q, rotation), rotate(k, rotation)
             if cache is not None:
-                k, v = cache.append(k, v)  # (B, H, past + T, Dh)
+                k, v = cache.append(k, v)  # (B, Hkv, past + T, Dh)
         cpu_dropout = self.training and self.dropout > 0 and q.device.type == "cpu"
         if self.on_weights is None and not cpu_dropout:
             y = F.scaled_dot_product_attention(  # (B, H, T, Dh)
@@ -257,6 +267,7 @@ class MultiHeadAttention(nn.Module):
                 dropout_p=self.dropout if self.training else 0.0,
                 is_causal=is_causal and bias is None,
                 scale=self.scale,
+                enable_gqa=self.kv_heads != self.n_heads,
             )
         else:
             y = self._attend_step_by_step(q, k, v, bias, is_causal and bias is None)
@@ -268,8 +279,11 @@ class MultiHeadAttention(nn.Module):
         self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: bool
     ) -> Tensor:
         """SDPA's arithmetic written out, handing the softmax weights to `on_weights` (if set) before dropout.
-        q: (B, H, T, Dh); k, v: (B, H, S, Dh) -> (B, H, T, Dh). is_causal blocks key j > query i, as
+        q: (B, H, T, Dh); k, v: (B, Hkv, S, Dh) -> (B, H, T, Dh). is_causal blocks key j > query i, as
         SDPA's own causal mask does."""
+        if self.kv_heads != self.n_heads:  # each key/value head serves a group of consecutive query heads
+            groups = self.n_heads // self.kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
         scale = self.scale if self.scale is not None else self.head_dim**-0.5
         if scale != 1.0:  # T5 leaves its logits unscaled: no pass over them for nothing
             q = q * scale  # (B, H, T, Dh): cheaper than scaling the (T, S) logits
@@ -285,7 +299,7 @@ class MultiHeadAttention(nn.Module):
         return dropout(weights, self.dropout, self.training) @ v
 
     def _memory_keys_values(self, memory: Tensor | None, cache: LayerKV | None) -> tuple[Tensor, Tensor]:
-        """Cross-attention keys and values (B, H, S, Dh), projected once per cache."""
+        """Cross-attention keys and values (B, Hkv, S, Dh), projected once per cache."""
         if cache is not None and cache.memory_kv is not None:
             return cache.memory_kv
         if memory is None:

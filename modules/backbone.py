@@ -18,6 +18,7 @@ from modules.config import BackboneConfig
 from modules.dropout import Dropout
 from modules.layers import TransformerBlock, make_norm
 from modules.reversible import run_reversible
+from modules.rotary import RotaryEmbedding
 
 
 def sinusoidal_table(max_len: int, d_model: int) -> Tensor:
@@ -59,7 +60,7 @@ class Embeddings(nn.Module):
         the new tokens sit; a left-padded row passes its own ids, so it is embedded as if unpadded.
         """
         x = self.tokens(input_ids)
-        if self.position_kind != "relative":
+        if self.position_kind in ("learned", "sinusoidal"):  # relative and rotary act in attention
             x = x + self._position_vectors(input_ids.size(1), positions)
         if self.segments is not None:
             x = x + (self.segments(token_type_ids) if token_type_ids is not None else self.segments.weight[0])
@@ -80,7 +81,8 @@ class Embeddings(nn.Module):
 
 
 class Stack(nn.Module):
-    """A stack of blocks with its own relative position bias (T5 keeps one per stack) and final norm.
+    """A stack of blocks with its own relative position bias (T5 keeps one per stack) or rotary
+    angles, and final norm.
 
     modules/speed.py may set `checkpoint_activations` and `compiled_layers` (the blocks, compiled);
     both only change how the same blocks run.
@@ -107,6 +109,11 @@ class Stack(nn.Module):
             if config.position == "relative"
             else None
         )
+        self.rotary = (
+            RotaryEmbedding(config.attention_head_dim, config.rotary_base)
+            if config.position == "rotary"
+            else None
+        )
         # pre-norm leaves the residual stream un-normalised: one norm at the top of the stack fixes that
         self.final_norm = make_norm(config) if config.norm == "pre" else None
         self.dropout = Dropout(config.dropout) if config.norm == "pre" else None
@@ -119,11 +126,13 @@ class Stack(nn.Module):
         memory_padding_mask: Tensor | None = None,
         cache: KVCache | None = None,
         documents: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """x: (B, T, D); padding_mask: (B, T) True at real tokens; memory: (B, S, D) -> (B, T, D)
 
         With a cache, x holds only the new positions, which follow the cached ones. documents: (B, T)
         packed document ids (see `Backbone.encode`); self-attention stays inside each document.
+        positions: (T,) or (B, T) position ids for rotary angles, by default past + 0..T-1.
         """
         b, t, _ = x.shape
         key_mask = padding_mask
@@ -136,12 +145,17 @@ class Stack(nn.Module):
         memory_bias = None
         if memory is not None:
             memory_bias = attention_bias(t, memory.size(1), memory_padding_mask, dtype=x.dtype)
+        rotation = None
+        if self.rotary is not None:
+            rotation = self.rotary(
+                positions if positions is not None else torch.arange(past, past + t, device=x.device)
+            )
         if self.reversible:
             caches = cache.layers if cache is not None else None
-            x = run_reversible(self.layers, x, (self_bias, is_causal, key_mask, documents), caches)
+            x = run_reversible(self.layers, x, (self_bias, is_causal, key_mask, documents, rotation), caches)
         else:
             x = self._residual_layers(
-                x, (self_bias, is_causal, memory, memory_bias), key_mask, documents, cache
+                x, (self_bias, is_causal, memory, memory_bias), key_mask, documents, cache, rotation
             )
         if self.final_norm is not None:
             x = self.dropout(self.final_norm(x))
@@ -154,18 +168,19 @@ class Stack(nn.Module):
         key_mask: Tensor | None,
         documents: Tensor | None,
         cache: KVCache | None,
+        rotation: tuple[Tensor, Tensor] | None,
     ) -> Tensor:
         """The plain (non-reversible) layers over x (B, T, D). masks: (self_bias, is_causal, memory,
         memory_bias) as every block takes them."""
         for i, layer in enumerate(self.layers):
             if cache is not None:  # decoding: eager, as the cache grows each step
-                x = layer(x, *masks, cache.layers[i], key_mask, documents)
+                x = layer(x, *masks, cache.layers[i], key_mask, documents, rotation)
                 continue
             block = self.compiled_layers[i] if self.compiled_layers else layer
             if self.checkpoint_activations and torch.is_grad_enabled():
-                x = checkpoint(block, x, *masks, None, key_mask, documents, use_reentrant=False)
+                x = checkpoint(block, x, *masks, None, key_mask, documents, rotation, use_reentrant=False)
             else:
-                x = block(x, *masks, None, key_mask, documents)
+                x = block(x, *masks, None, key_mask, documents, rotation)
         return x
 
     def _self_attention_bias(
@@ -278,7 +293,7 @@ class Backbone(nn.Module):
             raise ValueError("this backbone has no encoder (model.backbone.encoder_layers is 0)")
         positions = document_positions(document_ids) if document_ids is not None else None
         x = self.embeddings(input_ids, token_type_ids, positions)
-        return self.encoder(x, _real_tokens(attention_mask), documents=document_ids)
+        return self.encoder(x, _real_tokens(attention_mask), documents=document_ids, positions=positions)
 
     def decode(
         self,
@@ -308,7 +323,13 @@ class Backbone(nn.Module):
             positions = document_positions(document_ids)
         x = self.embeddings(input_ids, positions=positions)
         return self.decoder(
-            x, _real_tokens(attention_mask), memory, _real_tokens(memory_mask), cache, documents=document_ids
+            x,
+            _real_tokens(attention_mask),
+            memory,
+            _real_tokens(memory_mask),
+            cache,
+            documents=document_ids,
+            positions=positions,
         )
 
     def decoder_cache(self, capacity: int) -> KVCache:

@@ -1,9 +1,10 @@
 """`BackboneConfig`: every architectural choice of the shared backbone, in one dataclass.
 
 The defaults describe a small BERT-style encoder. The same fields express BERT exactly
-(post-LN, learned positions, segments, GELU, biases, tanh pooler) and T5 exactly
-(pre-RMSNorm, bucketed relative position bias, no biases, unscaled attention, ReLU or gated-GELU),
-so checkpoints of either can be imported later without a second model class.
+(post-LN, learned positions, segments, GELU, biases, tanh pooler), T5 exactly (pre-RMSNorm,
+bucketed relative position bias, no biases, unscaled attention, ReLU or gated-GELU), GPT-2 (a
+pre-LN decoder) and LLaMA-style decoders (rotary positions, grouped-query attention, SwiGLU), so
+checkpoints of each can be imported without a second model class.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ class BackboneConfig:
     """Width of the residual stream."""
     n_heads: int = 4
     """Attention heads per layer."""
+    n_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention: each serves n_heads / n_kv_heads query heads, and
+    the decoding cache shrinks by that factor); None means n_heads. Must divide n_heads."""
     head_dim: int | None = None
     """Width of one head; None means d_model // n_heads (T5 may set it independently)."""
     d_ff: int = 1024
@@ -32,8 +36,12 @@ class BackboneConfig:
     """Causal layers; with encoder layers they also cross-attend to the encoder output."""
     max_len: int = 512
     """Longest sequence the learned/sinusoidal position table covers."""
-    position: Literal["learned", "sinusoidal", "relative"] = "learned"
-    """Absolute positions added to the embeddings, or T5's bucketed relative bias on attention logits."""
+    position: Literal["learned", "sinusoidal", "relative", "rotary"] = "learned"
+    """Absolute positions added to the embeddings (learned, sinusoidal), T5's bucketed relative bias
+    on attention logits, or rotary (RoPE, as LLaMA): queries and keys of self-attention rotated by
+    their position, so their dot product depends on the offset alone."""
+    rotary_base: float = 10000.0
+    """Rotary: pair i of a head's dimensions turns at rotary_base ** (-2i / head_dim) radians per position."""
     relative_buckets: int = 32
     """Relative bias: number of distance buckets (half per direction when bidirectional)."""
     relative_max_distance: int = 128
@@ -111,10 +119,24 @@ class BackboneConfig:
         for name in ("d_model", "n_heads", "d_ff", "max_len"):
             if getattr(self, name) <= 0:
                 raise UserError(f"model.backbone.{name} must be positive, got {getattr(self, name)}")
+        self._check_heads()
         self._check_long_input_options()
         for name in ("dropout", "attention_dropout", "ff_dropout"):
             if getattr(self, name) is not None and not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"model.backbone.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def _check_heads(self) -> None:
+        """Grouped-query attention's kv heads, and rotary's even head width."""
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            raise UserError(
+                f"model.backbone.n_kv_heads ({self.n_kv_heads}) must be positive and divide "
+                f"model.backbone.n_heads ({self.n_heads})"
+            )
+        if self.position == "rotary" and self.attention_head_dim % 2:
+            raise UserError(
+                f"model.backbone.position 'rotary' turns pairs of dimensions: the head width "
+                f"({self.attention_head_dim}) must be even"
+            )
 
     def _check_long_input_options(self) -> None:
         """LSH attention, reversible layers and chunked feed-forward: values and what they need."""
@@ -129,15 +151,21 @@ class BackboneConfig:
                         f"{n_layers}; give one entry per layer, or a single 'full' or 'lsh' for all"
                     )
         uses_lsh = "lsh" in self.layer_attention(max(self.encoder_layers, self.decoder_layers))
-        if uses_lsh and self.position == "relative":
+        if uses_lsh and not self.absolute_positions:
             raise UserError(
                 "model.backbone.attention 'lsh' needs absolute positions (position: learned or sinusoidal): "
-                "a relative bias is a full T x T matrix, which LSH attention exists to avoid"
+                "a relative bias is a full T x T matrix, which LSH attention exists to avoid, and its "
+                "shared query-key vectors cannot be rotated apart"
+            )
+        if uses_lsh and self.n_kv_heads not in (None, self.n_heads):
+            raise UserError(
+                "model.backbone.attention 'lsh' shares one projection between queries and keys: "
+                "n_kv_heads must be left unset"
             )
         if self.reversible:
             if self.norm != "pre" or self.position == "relative" or self.architecture == "encoder-decoder":
                 raise UserError(
-                    "model.backbone.reversible needs norm: pre, position: learned or sinusoidal, and an "
+                    "model.backbone.reversible needs norm: pre, position: learned, sinusoidal or rotary, and an "
                     f"encoder-only or decoder-only backbone (got norm: {self.norm}, position: {self.position}, "
                     f"{self.architecture})"
                 )
@@ -145,6 +173,17 @@ class BackboneConfig:
     def layer_attention(self, n_layers: int) -> list[str]:
         """The self-attention kind of each of a stack's `n_layers` layers."""
         return list(self.attention) if isinstance(self.attention, list) else [self.attention] * n_layers
+
+    @property
+    def absolute_positions(self) -> bool:
+        """Positions come from a table of max_len rows (learned or sinusoidal), which bounds the input
+        length; relative and rotary positions have no such limit."""
+        return self.position in ("learned", "sinusoidal")
+
+    @property
+    def kv_heads(self) -> int:
+        """n_kv_heads, or n_heads when it is not set."""
+        return self.n_kv_heads or self.n_heads
 
     @property
     def attention_head_dim(self) -> int:

@@ -253,7 +253,7 @@ def _left_padded(prompt: Tensor, prompt_mask: Tensor | None) -> Tensor:
 def _check_positions_fit(backbone: Backbone, last_position: int, config: GenerationConfig) -> None:
     """Fail before decoding, not midway, when the absolute position table is too short."""
     max_len = backbone.config.max_len
-    if backbone.config.position != "relative" and last_position >= max_len:
+    if backbone.config.absolute_positions and last_position >= max_len:
         raise ValueError(
             f"GenerationConfig.max_new_tokens={config.max_new_tokens} reaches position {last_position}, "
             f"beyond model.backbone.max_len={max_len}; generate fewer tokens or shorten the prompt"

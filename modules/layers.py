@@ -10,6 +10,7 @@ from modules.attention import LayerKV, MultiHeadAttention
 from modules.config import BackboneConfig
 from modules.dropout import Dropout, relu_dropout
 from modules.lsh_attention import LSHSelfAttention
+from modules.rotary import Rotation
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -88,6 +89,7 @@ class TransformerBlock(nn.Module):
                 dropout=config.attention_dropout,
                 scale=config.scale_attention,
                 cross=is_cross,
+                kv_heads=config.n_kv_heads,
             )
 
         self.lsh = attention == "lsh"
@@ -125,12 +127,13 @@ class TransformerBlock(nn.Module):
         key_mask: Tensor | None,
         documents: Tensor | None,
         cache: LayerKV | None,
+        rotation: Rotation | None,
     ) -> Tensor:
-        """Full attention reads the additive bias; LSH attention the key mask and documents, as it
-        never builds a (T, S) matrix."""
+        """Full attention reads the additive bias (and the rotary angles, if any); LSH attention the
+        key mask and documents, as it never builds a (T, S) matrix."""
         if self.lsh:
             return self.self_attn(h, key_mask=key_mask, documents=documents, cache=cache)
-        return self.self_attn(h, bias=bias, is_causal=is_causal, cache=cache)
+        return self.self_attn(h, bias=bias, is_causal=is_causal, cache=cache, rotation=rotation)
 
     def attention_branch(
         self,
@@ -139,11 +142,14 @@ class TransformerBlock(nn.Module):
         is_causal: bool = False,
         key_mask: Tensor | None = None,
         documents: Tensor | None = None,
+        rotation: Rotation | None = None,
         cache: LayerKV | None = None,
     ) -> Tensor:
         """Pre-norm self-attention without its residual: dropout(attention(norm(x))). (B, T, D) -> (B, T, D)"""
         return self.dropout(
-            self._self_attention(self.self_attn_norm(x), self_bias, is_causal, key_mask, documents, cache)
+            self._self_attention(
+                self.self_attn_norm(x), self_bias, is_causal, key_mask, documents, cache, rotation
+            )
         )
 
     def feed_forward_slice(self, x: Tensor) -> Tensor:
@@ -165,16 +171,17 @@ class TransformerBlock(nn.Module):
         cache: LayerKV | None = None,
         key_mask: Tensor | None = None,
         documents: Tensor | None = None,
+        rotation: Rotation | None = None,
     ) -> Tensor:
         """x: (B, T, D); memory: (B, S, D) encoder output for cross-attention -> (B, T, D)
 
         key_mask: (B, S) True at real keys and documents: (B, T) packed document ids, for LSH
-        attention (full attention has them in self_bias).
+        attention (full attention has them in self_bias). rotation: rotary angles of x's positions.
         """
         x = self._residual(
             x,
             self.self_attn_norm,
-            lambda h: self._self_attention(h, self_bias, is_causal, key_mask, documents, cache),
+            lambda h: self._self_attention(h, self_bias, is_causal, key_mask, documents, cache, rotation),
         )
         if self.cross_attn is not None and memory is not None:
             x = self._residual(

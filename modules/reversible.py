@@ -152,7 +152,7 @@ def run_reversible(
     blocks: nn.ModuleList, x: Tensor, branch_args: tuple, caches: list | None = None
 ) -> Tensor:
     """The stack's layers over x (B, T, D) -> (B, T, D), storing no activations when a gradient is
-    wanted. branch_args: (self_bias, is_causal, key_mask, documents) for every attention_branch."""
+    wanted. branch_args: (self_bias, is_causal, key_mask, documents, rotation) for every attention_branch."""
     if not torch.is_grad_enabled() or caches:
         y1, y2 = run_layers(blocks, x, branch_args, caches=caches)
         return (y1 + y2) / 2

@@ -22,8 +22,9 @@ from modules.errors import UserError
 
 def check_fits_positions(config: BackboneConfig, length: int, what: str) -> None:
     """Refuse, when the model is built, an input length beyond the backbone's learned or sinusoidal
-    positions: otherwise the first long enough batch would fail mid-run. Relative positions have no limit."""
-    if length > config.max_len and config.position != "relative":
+    positions: otherwise the first long enough batch would fail mid-run. Relative and rotary positions
+    have no limit."""
+    if length > config.max_len and config.absolute_positions:
         raise UserError(
             f"{what} = {length} exceeds model.backbone.max_len={config.max_len}; lower it or raise max_len"
         )

@@ -37,7 +37,7 @@ def test_causal_bias_is_upper_triangle_minus_infinity():
     assert cached[1].tolist() == [0, 0, 0, 0, 0]
 
 
-@pytest.mark.parametrize("position", ["learned", "sinusoidal", "relative"])
+@pytest.mark.parametrize("position", ["learned", "sinusoidal", "relative", "rotary"])
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_decoder_outputs_never_depend_on_later_tokens(position, norm):
     torch.manual_seed(0)
@@ -53,7 +53,7 @@ def test_decoder_outputs_never_depend_on_later_tokens(position, norm):
 
 
 @pytest.mark.parametrize("arch", ["encoder", "decoder"])
-@pytest.mark.parametrize("position", ["learned", "relative"])
+@pytest.mark.parametrize("position", ["learned", "relative", "rotary"])
 def test_pad_token_ids_never_change_real_outputs(arch, position):
     torch.manual_seed(0)
     layers = (

@@ -37,6 +37,17 @@ LAYOUTS = {
         type_vocab_size=0,
         scale_attention=False,
     ),
+    "llama": dict(  # rotary positions, grouped-query attention (2 kv heads for 4), SwiGLU
+        position="rotary",
+        n_kv_heads=2,
+        norm="pre",
+        norm_type="rmsnorm",
+        bias=False,
+        embedding_norm=False,
+        type_vocab_size=0,
+        gated_ff=True,
+        activation="silu",
+    ),
 }
 
 
