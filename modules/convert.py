@@ -123,22 +123,32 @@ def require_same(
 
 @dataclass(frozen=True)
 class KeyMap:
-    """Our tensor `ours` is HF's tensors `theirs`, each of shape `shape`, concatenated on dim 0
-    (transposed first when `transposed`: HF keeps them (in, out), we keep (out, in))."""
+    """Our tensor `ours` is HF's tensors `theirs`, of shapes `shapes` (one each), concatenated on dim
+    0 (each transposed first when `transposed`: HF keeps them (in, out), we keep (out, in))."""
 
     ours: str
     theirs: tuple[str, ...]
-    shape: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
     transposed: bool = False
 
     @property
+    def our_parts(self) -> list[tuple[int, ...]]:
+        """Each HF tensor's shape as it sits in ours."""
+        return [shape[::-1] if self.transposed else shape for shape in self.shapes]
+
+    @property
     def our_shape(self) -> tuple[int, ...]:
-        part = self.shape[::-1] if self.transposed else self.shape
-        return (part[0] * len(self.theirs), *part[1:])
+        parts = self.our_parts
+        return (sum(part[0] for part in parts), *parts[0][1:])
 
 
 def one_to_one(ours: str, theirs: str, *shape: int) -> KeyMap:
-    return KeyMap(ours, (theirs,), shape)
+    return KeyMap(ours, (theirs,), (shape,))
+
+
+def fused(ours: str, theirs: tuple[str, ...], *shape: int) -> KeyMap:
+    """Our tensor is HF's equally shaped tensors `theirs`, stacked (q|k|v, k|v, gate|up)."""
+    return KeyMap(ours, theirs, (shape,) * len(theirs))
 
 
 def linear_maps(ours: str, theirs: str, out_f: int, in_f: int, bias: bool = True) -> list[KeyMap]:
@@ -157,7 +167,7 @@ def import_tensors(ledger: KeyLedger, table: list[KeyMap]) -> StateDict:
     """HF tensors -> ours along the table; missing and misshapen ones are left to the ledger's report."""
     out: StateDict = {}
     for entry in table:
-        parts = [ledger.take(key, entry.shape) for key in entry.theirs]
+        parts = [ledger.take(key, shape) for key, shape in zip(entry.theirs, entry.shapes, strict=True)]
         if all(part is not None for part in parts):
             ordered = [part.t() if entry.transposed else part for part in parts]  # type: ignore[union-attr]
             out[entry.ours] = torch.cat(ordered, dim=0)
@@ -170,7 +180,8 @@ def export_tensors(ledger: KeyLedger, table: list[KeyMap]) -> StateDict:
     for entry in table:
         tensor = ledger.take(entry.ours, entry.our_shape)
         if tensor is not None:
-            for key, part in zip(entry.theirs, tensor.chunk(len(entry.theirs)), strict=True):
+            rows = [part[0] for part in entry.our_parts]
+            for key, part in zip(entry.theirs, tensor.split(rows), strict=True):
                 out[key] = (part.t() if entry.transposed else part).contiguous().clone()
     return out
 
@@ -183,12 +194,14 @@ def refuse_differences(
     differ = [
         f"model.backbone.{field.name}={getattr(config, field.name)!r} ({family} has {getattr(expressed, field.name)!r})"
         for field in dataclasses.fields(BackboneConfig)
-        if field.name not in {*ignored, "head_dim"}
+        if field.name not in {*ignored, "head_dim", "n_kv_heads"}
         and getattr(config, field.name) != getattr(expressed, field.name)
     ]
     if config.attention_head_dim != expressed.attention_head_dim:
         differ.append(
             f"model.backbone.head_dim={config.head_dim!r} ({family} has {expressed.attention_head_dim})"
         )
+    if config.kv_heads != expressed.kv_heads:  # None and n_heads mean the same
+        differ.append(f"model.backbone.n_kv_heads={config.n_kv_heads!r} ({family} has {expressed.kv_heads})")
     if differ:
         raise UserError(f"this backbone cannot be written as HF {family}: " + "; ".join(differ))

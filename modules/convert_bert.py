@@ -18,6 +18,7 @@ from modules.convert import (
     KeyMap,
     StateDict,
     export_tensors,
+    fused,
     hf_activation,
     import_tensors,
     layernorm_maps,
@@ -168,7 +169,7 @@ def bert_keys(config: BackboneConfig, prefix: str = "bert.") -> tuple[list[KeyMa
         attn = f"{src}.attention.self"
         for part, shape in (("weight", (inner, d)), ("bias", (inner,))):
             qkv = tuple(f"{attn}.{name}.{part}" for name in ("query", "key", "value"))
-            backbone.append(KeyMap(f"{dst}.self_attn.qkv.{part}", qkv, shape))
+            backbone.append(fused(f"{dst}.self_attn.qkv.{part}", qkv, *shape))
         backbone += linear_maps(f"{dst}.self_attn.out", f"{src}.attention.output.dense", d, inner)
         backbone += layernorm_maps(f"{dst}.self_attn_norm", f"{src}.attention.output.LayerNorm", d)
         backbone += linear_maps(f"{dst}.ff.up", f"{src}.intermediate.dense", ff, d)

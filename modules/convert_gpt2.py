@@ -158,7 +158,7 @@ def gpt2_keys(config: BackboneConfig) -> list[KeyMap]:
 
     def conv1d(ours: str, theirs: str, in_f: int, out_f: int) -> list[KeyMap]:
         return [
-            KeyMap(f"{ours}.weight", (f"{theirs}.weight",), (in_f, out_f), transposed=True),
+            KeyMap(f"{ours}.weight", (f"{theirs}.weight",), ((in_f, out_f),), transposed=True),
             one_to_one(f"{ours}.bias", f"{theirs}.bias", out_f),
         ]
 

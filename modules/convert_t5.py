@@ -19,6 +19,7 @@ from modules.convert import (
     KeyMap,
     StateDict,
     export_tensors,
+    fused,
     hf_activation,
     import_tensors,
     one_to_one,
@@ -186,7 +187,7 @@ def t5_keys(config: BackboneConfig) -> list[KeyMap]:
             src, dst = f"{stack}.block.{i}.layer", f"{stack}.layers.{i}"
             attn = f"{src}.0.SelfAttention"
             table.append(
-                KeyMap(f"{dst}.self_attn.qkv.weight", tuple(f"{attn}.{n}.weight" for n in "qkv"), (inner, d))
+                fused(f"{dst}.self_attn.qkv.weight", tuple(f"{attn}.{n}.weight" for n in "qkv"), inner, d)
             )
             table.append(one_to_one(f"{dst}.self_attn.out.weight", f"{attn}.o.weight", d, inner))
             table.append(one_to_one(f"{dst}.self_attn_norm.weight", f"{src}.0.layer_norm.weight", d))
@@ -194,9 +195,7 @@ def t5_keys(config: BackboneConfig) -> list[KeyMap]:
                 cross = f"{src}.1.EncDecAttention"
                 table.append(one_to_one(f"{dst}.cross_attn.q.weight", f"{cross}.q.weight", inner, d))
                 table.append(
-                    KeyMap(
-                        f"{dst}.cross_attn.kv.weight", (f"{cross}.k.weight", f"{cross}.v.weight"), (inner, d)
-                    )
+                    fused(f"{dst}.cross_attn.kv.weight", (f"{cross}.k.weight", f"{cross}.v.weight"), inner, d)
                 )
                 table.append(one_to_one(f"{dst}.cross_attn.out.weight", f"{cross}.o.weight", d, inner))
                 table.append(one_to_one(f"{dst}.cross_attn_norm.weight", f"{src}.1.layer_norm.weight", d))
@@ -207,7 +206,7 @@ def t5_keys(config: BackboneConfig) -> list[KeyMap]:
                 if config.gated_ff
                 else (f"{dense}.wi.weight",)
             )
-            table.append(KeyMap(f"{dst}.ff.up.weight", up, (ff, d)))
+            table.append(fused(f"{dst}.ff.up.weight", up, ff, d))
             table.append(one_to_one(f"{dst}.ff.down.weight", f"{dense}.wo.weight", d, ff))
             table.append(one_to_one(f"{dst}.ff_norm.weight", f"{ff_src}.layer_norm.weight", d))
         relative = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"

@@ -1,11 +1,13 @@
 """polyhead checkpoint -> HuggingFace model directory: the export half of `polyhead convert --to-hf`.
 
-A checkpoint whose backbone BERT, T5 or GPT-2 can compute becomes a directory that
-`BertForPreTraining` / `BertModel` / `T5ForConditionalGeneration` / `GPT2LMHeadModel.from_pretrained`
-load: config.json, model.safetensors and the tokenizer files. BERT's MLM and pooled NSP heads go
-along when the checkpoint has them (else the encoder alone, as `BertModel`); T5's and GPT-2's LM
-head when it is their own (not polyhead's copy head). modules/convert_bert.py, convert_t5.py and
-convert_gpt2.py map configs and tensors; modules/hf_files.py reads HF directories (the import half).
+A checkpoint whose backbone BERT, T5, GPT-2 or LLaMA can compute becomes a directory that
+`BertForPreTraining` / `BertModel` / `T5ForConditionalGeneration` / `GPT2LMHeadModel` /
+`LlamaForCausalLM.from_pretrained` load: config.json, model.safetensors and the tokenizer files.
+BERT's MLM and pooled NSP heads go along when the checkpoint has them (else the encoder alone, as
+`BertModel`); the LM head of the others when it is their own (not polyhead's copy head). A
+decoder-only backbone is GPT-2 with learned positions, LLaMA with rotary ones.
+modules/convert_bert.py, convert_t5.py, convert_gpt2.py and convert_llama.py map configs and
+tensors; modules/hf_files.py reads HF directories (the import half).
 """
 
 from __future__ import annotations
@@ -23,11 +25,17 @@ from modules.config import BackboneConfig
 from modules.convert import StateDict
 from modules.convert_bert import bert_config_to_hf, polyhead_to_bert
 from modules.convert_gpt2 import gpt2_config_to_hf, polyhead_to_gpt2
+from modules.convert_llama import llama_config_to_hf, polyhead_to_llama
 from modules.convert_t5 import polyhead_to_t5, t5_config_to_hf
 from modules.errors import UserError
 from modules.hf_files import HF_TOKEN_KEYS, Conversion, create_atomically
 
-TOKENIZER_CLASSES = {"bert": "BertTokenizer", "t5": "T5Tokenizer", "gpt2": "GPT2Tokenizer"}
+TOKENIZER_CLASSES = {
+    "bert": "BertTokenizer",
+    "t5": "T5Tokenizer",
+    "gpt2": "GPT2Tokenizer",
+    "llama": "PreTrainedTokenizerFast",
+}
 
 
 def _head_of(
@@ -96,10 +104,16 @@ def export_hf(checkpoint_path: Path, out: Path) -> Conversion:
             weights = polyhead_to_t5(backbone, lm_head, config)
             exported = [*backbone.values(), *([] if lm_head is None else [lm_head])]
         else:
-            model_type, head_prefix = "gpt2", _head_of(checkpoint, "PrefixLM")
+            head_prefix = _head_of(checkpoint, "PrefixLM")
             lm_head = state.get(f"{head_prefix}decoder.weight") if head_prefix else None
-            hf_config = gpt2_config_to_hf(config, tokenizer.eos_id, tokenizer.pad_id)
-            weights = polyhead_to_gpt2(backbone, lm_head, config)
+            if config.position == "rotary":
+                model_type = "llama"  # polyhead's tokenizers have no bos role: bos_token_id is left unset
+                hf_config = llama_config_to_hf(config, None, tokenizer.eos_id, tokenizer.pad_id)
+                weights = polyhead_to_llama(backbone, lm_head, config)
+            else:
+                model_type = "gpt2"
+                hf_config = gpt2_config_to_hf(config, tokenizer.eos_id, tokenizer.pad_id)
+                weights = polyhead_to_gpt2(backbone, lm_head, config)
             exported = list(weights.values())
     except UserError as error:
         raise UserError(f"{checkpoint_path}: {error}") from None

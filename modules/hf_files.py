@@ -2,17 +2,17 @@
 
 Import (`import_hf`): a local directory, or a hub name fetched with huggingface_hub, holding what
 `save_pretrained` writes: config.json, the weights (model.safetensors or pytorch_model.bin, or a
-sharded index of either) and the tokenizer (BERT, GPT-2: tokenizer.json; T5: spiece.model, else
-tokenizer.json). It becomes a checkpoint laid out exactly as a polyhead run writes one, with the
-pretraining heads as a task (BERT: `mlm_nsp`, MaskedLMNextSentence; T5: `seq2seq`, Seq2Seq;
-GPT-2: `prefix_lm`, PrefixLM), so
+sharded index of either) and the tokenizer (BERT, GPT-2, LLaMA: tokenizer.json; T5: spiece.model,
+else tokenizer.json). It becomes a checkpoint laid out exactly as a polyhead run writes one, with the
+pretraining heads as a task (BERT: `mlm_nsp`, MaskedLMNextSentence; T5: `seq2seq`, Seq2Seq; GPT-2
+and LLaMA: `prefix_lm`, PrefixLM), so
 `--model.init_from` (fine-tune), `validate|test|predict --ckpt_path` and `MultiTaskModel.from_checkpoint`
 take it as they take a trained one; it holds no optimizer state, so `fit --ckpt_path` (resume) refuses it.
 
 Export is modules/hf_export.py (`export_hf`); both share `Conversion` (what was done) and
 `create_atomically` from here.
 
-modules/convert_bert.py, modules/convert_t5.py and modules/convert_gpt2.py map configs and
+modules/convert_bert.py, convert_t5.py, convert_gpt2.py and convert_llama.py map configs and
 tensors; this module reads the files around them.
 Every problem with the user's files is a UserError naming the file and the fix, raised before
 anything is written; outputs appear whole or not at all (temporary name, then os.replace).
@@ -45,6 +45,7 @@ from modules.convert_bert import (
     bert_to_polyhead,
 )
 from modules.convert_gpt2 import GPT2_DEFAULTS, backbone_config_from_gpt2, gpt2_to_polyhead
+from modules.convert_llama import LLAMA_DEFAULTS, backbone_config_from_llama, llama_to_polyhead
 from modules.convert_t5 import (
     T5_DEFAULTS,
     backbone_config_from_t5,
@@ -90,10 +91,55 @@ in config.json as decoder_start_token_id)."""
 BERT_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 T5_TOKENS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
 GPT2_TOKENS = {"eos": "<|endoftext|>", "unk": "<|endoftext|>"}
-"""GPT-2 has no pad token; its eos pads (HF's usual `tokenizer.pad_token = tokenizer.eos_token`):
-padded positions are masked out of attention and of the loss, so the id they hold never counts."""
-HF_DEFAULTS = {"bert": BERT_DEFAULTS, "t5": T5_DEFAULTS, "gpt2": GPT2_DEFAULTS}
-ARCHITECTURES = {"bert": "BertForPreTraining", "t5": "T5ForConditionalGeneration", "gpt2": "GPT2LMHeadModel"}
+"""GPT-2 has no pad token, nor does LLaMA: their eos pads (HF's usual `tokenizer.pad_token =
+tokenizer.eos_token`): padded positions are masked out of attention and of the loss, so the id they
+hold never counts."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """What import needs to know of one model_type: config.json's defaults, the class its weights
+    come from, how its config maps; for generative families, how its weights map and the headless
+    class whose checkpoints have no LM head."""
+
+    defaults: dict
+    architecture: str
+    backbone_config: Callable[[SimpleNamespace, StateDict], BackboneConfig]
+    to_polyhead: Callable[[StateDict, BackboneConfig], tuple[StateDict, Tensor | None]] | None = None
+    headless: str = ""
+
+
+FAMILIES = {
+    "bert": Family(BERT_DEFAULTS, "BertForPreTraining", lambda hf, state: backbone_config_from_bert(hf)),
+    "t5": Family(
+        T5_DEFAULTS,
+        "T5ForConditionalGeneration",
+        lambda hf, state: backbone_config_from_t5(hf, lm_head_in_weights="lm_head.weight" in state),
+        t5_to_polyhead,
+        "T5Model",
+    ),
+    "gpt2": Family(
+        GPT2_DEFAULTS,
+        "GPT2LMHeadModel",
+        lambda hf, state: backbone_config_from_gpt2(hf),
+        gpt2_to_polyhead,
+        "GPT2Model",
+    ),
+    "llama": Family(
+        LLAMA_DEFAULTS,
+        "LlamaForCausalLM",
+        lambda hf, state: backbone_config_from_llama(hf),
+        llama_to_polyhead,
+        "LlamaModel",
+    ),
+    "mistral": Family(  # LLaMA's layout; its sliding window (4096 unless config.json says null) is refused
+        LLAMA_DEFAULTS | {"sliding_window": 4096},
+        "MistralForCausalLM",
+        lambda hf, state: backbone_config_from_llama(hf),
+        llama_to_polyhead,
+        "MistralModel",
+    ),
+}
 T5_EXTRA_IDS = 100  # transformers' T5Tokenizer default, when tokenizer_config.json does not say
 FIX = "pass the directory that save_pretrained wrote (config.json, weights, tokenizer files)"
 
@@ -102,7 +148,7 @@ FIX = "pass the directory that save_pretrained wrote (config.json, weights, toke
 class Conversion:
     """What a conversion read and wrote, for the command's report."""
 
-    model_type: str  # "bert", "t5" or "gpt2"
+    model_type: str  # a key of FAMILIES
     architecture: str  # the HF class whose weights were read or written
     source: str
     written: Path
@@ -230,16 +276,21 @@ def read_tokenizer(directory: Path, model_type: str, hf_config: SimpleNamespace)
     settings = _tokenizer_settings(directory)
     names = _token_names(settings)
     json_file, spiece = directory / "tokenizer.json", directory / "spiece.model"
-    if model_type in ("bert", "gpt2"):
+    if model_type != "t5":
         if not json_file.is_file():
             raise UserError(
-                f"{directory}: no tokenizer.json, which polyhead reads {model_type.upper()}'s vocabulary from; "
-                "write one with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
+                f"{directory}: no tokenizer.json, which polyhead reads this {model_type} model's vocabulary "
+                "from; write one with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
             )
         text = json_file.read_text(encoding="utf-8")
         if model_type == "bert":
             return _checked_tokenizer(json_file, lambda: HFTokenizer(text, BERT_TOKENS | names))
-        special = GPT2_TOKENS | names
+        special = (GPT2_TOKENS if model_type == "gpt2" else {}) | names
+        if "eos" not in special:
+            raise UserError(
+                f"{directory}: tokenizer_config.json names no eos_token, which ends every prompt and "
+                "summary; add the model's end-of-text token as eos_token"
+            )
         special.setdefault("pad", special["eos"])
         return _checked_tokenizer(json_file, lambda: HFTokenizer(text, special))
     special = T5_TOKENS | {role: token for role, token in names.items() if role in T5_TOKENS}
@@ -326,8 +377,8 @@ def _prefix_lm_lengths(config: BackboneConfig) -> dict[str, int]:
 
 
 def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
-    """HF BERT / T5 / GPT-2 (directory or hub name) -> a polyhead checkpoint at `out` (see the module
-    docstring).
+    """HF BERT / T5 / GPT-2 / LLaMA (directory or hub name) -> a polyhead checkpoint at `out` (see the
+    module docstring).
 
     task: the name of the pretraining task in the checkpoint (default "mlm_nsp" / "seq2seq" /
     "prefix_lm"). Heads load by task name, so a fine-tuning config whose Seq2Seq task is called
@@ -343,20 +394,16 @@ def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
         raise UserError(f"{directory}: no config.json; {FIX}")
     values = read_json(config_path)
     model_type = values.get("model_type")
-    if model_type not in HF_DEFAULTS:
+    if model_type not in FAMILIES:
+        supported = ", ".join(f"{name!r} ({family.architecture})" for name, family in FAMILIES.items())
         raise UserError(
-            f"{config_path}: model_type {model_type!r} is not supported; polyhead converts 'bert' "
-            "(BertForPreTraining), 't5' (T5ForConditionalGeneration) and 'gpt2' (GPT2LMHeadModel)"
+            f"{config_path}: model_type {model_type!r} is not supported; polyhead converts {supported}"
         )
-    hf = SimpleNamespace(**(HF_DEFAULTS[model_type] | values))
+    family = FAMILIES[model_type]
+    hf = SimpleNamespace(**(family.defaults | values))
     state, weights_path = read_weights(directory)
     try:
-        if model_type == "bert":
-            config = backbone_config_from_bert(hf)
-        elif model_type == "gpt2":
-            config = backbone_config_from_gpt2(hf)
-        else:
-            config = backbone_config_from_t5(hf, lm_head_in_weights="lm_head.weight" in state)
+        config = family.backbone_config(hf, state)
     except (UserError, TypeError) as error:
         raise UserError(f"{config_path}: {error}") from None
     tokenizer = read_tokenizer(directory, model_type, hf)
@@ -368,16 +415,14 @@ def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
             pretraining = MaskedLMNextSentence(max_length=min(128, config.max_len))  # BERT's phase-1 length
             tasks, heads = {name: pretraining}, {f"heads.{name}.{k}": v for k, v in head.items()}
         else:
+            assert family.to_polyhead is not None
             name = task or ("seq2seq" if model_type == "t5" else "prefix_lm")
-            to_polyhead = t5_to_polyhead if model_type == "t5" else gpt2_to_polyhead
-            backbone, lm_head = to_polyhead(state, config)
+            backbone, lm_head = family.to_polyhead(state, config)
             if lm_head is None and not config.tie_embeddings:
-                family = (
-                    "T5 without its LM head (T5Model)"
-                    if model_type == "t5"
-                    else "GPT-2 without its LM head (GPT2Model)"
+                raise UserError(
+                    f"no lm_head.weight: an untied model without its LM head ({family.headless}) has nothing "
+                    "to generate with"
                 )
-                raise UserError(f"no lm_head.weight: an untied {family} has nothing to generate with")
             tasks = {name: Seq2Seq() if model_type == "t5" else PrefixLM(**_prefix_lm_lengths(config))}
             heads = {} if lm_head is None else {f"heads.{name}.decoder.weight": lm_head}
     except UserError as error:
@@ -390,7 +435,7 @@ def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
     create_atomically(out, lambda path: torch.save(checkpoint, path))
     return Conversion(
         model_type=model_type,
-        architecture=ARCHITECTURES[model_type],
+        architecture=family.architecture,
         source=str(directory),
         written=out,
         parameters=sum(p.numel() for p in model.parameters()),

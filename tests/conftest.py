@@ -98,3 +98,11 @@ def gpt2_dir(tmp_path_factory) -> Path:
     from .hf_models import gpt2_directory
 
     return gpt2_directory(tmp_path_factory.mktemp("hf-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    """A tiny LlamaForCausalLM directory as save_pretrained writes it, with its tokenizer.json."""
+    from .hf_models import llama_directory
+
+    return llama_directory(tmp_path_factory.mktemp("hf-llama"))

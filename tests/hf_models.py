@@ -1,4 +1,4 @@
-"""Small HF models shaped like BERT's, T5's and GPT-2's, the reference the conversion tests compare against:
+"""Small HF models shaped like BERT's, T5's, GPT-2's and LLaMA's, the reference the conversion tests compare against:
 random weights (no downloads), every parameter perturbed so that a swapped or dropped tensor
 (biases and norms start at 0 and 1) cannot go unnoticed, saved as `save_pretrained` lays them out.
 
@@ -14,7 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from .hf_tokenizers import GPT2_EOS, SENTENCES, bert_wordpiece, gpt2_byte_bpe, t5_sentencepiece
+from .hf_tokenizers import (
+    GPT2_EOS,
+    LLAMA_BOS,
+    LLAMA_EOS,
+    SENTENCES,
+    bert_wordpiece,
+    gpt2_byte_bpe,
+    t5_sentencepiece,
+)
 
 transformers = pytest.importorskip("transformers", reason="transformers (a dev extra) is the reference")
 
@@ -118,6 +126,44 @@ def gpt2_directory(root: Path) -> Path:
     config = tiny_gpt2_config(trained.get_vocab_size(), trained.token_to_id(GPT2_EOS))
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
+    perturb(model)
+    model.save_pretrained(root)
+    hf_tokenizer.save_pretrained(root)
+    return root
+
+
+def tiny_llama_config(vocab_size: int, eos_id: int, tie: bool = False, **overrides):
+    """A LLaMA small enough for CPU whose shapes tell its dimensions apart: 2 key/value heads for 4
+    query heads, head_dim 6 (n_heads * head_dim = 24 != hidden_size 32), intermediate 48, a rotary
+    base of 500 (not the default)."""
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=6,
+        max_position_embeddings=64,
+        rope_parameters={"rope_theta": 500.0, "rope_type": "default"},
+        eos_token_id=eos_id,
+        tie_word_embeddings=tie,
+    )
+    return transformers.LlamaConfig(**(values | overrides))
+
+
+def llama_directory(root: Path) -> Path:
+    """A LlamaForCausalLM directory as save_pretrained writes it, with a LLaMA-3-style byte-level
+    BPE tokenizer.json (<|begin_of_text|>, <|end_of_text|>)."""
+    trained = gpt2_byte_bpe(SENTENCES * 4, specials=(LLAMA_BOS, LLAMA_EOS))
+    hf_tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=trained, bos_token=LLAMA_BOS, eos_token=LLAMA_EOS
+    )
+    config = tiny_llama_config(
+        trained.get_vocab_size(), trained.token_to_id(LLAMA_EOS), bos_token_id=trained.token_to_id(LLAMA_BOS)
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
     perturb(model)
     model.save_pretrained(root)
     hf_tokenizer.save_pretrained(root)

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 BERT_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 T5_SPECIALS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>", "start": "<pad>"}
 GPT2_EOS = "<|endoftext|>"
+LLAMA_BOS, LLAMA_EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -59,9 +60,12 @@ def t5_sentencepiece(lines: list[str], vocab_size: int = 80) -> bytes:
     return model.getvalue()
 
 
-def gpt2_byte_bpe(lines: list[str], vocab_size: int = 400) -> Tokenizer:
+def gpt2_byte_bpe(
+    lines: list[str], vocab_size: int = 400, specials: tuple[str, ...] = (GPT2_EOS,)
+) -> Tokenizer:
     """A GPT-2 tokenizer: byte-level pre-tokenizer (no prefix space), BPE over the 256 byte symbols,
-    byte-level decoder, and <|endoftext|> as its one special token, as gpt2's tokenizer.json."""
+    byte-level decoder, and <|endoftext|> as its one special token, as gpt2's tokenizer.json
+    (LLaMA 3's is the same kind, with `specials` (LLAMA_BOS, LLAMA_EOS))."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -69,7 +73,7 @@ def gpt2_byte_bpe(lines: list[str], vocab_size: int = 400) -> Tokenizer:
         lines,
         trainers.BpeTrainer(
             vocab_size=vocab_size,
-            special_tokens=[GPT2_EOS],
+            special_tokens=list(specials),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         ),
     )

@@ -119,11 +119,14 @@ def test_bad_sources_end_in_one_line_naming_the_file_and_write_nothing(bert_dir,
     message = fails(capsys, "convert", str(tmp_path / "empty"), str(out))
     assert "no config.json" in message and "save_pretrained" in message
 
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    message = fails(capsys, "convert", str(llama), str(out))
-    assert "config.json: model_type 'llama' is not supported" in message and "'gpt2'" in message
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    message = fails(capsys, "convert", str(qwen), str(out))
+    assert (
+        "config.json: model_type 'qwen2' is not supported" in message
+        and "'llama' (LlamaForCausalLM)" in message
+    )
 
     truncated = tmp_path / "truncated"
     truncated.mkdir()

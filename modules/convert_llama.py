@@ -1,0 +1,255 @@
+"""HuggingFace LLaMA (and Mistral without a sliding window) <-> polyhead: `LlamaForCausalLM` /
+`LlamaModel` configs and state dicts to a pre-RMSNorm decoder-only `Backbone` with rotary
+positions, grouped-query attention and a SwiGLU feed-forward, and back, by one key table
+(`llama_keys`; the shared machinery is in modules/convert.py).
+
+Only the default rotary schedule maps: scaled variants (LLaMA 3.1's "llama3", "linear", "dynamic",
+"yarn", ...) and biased projections (Qwen's) are refused, naming the config key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import SimpleNamespace
+from typing import Any
+
+from torch import Tensor
+
+from modules.config import BackboneConfig
+from modules.convert import (
+    OUR_ACTIVATIONS_IN_HF,
+    KeyLedger,
+    KeyMap,
+    StateDict,
+    export_tensors,
+    fused,
+    hf_activation,
+    import_tensors,
+    one_to_one,
+    refuse_differences,
+    require_same,
+)
+from modules.errors import UserError
+
+LLAMA_DEFAULTS = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": None,
+    "head_dim": None,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "rope_parameters": None,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "attention_dropout": 0.0,
+    "sliding_window": None,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": None,
+}
+"""transformers.LlamaConfig's defaults, for config.json files that leave a key out."""
+HF_PREFIX = "model."  # LlamaForCausalLM's body; LlamaModel has none
+LEGACY_BUFFERS = (".rotary_emb.inv_freq",)  # the rotary frequencies older transformers saved per layer
+
+
+def _rotary_base(hf_config: Any) -> float:
+    """The rotary base θ, from transformers 5's `rope_parameters` or 4's `rope_theta` and
+    `rope_scaling`; a scaled schedule is refused."""
+    parameters = getattr(hf_config, "rope_parameters", None) or {}
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    kind = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise UserError(
+            f"LLaMA rope_type={kind!r} (a scaled rotary schedule) has no polyhead equivalent; only 'default' maps"
+        )
+    return float(parameters.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+
+
+def backbone_config_from_llama(hf_config: Any) -> BackboneConfig:
+    """`transformers.LlamaConfig` (or any object with its attributes) -> `BackboneConfig`
+    (decoder-only, pre-RMSNorm, rotary, grouped-query, SwiGLU, no biases)."""
+    for key in ("attention_bias", "mlp_bias"):
+        if getattr(hf_config, key, False):
+            raise UserError(
+                f"LLaMA {key}=true has no polyhead equivalent (polyhead biases all projections or none)"
+            )
+    if getattr(hf_config, "sliding_window", None) is not None:
+        raise UserError(
+            f"sliding_window={hf_config.sliding_window}: sliding-window attention has no polyhead equivalent"
+        )
+    heads = hf_config.num_attention_heads
+    kv_heads = hf_config.num_key_value_heads
+    return BackboneConfig(
+        vocab_size=hf_config.vocab_size,
+        d_model=hf_config.hidden_size,
+        n_heads=heads,
+        n_kv_heads=None if kv_heads in (None, heads) else kv_heads,
+        head_dim=getattr(hf_config, "head_dim", None) or None,
+        d_ff=hf_config.intermediate_size,
+        encoder_layers=0,
+        decoder_layers=hf_config.num_hidden_layers,
+        max_len=hf_config.max_position_embeddings,
+        position="rotary",
+        rotary_base=_rotary_base(hf_config),
+        type_vocab_size=0,
+        norm="pre",
+        norm_type="rmsnorm",
+        norm_eps=hf_config.rms_norm_eps,
+        embedding_norm=False,
+        activation=hf_activation(hf_config.hidden_act, "LLaMA hidden_act"),  # type: ignore[arg-type]
+        gated_ff=True,
+        bias=False,
+        scale_attention=True,
+        dropout=0.0,
+        attention_dropout=hf_config.attention_dropout,
+        ff_dropout=0.0,
+        pooler=False,
+        tie_embeddings=bool(hf_config.tie_word_embeddings),
+        scale_tied_output=False,
+        init="normal",
+        init_std=hf_config.initializer_range,
+    )
+
+
+def llama_config_to_hf(
+    config: BackboneConfig, bos_id: int | None, eos_id: int | None, pad_id: int | None
+) -> dict:
+    """`BackboneConfig` -> the config.json of `LlamaForCausalLM` (the rotary base as `rope_theta`,
+    which transformers 4 and 5 both read). A backbone LLaMA cannot compute is refused with the
+    config keys that differ; the initialisation, dropout (LLaMA has none but on attention), the
+    segment embeddings and the pooler are not written (see `polyhead_to_llama`)."""
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.d_ff,
+        "num_hidden_layers": config.decoder_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.attention_head_dim,
+        "hidden_act": OUR_ACTIVATIONS_IN_HF[config.activation],
+        "max_position_embeddings": config.max_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rotary_base,
+        "attention_dropout": config.attention_dropout,
+        "initializer_range": config.init_std,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+    }
+    expressed = backbone_config_from_llama(SimpleNamespace(**(LLAMA_DEFAULTS | hf)))
+    unused = {"init", "init_std", "dropout", "ff_dropout", "type_vocab_size", "pooler"}
+    unused |= {"relative_buckets", "relative_max_distance"}
+    refuse_differences(config, expressed, "LLaMA", unused)
+    return hf
+
+
+def llama_keys(config: BackboneConfig) -> list[KeyMap]:
+    """The backbone table of `LlamaModel` (i = layer; `LlamaForCausalLM` prefixes each key with
+    "model."):
+
+        embed_tokens.weight (V, D)             -> embeddings.tokens.weight
+        layers.i.input_layernorm.weight (D,)   -> decoder.layers.i.self_attn_norm.weight
+        layers.i.self_attn.q_proj.weight (H*Dh, D), k_proj / v_proj (Hkv*Dh, D)
+                                               -> decoder.layers.i.self_attn.qkv.weight (q|k|v)
+        layers.i.self_attn.o_proj.weight (D, H*Dh) -> decoder.layers.i.self_attn.out.weight
+        layers.i.post_attention_layernorm.weight   -> decoder.layers.i.ff_norm.weight
+        layers.i.mlp.gate_proj / up_proj.weight (F, D) -> decoder.layers.i.ff.up.weight (gate|up)
+        layers.i.mlp.down_proj.weight (D, F)   -> decoder.layers.i.ff.down.weight
+        norm.weight (D,)                       -> decoder.final_norm.weight
+    """
+    d, ff, dh = config.d_model, config.d_ff, config.attention_head_dim
+    inner, kv_inner = config.n_heads * dh, config.kv_heads * dh
+    table = [one_to_one("embeddings.tokens.weight", "embed_tokens.weight", config.vocab_size, d)]
+    for i in range(config.decoder_layers):
+        src, dst = f"layers.{i}", f"decoder.layers.{i}"
+        attn = f"{src}.self_attn"
+        qkv = tuple(f"{attn}.{n}_proj.weight" for n in "qkv")
+        table += [
+            one_to_one(f"{dst}.self_attn_norm.weight", f"{src}.input_layernorm.weight", d),
+            KeyMap(f"{dst}.self_attn.qkv.weight", qkv, ((inner, d), (kv_inner, d), (kv_inner, d))),
+            one_to_one(f"{dst}.self_attn.out.weight", f"{attn}.o_proj.weight", d, inner),
+            one_to_one(f"{dst}.ff_norm.weight", f"{src}.post_attention_layernorm.weight", d),
+            fused(f"{dst}.ff.up.weight", (f"{src}.mlp.gate_proj.weight", f"{src}.mlp.up_proj.weight"), ff, d),
+            one_to_one(f"{dst}.ff.down.weight", f"{src}.mlp.down_proj.weight", d, ff),
+        ]
+    return table + [one_to_one("decoder.final_norm.weight", "norm.weight", d)]
+
+
+def _check_llama_shape(config: BackboneConfig) -> None:
+    if config.architecture != "decoder" or config.position != "rotary" or config.norm_type != "rmsnorm":
+        raise UserError(
+            "LLaMA conversion needs a decoder-only backbone with rotary positions and RMSNorm "
+            "(a config from backbone_config_from_llama)"
+        )
+
+
+def llama_to_polyhead(
+    hf_state_dict: Mapping[str, Tensor], config: BackboneConfig
+) -> tuple[StateDict, Tensor | None]:
+    """`LlamaForCausalLM` or `LlamaModel` state dict -> (Backbone state dict, lm_head weight or None),
+    by `llama_keys`. Tied, `lm_head.weight` may be absent and, if present, must equal embed_tokens;
+    untied, it is returned (None then means the checkpoint has no LM head: `LlamaModel`).
+
+    Consumed and discarded: the per-layer `rotary_emb.inv_freq` buffers older transformers saved;
+    the frequencies follow from the config.
+    """
+    _check_llama_shape(config)
+    state = {key.removeprefix(HF_PREFIX): tensor for key, tensor in hf_state_dict.items()}
+    ledger = KeyLedger(state, "LLaMA")
+    for key in [k for k in state if k.endswith(LEGACY_BUFFERS)]:
+        ledger.take_optional(key)
+    out = import_tensors(ledger, llama_keys(config))
+    lm_head = ledger.take_optional("lm_head.weight", (config.vocab_size, config.d_model))
+    if config.tie_embeddings:
+        require_same(
+            ledger,
+            "lm_head.weight",
+            lm_head,
+            out.get("embeddings.tokens.weight"),
+            "tie_word_embeddings is set",
+        )
+        lm_head = None
+    ledger.close()
+    return out, lm_head
+
+
+def polyhead_to_llama(
+    backbone: Mapping[str, Tensor], lm_head: Tensor | None, config: BackboneConfig
+) -> StateDict:
+    """(Backbone state dict, lm_head weight (V, D) when untied) -> `LlamaForCausalLM` state dict, by
+    `llama_keys`. A decoder-only backbone adds segment row 0 to every token embedding (it passes no
+    segment ids) and has no position table to fold it into, so a backbone with segment embeddings
+    is refused unless that row is zero; a pooler is never read and is left out."""
+    _check_llama_shape(config)
+    if config.tie_embeddings != (lm_head is None):
+        raise UserError(
+            "an untied LLaMA needs its LM head"
+            if lm_head is None
+            else "a tied LLaMA has no LM head of its own"
+        )
+    state = dict(backbone)
+    segments = state.pop("embeddings.segments.weight", None)
+    if segments is not None and segments[0].any():
+        raise UserError(
+            "this backbone adds a segment embedding to every token, which LLaMA cannot: "
+            "train decoder-only models for LLaMA export with model.backbone.type_vocab_size: 0"
+        )
+    for key in ("pooler.weight", "pooler.bias"):
+        state.pop(key, None)
+    ledger = KeyLedger(state, "polyhead backbone")
+    out = {HF_PREFIX + key: tensor for key, tensor in export_tensors(ledger, llama_keys(config)).items()}
+    ledger.close()
+    if lm_head is not None:
+        out["lm_head.weight"] = lm_head.contiguous().clone()
+    return out

@@ -1,0 +1,252 @@
+"""HF LLaMA <-> polyhead (modules/convert_llama.py, and `polyhead convert` both ways): a converted
+LLaMA (rotary positions, 2 key/value heads for 4 query heads, SwiGLU) computes HF's logits over
+padded batches and generates HF's tokens; export gives HF back the same tensors; an imported LLaMA
+fine-tunes and exports what it computes; what LLaMA cannot compute is refused by key.
+
+Small randomly initialised HF models (no downloads), every parameter perturbed (tests/hf_models.py);
+eval mode, fp32, outputs agree to ATOL = RTOL = 1e-5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from datamodules.tokenizer import HFTokenizer
+from modules.backbone import Backbone
+from modules.convert_llama import (
+    LLAMA_DEFAULTS,
+    backbone_config_from_llama,
+    llama_config_to_hf,
+    llama_to_polyhead,
+    polyhead_to_llama,
+)
+from modules.errors import UserError
+from modules.generation import GenerationConfig, generate
+from modules.heads import LanguageModelHead
+from modules.model import MultiTaskModel
+from tasks.prefix_lm import PrefixLM
+
+from .convert_cli import fails, polyhead
+from .hf_models import ATOL, RTOL, loaded_cleanly, perturb, tiny_llama_config, transformers
+from .hf_tokenizers import LLAMA_EOS, SENTENCES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB, EOS = 90, 7
+
+
+def llama_pair(tie: bool = False) -> tuple:
+    """(HF LlamaForCausalLM, its polyhead Backbone, the polyhead LM head) holding the same weights."""
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(tiny_llama_config(VOCAB, EOS, tie)).eval()
+    perturb(hf)
+    config = backbone_config_from_llama(hf.config)
+    state, lm_head = llama_to_polyhead(hf.state_dict(), config)
+    backbone = Backbone(config).eval()
+    backbone.load_state_dict(state, strict=True)
+    head = LanguageModelHead(config).eval()
+    if lm_head is not None:
+        head.load_state_dict({"decoder.weight": lm_head}, strict=True)
+    return hf, backbone, head
+
+
+def logits(backbone: Backbone, head: LanguageModelHead, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+    """(B, T) -> (B, T, V) next-token logits of a decoder-only polyhead model."""
+    return head(backbone.decode(ids, mask), backbone.token_embedding)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_logits_match_hf_over_a_right_padded_batch(tie: bool) -> None:
+    hf, backbone, head = llama_pair(tie)
+    config = backbone.config
+    assert (config.position, config.kv_heads, config.attention_head_dim, config.rotary_base) == (
+        "rotary",
+        2,
+        6,
+        500.0,
+    )
+    ids = torch.randint(0, VOCAB, (3, 21))
+    mask = (torch.arange(21)[None, :] < torch.tensor([21, 13, 5])[:, None]).long()  # (B, T)
+    with torch.no_grad():
+        ours, theirs = logits(backbone, head, ids, mask), hf(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_llama_generation_from_left_padded_prompts_gives_hfs_tokens(beams: int) -> None:
+    hf, backbone, head = llama_pair()
+    lengths = torch.tensor([9, 4, 7])
+    mask = (torch.arange(9)[None, :] >= (9 - lengths)[:, None]).long()  # (B, T) left padding
+    ids = torch.randint(0, VOCAB, (3, 9)).masked_fill(mask == 0, EOS)
+    steps = 10
+    strategy = {"strategy": "beam", "num_beams": beams} if beams > 1 else {}
+    with torch.no_grad():
+        ours = generate(
+            backbone,
+            lambda h: head(h, backbone.token_embedding),
+            ids,
+            mask,
+            GenerationConfig(max_new_tokens=steps, eos_id=None, pad_id=EOS, **strategy),
+        ).tokens
+        theirs = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            num_beams=beams,
+            length_penalty=1.0,
+            early_stopping="never" if beams > 1 else False,
+            eos_token_id=None,
+            pad_token_id=EOS,
+        )[:, ids.size(1) :]
+    assert torch.equal(ours, theirs)
+
+
+def test_llama_export_inverts_import_tensor_for_tensor() -> None:
+    hf, backbone, head = llama_pair()
+    back = polyhead_to_llama(backbone.state_dict(), head.decoder.weight, backbone.config)
+    theirs = hf.state_dict()
+    assert back.keys() == theirs.keys()
+    for key, tensor in back.items():
+        assert torch.equal(tensor, theirs[key]), key
+    hf_config = llama_config_to_hf(backbone.config, None, EOS, None)
+    assert backbone_config_from_llama(SimpleNamespace(**(LLAMA_DEFAULTS | hf_config))) == backbone.config
+    assert transformers.LlamaConfig.from_dict(hf_config).rope_parameters["rope_theta"] == 500.0
+
+
+def test_headless_key_names_and_legacy_rotary_buffers_convert() -> None:
+    """LlamaModel's keys have no "model." prefix; older files carry per-layer inv_freq buffers."""
+    hf, backbone, _ = llama_pair()
+    original = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    for i in range(hf.config.num_hidden_layers):
+        original[f"layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(3)
+    state, lm_head = llama_to_polyhead(original, backbone.config)
+    assert torch.equal(lm_head, hf.lm_head.weight)
+    for key, tensor in backbone.state_dict().items():
+        assert torch.equal(state[key], tensor), key
+    original["layers.0.self_attn.k_proj.weight"] = torch.zeros(24, 32)  # as if every head had its own kv
+    with pytest.raises(
+        UserError, match=re.escape("layers.0.self_attn.k_proj.weight: (24, 32), expected (12, 32)")
+    ):
+        llama_to_polyhead(original, backbone.config)
+
+
+def test_what_llama_cannot_compute_is_refused_naming_the_key() -> None:
+    for overrides, message in [  # config.json values as transformers 5 and 4 write them
+        (
+            {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+            "rope_type='llama3'",
+        ),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type='linear'"),
+        ({"attention_bias": True}, "attention_bias=true"),
+        ({"mlp_bias": True}, "mlp_bias=true"),
+        ({"sliding_window": 4096}, "sliding_window=4096"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            backbone_config_from_llama(SimpleNamespace(**(LLAMA_DEFAULTS | overrides)))
+    config = llama_pair()[1].config
+    for change, key in [
+        ({"bias": True}, "model.backbone.bias=True"),
+        ({"gated_ff": False}, "model.backbone.gated_ff=False"),
+        ({"position": "learned"}, "model.backbone.position='learned' (LLaMA has 'rotary')"),
+        ({"norm_type": "layernorm"}, "model.backbone.norm_type='layernorm'"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(key)):
+            llama_config_to_hf(dataclasses.replace(config, **change), None, EOS, None)
+    segmented = dataclasses.replace(config, type_vocab_size=2)
+    backbone = Backbone(segmented)
+    with pytest.raises(UserError, match="type_vocab_size: 0"):
+        polyhead_to_llama(backbone.state_dict(), torch.zeros(VOCAB, config.d_model), segmented)
+
+
+# ------------------------------------------------------------------------------ `polyhead convert`
+
+
+def test_llama_converts_with_its_tokenizer_and_round_trips_exactly(llama_dir, tmp_path, capsys):
+    out = tmp_path / "llama.ckpt"
+    polyhead("convert", str(llama_dir), str(out))
+    report = capsys.readouterr().out
+    assert "llama (LlamaForCausalLM)" in report and "prefix_lm (PrefixLM)" in report
+
+    model = MultiTaskModel.from_checkpoint(out)
+    tokenizer = model.tokenizer
+    assert isinstance(tokenizer, HFTokenizer) and isinstance(model.tasks["prefix_lm"], PrefixLM)
+    assert tokenizer.eos_id == tokenizer.pad_id == tokenizer.piece_id(LLAMA_EOS, "eos")
+    reference = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    texts = [*SENTENCES, "An unseen sentence, with Çafé accents."]
+    assert tokenizer.encode(texts) == [reference(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(llama_dir).eval()
+    ids = torch.tensor([tokenizer.encode([SENTENCES[4]])[0][:20]])
+    with torch.no_grad():
+        ours = model.heads["prefix_lm"](model.backbone.decode(ids), model.backbone.token_embedding)
+        torch.testing.assert_close(ours, hf(input_ids=ids).logits, atol=ATOL, rtol=RTOL)
+
+    polyhead("convert", "--to-hf", str(out), str(tmp_path / "hf"))
+    assert "llama (LlamaForCausalLM)" in capsys.readouterr().out
+    original, exported = (
+        load_file(llama_dir / "model.safetensors"),
+        load_file(tmp_path / "hf" / "model.safetensors"),
+    )
+    assert original.keys() == exported.keys()
+    for key, tensor in original.items():
+        assert torch.equal(tensor, exported[key]), key
+    again = loaded_cleanly(transformers.LlamaForCausalLM, tmp_path / "hf")
+    assert again.config.num_key_value_heads == 2 and again.config.eos_token_id == tokenizer.eos_id
+    exported_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert [exported_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts] == tokenizer.encode(
+        texts
+    )
+
+
+def test_a_llama_tokenizer_without_an_eos_token_is_refused_in_one_line(llama_dir, tmp_path, capsys):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (partial / name).write_bytes((llama_dir / name).read_bytes())
+    (partial / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>"}))
+    message = fails(capsys, "convert", str(partial), str(tmp_path / "out.ckpt"))
+    assert "names no eos_token" in message and str(partial) in message
+    assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_imported_llama_fine_tunes_as_a_summarizer_and_exports_what_it_computes(llama_dir, tmp_path, capsys):
+    """Three PrefixLM steps from --model.init_from, with attention dropout on (the written-out
+    attention path, grouped kv heads expanded), then export: HF computes the fine-tuned logits."""
+    polyhead("convert", str(llama_dir), str(tmp_path / "llama.ckpt"))
+    rows = [{"source": s, "target": s.split()[0]} for s in SENTENCES]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {"max_source_length": 40, "max_target_length": 16, "generation": {"max_new_tokens": 8}}
+    source = {"path": str(tmp_path / "rows.jsonl"), "validation_path": str(tmp_path / "rows.jsonl")}
+    config = {
+        "model": {"tasks": {"summarize": {"class_path": "PrefixLM", "init_args": task}}},
+        "data": {"sources": {"summarize": source}, "batch_size": 3},
+        "trainer": {"max_steps": 3, "logger": False, "limit_val_batches": 1, "enable_progress_bar": False},
+        "checkpoint": {"dirpath": str(tmp_path / "run"), "monitor": None},
+    }
+    (tmp_path / "fit.yaml").write_text(json.dumps(config))
+    polyhead(
+        "fit", "--config", str(tmp_path / "fit.yaml"), "--model.init_from", str(tmp_path / "llama.ckpt"),
+        "--model.backbone.attention_dropout", "0.1",
+    )  # fmt: skip
+    ours = MultiTaskModel.from_checkpoint(tmp_path / "run" / "last.ckpt").eval()
+    imported = MultiTaskModel.from_checkpoint(tmp_path / "llama.ckpt")
+    assert not torch.equal(ours.backbone.token_embedding, imported.backbone.token_embedding)
+
+    polyhead("convert", "--to-hf", str(tmp_path / "run" / "last.ckpt"), str(tmp_path / "hf"))
+    assert "llama (LlamaForCausalLM)" in capsys.readouterr().out
+    hf = loaded_cleanly(transformers.LlamaForCausalLM, tmp_path / "hf")
+    ids = torch.tensor(ours.tokenizer.encode([f"summarize: {SENTENCES[1]}"]))
+    with torch.no_grad():
+        logits = ours.heads["summarize"](ours.backbone.decode(ids), ours.backbone.token_embedding)
+        torch.testing.assert_close(logits, hf(input_ids=ids).logits, atol=ATOL, rtol=RTOL)
