@@ -26,9 +26,12 @@ tokens per row. Both decoders start from T5's start token, pad id 0.
 --model gpt2: the same widths in GPT-2's layout (pre-LayerNorm, learned positions for prompt + new
 tokens, biases, tanh GELU, output tied to the embeddings), --layers decoder layers, built as
 `GPT2LMHeadModel` and converted by `backbone_config_from_gpt2` / `gpt2_to_polyhead`
-(modules/convert_gpt2.py). The sources become prompts, LEFT-padded (the pad in front of each row's
-real tokens, so every row's next token lands in the same column, as decoder-only generation needs);
-both sides continue each prompt from its own last real token, with positions counted from its first.
+(modules/convert_gpt2.py). --model llama: LLaMA's layout (pre-RMSNorm, rotary positions, SwiGLU of
+width 8/3 x d_model rounded to 8, no biases, output tied), with grouped-query attention (half as many
+key/value heads as query heads), built as `LlamaForCausalLM` and converted by modules/convert_llama.py.
+For both, the sources become prompts, LEFT-padded (the pad in front of each row's real tokens, so
+every row's next token lands in the same column, as decoder-only generation needs); both sides
+continue each prompt from its own last real token, with positions counted from its first.
 
 Both sides do the same work: every row generates exactly --new-tokens tokens. Neither side has an
 eos: polyhead runs with `eos_id=None`, which decodes every row for max_new_tokens, and HF's
@@ -59,7 +62,8 @@ output per source (beams are not counted).
     python benchmarks/generate.py --quick                  # a tiny smoke run
 
 Prints one line per case (tokens/s of both sides and their ratio, polyhead / HF) and writes
-benchmarks/results/generate.json (generate_gpt2.json for --model gpt2; _cuda before .json on a GPU).
+benchmarks/results/generate.json (generate_gpt2.json, generate_llama.json for --model gpt2, llama;
+_cuda before .json on a GPU).
 """
 
 from __future__ import annotations
@@ -73,10 +77,19 @@ from collections.abc import Callable
 import torch
 from records import write_record
 from torch import Tensor
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, T5Config, T5ForConditionalGeneration
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from modules.backbone import Backbone
 from modules.convert_gpt2 import backbone_config_from_gpt2, gpt2_to_polyhead
+from modules.convert_llama import backbone_config_from_llama, llama_to_polyhead
 from modules.convert_t5 import backbone_config_from_t5, t5_to_polyhead
 from modules.generation import GenerationConfig, generate
 from modules.heads import LanguageModelHead
@@ -87,7 +100,13 @@ PERTURBATION = 0.5  # std of the noise added to every HF parameter, as tests/tes
 SEED = 0
 SIDES = ("polyhead", "hf")
 CASES = ("greedy", "beam")
-MODELS = ("t5", "gpt2")
+MODELS = ("t5", "gpt2", "llama")
+CONVERTERS = {
+    "t5": (backbone_config_from_t5, t5_to_polyhead),
+    "gpt2": (backbone_config_from_gpt2, gpt2_to_polyhead),
+    "llama": (backbone_config_from_llama, llama_to_polyhead),
+}
+"""model_type -> (its config mapping, its state-dict mapping) in the project's converters."""
 QUICK = {"repeats": 2, "batch": 4, "seq": 16, "new_tokens": 8, "layers": 1, "d_model": 64, "vocab": 500}
 """--quick: a config small enough to run in seconds; flags given explicitly still win."""
 
@@ -132,6 +151,25 @@ def hf_gpt2(args: argparse.Namespace) -> GPT2LMHeadModel:
     return perturbed(lambda: GPT2LMHeadModel(config))
 
 
+def hf_llama(args: argparse.Namespace) -> LlamaForCausalLM:
+    """HF's LLaMA at the benchmark's size (see the docstring), randomly initialised then perturbed,
+    with no eos."""
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.d_model,
+        intermediate_size=8 * args.d_model // 3 // 8 * 8,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=max(1, args.heads // 2),
+        max_position_embeddings=args.seq + args.new_tokens,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=T5_PAD,
+    )
+    return perturbed(lambda: LlamaForCausalLM(config))
+
+
 def perturbed(build: Callable[[], PreTrainedModel]) -> PreTrainedModel:
     """The model `build` makes at HF's random initialisation (seeded), every parameter then moved by
     N(0, PERTURBATION), in eval mode."""
@@ -146,12 +184,9 @@ def perturbed(build: Callable[[], PreTrainedModel]) -> PreTrainedModel:
 def polyhead_copy(hf: PreTrainedModel) -> tuple[Backbone, LanguageModelHead]:
     """The same network in polyhead, by the project's converter: backbone and (tied) LM head.
     Loaded strictly, so every converted weight has its place and none is left at its initialisation."""
-    if isinstance(hf, T5ForConditionalGeneration):
-        config = backbone_config_from_t5(hf.config)
-        state, lm_head = t5_to_polyhead(hf.state_dict(), config)
-    else:
-        config = backbone_config_from_gpt2(hf.config)
-        state, lm_head = gpt2_to_polyhead(hf.state_dict(), config)
+    config_from, to_polyhead = CONVERTERS[hf.config.model_type]
+    config = config_from(hf.config)
+    state, lm_head = to_polyhead(hf.state_dict(), config)
     if lm_head is not None:
         raise RuntimeError(
             "the benchmark's models tie their output to the embeddings; the converter gave a head"
@@ -293,7 +328,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=128, help="source columns (rows are right-padded)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
     parser.add_argument(
-        "--model", default="t5", choices=MODELS, help="the architecture: T5, or decoder-only GPT-2"
+        "--model", default="t5", choices=MODELS, help="the architecture: T5, or decoder-only GPT-2 or LLaMA"
     )
     parser.add_argument(
         "--layers",
@@ -331,8 +366,8 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
     device = torch.device(args.device)
-    decoder_only = args.model == "gpt2"
-    hf = hf_gpt2(args) if decoder_only else hf_t5(args)
+    decoder_only = args.model != "t5"
+    hf = {"t5": hf_t5, "gpt2": hf_gpt2, "llama": hf_llama}[args.model](args)
     backbone, head = polyhead_copy(hf)
     hf, backbone, head = hf.to(device), backbone.to(device), head.to(device)
     generator = torch.Generator().manual_seed(SEED)
@@ -349,11 +384,11 @@ def main(argv: list[str]) -> None:
         results[case] = measure(case, runs, args.batch, args)
         print(table_row(case, results[case]), flush=True)
     setting = {k: v for k, v in vars(args).items() if k != "cases"}
-    setting |= {"d_ff": 4 * args.d_model, "source_real_tokens": int(mask.sum())}
+    setting |= {"d_ff": backbone.config.d_ff, "source_real_tokens": int(mask.sum())}
     setting |= {"parameters": sum(p.numel() for p in backbone.parameters())}
     setting |= {"hf_attention": hf.config._attn_implementation, "dtype": "fp32"}
     body = {"setting": setting, "cases": results}
-    write_record("generate", argv, device, body, name="generate_gpt2" if decoder_only else None)
+    write_record("generate", argv, device, body, name=f"generate_{args.model}" if decoder_only else None)
 
 
 if __name__ == "__main__":
