@@ -23,6 +23,17 @@ from tasks.mlm_nsp import IGNORE, MaskedLMNextSentence
 from .conftest import ROOT
 
 CONFIG = BackboneConfig(vocab_size=200, d_model=64, n_heads=4, d_ff=128, encoder_layers=2, max_len=32)
+LLAMA_LAYOUT = dataclasses.replace(  # rotary positions and grouped-query attention take other paths
+    CONFIG,
+    position="rotary",
+    n_kv_heads=2,
+    norm="pre",
+    norm_type="rmsnorm",
+    gated_ff=True,
+    activation="silu",
+    bias=False,
+)
+LAYOUTS = pytest.mark.parametrize("config", [CONFIG, LLAMA_LAYOUT], ids=["bert", "llama"])
 STEPS = 4
 
 
@@ -63,16 +74,18 @@ def train(config: BackboneConfig, speed: SpeedConfig, autocast: bool = False) ->
     return losses
 
 
-def test_activation_checkpointing_replays_dropout_and_gives_the_same_training():
+@LAYOUTS
+def test_activation_checkpointing_replays_dropout_and_gives_the_same_training(config):
     """Dropout on: the recomputed forward pass must draw the same masks, or the gradients differ."""
-    plain = train(CONFIG, SpeedConfig())
-    checkpointed = train(CONFIG, SpeedConfig(activation_checkpointing=True))
+    plain = train(config, SpeedConfig())
+    checkpointed = train(config, SpeedConfig(activation_checkpointing=True))
     assert checkpointed == pytest.approx(plain, rel=1e-5)
     assert plain[-1] < plain[0]  # it trains at all
 
 
-def test_compiled_blocks_train_as_eager_ones():
-    quiet = dataclasses.replace(CONFIG, dropout=0.0, attention_dropout=0.0)  # compiled RNG differs
+@LAYOUTS
+def test_compiled_blocks_train_as_eager_ones(config):
+    quiet = dataclasses.replace(config, dropout=0.0, attention_dropout=0.0)  # compiled RNG differs
     eager = train(quiet, SpeedConfig())
     compiled = train(quiet, SpeedConfig(compile=True, activation_checkpointing=True))
     assert compiled == pytest.approx(eager, rel=1e-4)
@@ -86,11 +99,13 @@ def test_bf16_autocast_trains_close_to_fp32():
     assert bf16 != fp32  # autocast really ran in bf16
 
 
-def test_model_flops_equal_torch_flop_counter_on_the_encoder():
+@LAYOUTS
+def test_model_flops_equal_torch_flop_counter_on_the_encoder(config):
     """6 FLOPs per weight per token plus 12 * width * context per attention layer per token is
     exactly what the matmuls of a forward + backward pass do (SDPA's math kernel, whose matmuls
-    torch's counter sees; the CPU flash kernel is invisible to it)."""
-    backbone = Backbone(dataclasses.replace(CONFIG, dropout=0.0, attention_dropout=0.0))
+    torch's counter sees; the CPU flash kernel is invisible to it). Grouped kv heads make fewer
+    weights, while every query head still scores every key."""
+    backbone = Backbone(dataclasses.replace(config, dropout=0.0, attention_dropout=0.0))
     batch = mlm_nsp_batch()
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         backbone.encode(batch["input_ids"], batch["attention_mask"]).sum().backward()
