@@ -133,19 +133,26 @@ def parameter_grads(module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("attention", ["lsh", "full"])
-def test_reversible_layers_give_the_outputs_and_gradients_of_storing_every_activation(attention):
+@pytest.mark.parametrize(
+    "attention, layout",
+    [("lsh", {}), ("full", {}), ("full", {"position": "rotary", "n_kv_heads": 1})],
+    ids=["lsh", "full", "full-rotary-grouped"],
+)
+def test_reversible_layers_give_the_outputs_and_gradients_of_storing_every_activation(attention, layout):
     """The reversible backward (rebuild inputs, recompute, replay dropout and hashing) against plain
     autograd through the same reversible updates, in float64 with dropout on."""
     torch.manual_seed(0)
-    backbone = Backbone(long_config(attention=attention, reversible=True, ff_chunks=3)).double().train()
+    config = long_config(attention=attention, reversible=True, ff_chunks=3, **layout)
+    backbone = Backbone(config).double().train()
     layers = backbone.encoder.layers
     x = torch.randn(2, 20, 16, dtype=torch.float64, requires_grad=True)
     key_mask = torch.ones(2, 20, dtype=torch.bool)
     key_mask[1, 15:] = False
-    args = (None, False, key_mask, None)
+    args = (None, False, key_mask, None, None)
     if attention == "full":
-        args = (backbone.encoder._self_attention_bias(20, 20, key_mask, x, None)[0], False, key_mask, None)
+        bias = backbone.encoder._self_attention_bias(20, 20, key_mask, x, None)[0]
+        rotation = backbone.encoder.rotary(torch.arange(20)) if backbone.encoder.rotary is not None else None
+        args = (bias, False, key_mask, None, rotation)
 
     torch.manual_seed(1)
     stored = sum(run_layers(layers, x, args)) / 2
