@@ -2,7 +2,7 @@
 architecture, batch, sequence length, dtype (fp32) and thread count.
 
 Issue 8 ("Speed and scale") asks for polyhead >= 1.3x HF's training throughput on CPU in fp32 at
-this small config, with no more peak memory; this script measures both. Three cases:
+this small config, with no more peak memory; this script measures both. Four cases:
 
 - bert: polyhead's post-LN encoder with the MaskedLMNextSentence heads and loss (tasks/mlm_nsp.py)
   against `BertForPreTraining`;
@@ -11,11 +11,15 @@ this small config, with no more peak memory; this script measures both. Three ca
   `T5ForConditionalGeneration`;
 - gpt2: polyhead's pre-LayerNorm decoder with learned positions and the PrefixLM task
   (tasks/prefix_lm.py) with the loss on every next token (`loss_on: all`), in GPT-2's layout (tanh
-  GELU, biases, output tied to the embeddings), against `GPT2LMHeadModel`.
+  GELU, biases, output tied to the embeddings), against `GPT2LMHeadModel`;
+- llama: the same task in LLaMA's layout (pre-RMSNorm, rotary positions, half as many key/value heads
+  as query heads, SwiGLU of width 8/3 x d_model rounded to 8, no biases, output tied, no dropout but
+  on attention), against `LlamaForCausalLM`.
 
 Both sides of a case are one `BackboneConfig`: HF's config is written from it by
 `bert_config_to_hf` (modules/convert_bert.py), `t5_config_to_hf` (modules/convert_t5.py) or
-`gpt2_config_to_hf` (modules/convert_gpt2.py), which refuse any field HF would compute differently. The parameter counts must then be equal (no
+`gpt2_config_to_hf` (modules/convert_gpt2.py) or `llama_config_to_hf` (modules/convert_llama.py),
+which refuse any field HF would compute differently. The parameter counts must then be equal (no
 difference is allowed for: there is none), HF starts from a copy of polyhead's initial weights, and
 before anything is timed both must give the same loss on the benchmark batch with dropout off.
 
@@ -26,7 +30,7 @@ thread count unless --threads. Batches are random tokens, all of them real (atte
 ones), the same tensors for both sides: for bert segment A is the first half and B the second, about
 15% of positions carry an MLM label, NSP labels are random; for t5 the decoder reads the labels
 shifted right behind the start token (teacher forcing) and every target token is a label; for gpt2
-every position but the last predicts the next token (HF shifts its labels itself).
+and llama every position but the last predicts the next token (HF shifts its labels itself).
 
 The timed unit is one training step: forward, loss, backward, AdamW step (lr 5e-4, weight decay 0.01
 on matrices and embeddings only, grouped for both sides by polyhead's modules/optim.py). Both models
@@ -75,6 +79,8 @@ from transformers import (
     BertForPreTraining,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedModel,
     T5Config,
     T5ForConditionalGeneration,
@@ -84,6 +90,7 @@ from modules.backbone import Backbone, init_weights
 from modules.config import BackboneConfig
 from modules.convert_bert import bert_config_to_hf, polyhead_to_bert
 from modules.convert_gpt2 import gpt2_config_to_hf, polyhead_to_gpt2
+from modules.convert_llama import llama_config_to_hf, polyhead_to_llama
 from modules.convert_t5 import polyhead_to_t5, t5_config_to_hf
 from modules.flops import network_cost, peak_flops
 from modules.optim import OptimizerConfig, build_optimizer
@@ -267,7 +274,39 @@ def gpt2_case(args: argparse.Namespace) -> Case:
     )
 
 
-CASES = {"bert": bert_case, "t5": t5_case, "gpt2": gpt2_case}
+def llama_case(args: argparse.Namespace) -> Case:
+    """PrefixLM with the loss on every next token, in LLaMA's layout with grouped-query attention,
+    against LlamaForCausalLM. LLaMA has dropout on attention only: the rest is off on both sides."""
+    config = sized(
+        args,
+        encoder_layers=0,
+        decoder_layers=args.layers,
+        n_kv_heads=max(1, args.heads // 2),
+        d_ff=8 * args.d_model // 3 // 8 * 8,
+        max_len=args.seq,
+        position="rotary",
+        type_vocab_size=0,
+        norm="pre",
+        norm_type="rmsnorm",
+        norm_eps=1e-6,
+        embedding_norm=False,
+        activation="silu",
+        gated_ff=True,
+        bias=False,
+        dropout=0.0,
+        ff_dropout=0.0,
+        pooler=False,
+    )
+    gpt2 = gpt2_case(args)  # the same batch and task
+    return dataclasses.replace(
+        gpt2,
+        config=config,
+        hf_model=lambda c: LlamaForCausalLM(LlamaConfig.from_dict(llama_config_to_hf(c, None, None, None))),
+        hf_weights=lambda model, c: polyhead_to_llama(model["backbone"].state_dict(), None, c),
+    )
+
+
+CASES = {"bert": bert_case, "t5": t5_case, "gpt2": gpt2_case, "llama": llama_case}
 
 
 def on_device(case: Case, device: torch.device) -> Case:
@@ -498,7 +537,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per block")
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks per side")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--cases", default="bert,t5,gpt2", help="comma-separated, of: " + ", ".join(CASES))
+    parser.add_argument(
+        "--cases", default="bert,t5,gpt2,llama", help="comma-separated, of: " + ", ".join(CASES)
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128, help="tokens per input (t5: source; target seq/4)")
     parser.add_argument("--layers", type=int, default=4, help="encoder layers (t5: and decoder layers)")

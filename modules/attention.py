@@ -254,7 +254,8 @@ class MultiHeadAttention(nn.Module):
         else:
             q, k, v = (self._heads(part) for part in self.qkv(x).split(self.split, dim=-1))
             if rotation is not None:
-                q, k = rotate(q, rotation), rotate(k, rotation)
+                # q and k become new tensors: v of its own lets the fused projection's output go
+                q, k, v = rotate(q, rotation), rotate(k, rotation), v.contiguous()
             if cache is not None:
                 k, v = cache.append(k, v)  # (B, Hkv, past + T, Dh)
         cpu_dropout = self.training and self.dropout > 0 and q.device.type == "cpu"

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 Rotation = tuple[Tensor, Tensor]
-"""(cos, sin), each (B or 1, 1, T, Dh): the angles of T positions, broadcast over heads."""
+"""(cos, ±sin), each (B or 1, 1, T, Dh): the angles of T positions, broadcast over heads; the sines
+of the first half of the dimensions negated (see `rotate`)."""
 
 
 class RotaryEmbedding(nn.Module):
@@ -29,17 +30,18 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", 1.0 / base**exponents, persistent=False)  # radians per position
 
     def forward(self, positions: Tensor) -> Rotation:
-        """positions: (T,) or (B, T) integer -> (cos, sin), each (1 or B, 1, T, Dh), float32."""
+        """positions: (T,) or (B, T) integer -> (cos, ±sin), each (1 or B, 1, T, Dh), float32."""
         angles = positions[..., None].float() * self.inv_freq  # (T, Dh/2) or (B, T, Dh/2)
-        angles = torch.cat([angles, angles], dim=-1)  # pair i is (i, i + Dh/2)
         if angles.dim() == 2:
             angles = angles[None]
-        return angles.cos()[:, None], angles.sin()[:, None]
+        cos, sin = angles.cos(), angles.sin()  # (1 or B, T, Dh/2)
+        return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]
 
 
 def rotate(x: Tensor, rotation: Rotation) -> Tensor:
-    """x: (B, H, T, Dh) queries or keys -> the same turned by `rotation` (see the module docstring)."""
-    cos, sin = rotation
-    first, second = x.chunk(2, dim=-1)  # (B, H, T, Dh/2) each
-    half_turned = torch.cat([-second, first], dim=-1)  # x rotated by 90 degrees within every pair
-    return x * cos.to(x.dtype) + half_turned * sin.to(x.dtype)
+    """x: (B, H, T, Dh) queries or keys -> the same turned by `rotation` (see the module docstring).
+
+    Pair (a, b) = (x_i, x_{i + Dh/2}) becomes (a cos - b sin, b cos + a sin): x times cos, plus x with
+    its halves swapped (a roll by Dh/2) times the sines, negated on the first half."""
+    cos, signed_sin = rotation
+    return x * cos.to(x.dtype) + x.roll(x.size(-1) // 2, dims=-1) * signed_sin.to(x.dtype)
