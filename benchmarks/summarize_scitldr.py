@@ -9,7 +9,8 @@ same number of steps; greedy decoding of at most 64 tokens on the first 200 test
 F x 100 with stemming, each output against its best reference. polyhead runs
 experiments/configs/summarize_seq2seq.yaml (once at the peer's exact settings: lr 5e-4, no copy
 head; then at its own defaults: lr 2e-3, without and with the copy head) and
-summarize_prefix_lm.yaml; the pretrained variant first trains MLM+NSP on the training abstracts
+summarize_prefix_lm.yaml (also in LLaMA's layout: rotary positions, grouped-query attention,
+SwiGLU, RMSNorm, no biases); the pretrained variant first trains MLM+NSP on the training abstracts
 (the same backbone, its encoder only) and starts the summarizer from that checkpoint
 (--model.init_from). Every checkpoint is scored twice: plain greedy (the peer's decoding) and greedy
 with no_repeat_ngram_size 3. Beside ROUGE: how many of the 200 outputs are distinct, and how many
@@ -44,11 +45,25 @@ CONFIGS = ROOT / "experiments" / "configs"
 RESULTS = ROOT / "benchmarks" / "results"
 PEER = SHARED / "peers" / "c_t5_scitldr.py"
 COPY, LR = "--model.tasks.summarize.init_args.copy", "--model.optimizer.lr"
+LLAMA_LAYOUT = [  # rotary positions, 2 kv heads for 4, SwiGLU as wide in parameters as the ReLU block
+    *("--model.backbone.position", "rotary", "--model.backbone.n_kv_heads", "2"),
+    *("--model.backbone.norm_type", "rmsnorm", "--model.backbone.embedding_norm", "false"),
+    *(
+        "--model.backbone.gated_ff",
+        "true",
+        "--model.backbone.activation",
+        "silu",
+        "--model.backbone.d_ff",
+        "680",
+    ),
+    *("--model.backbone.bias", "false", "--model.backbone.type_vocab_size", "0"),
+]
 RUNS = {  # name -> (config, starts from the MLM+NSP checkpoint, extra arguments)
     "seq2seq at the peer's settings": ("summarize_seq2seq.yaml", False, [COPY, "false", LR, "5e-4"]),
     "seq2seq": ("summarize_seq2seq.yaml", False, [COPY, "false"]),
     "seq2seq + copy": ("summarize_seq2seq.yaml", False, []),
     "prefix_lm": ("summarize_prefix_lm.yaml", False, []),
+    "prefix_lm, LLaMA layout": ("summarize_prefix_lm.yaml", False, LLAMA_LAYOUT),
     "seq2seq + copy after MLM+NSP": ("summarize_seq2seq.yaml", True, []),
 }
 NO_REPEAT_ARG = "--model.tasks.summarize.init_args.generation.no_repeat_ngram_size"

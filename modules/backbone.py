@@ -49,7 +49,7 @@ class Embeddings(nn.Module):
         )
         self.norm = make_norm(config) if config.embedding_norm else None
         self.dropout = Dropout(config.dropout)
-        self.position_kind, self.max_len = config.position, config.max_len
+        self.absolute_positions, self.max_len = config.absolute_positions, config.max_len
 
     def forward(
         self, input_ids: Tensor, token_type_ids: Tensor | None = None, positions: Tensor | None = None
@@ -60,7 +60,7 @@ class Embeddings(nn.Module):
         the new tokens sit; a left-padded row passes its own ids, so it is embedded as if unpadded.
         """
         x = self.tokens(input_ids)
-        if self.position_kind in ("learned", "sinusoidal"):  # relative and rotary act in attention
+        if self.absolute_positions:  # relative and rotary positions act in attention instead
             x = x + self._position_vectors(input_ids.size(1), positions)
         if self.segments is not None:
             x = x + (self.segments(token_type_ids) if token_type_ids is not None else self.segments.weight[0])
