@@ -44,8 +44,17 @@ ARCHITECTURES = {  # name -> (tasks, layers); maps drawn: rows of (kind, layer) 
     "encoder-decoder": (lambda: {"summarize": Seq2Seq(max_source_length=32, max_target_length=8,
                                                       generation=GenerationConfig(max_new_tokens=6))},
                         dict(encoder_layers=2, decoder_layers=2, position="relative", norm="pre")),
+    "llama-decoder": (lambda: {"lm": PrefixLM(max_source_length=20, max_target_length=8,
+                                              generation=GenerationConfig(max_new_tokens=6))},
+                      dict(encoder_layers=0, decoder_layers=2, position="rotary", n_kv_heads=1, norm="pre",
+                           norm_type="rmsnorm", gated_ff=True, activation="silu", bias=False)),
 }  # fmt: skip
-ROWS = {"encoder": 2, "decoder": 2, "encoder-decoder": 6}  # encoder + decoder + cross layers
+ROWS = {
+    "encoder": 2,
+    "decoder": 2,
+    "encoder-decoder": 6,
+    "llama-decoder": 2,
+}  # encoder + decoder + cross layers
 TEXT = "The river town kept its bridge of stone for three hundred years."
 
 
