@@ -63,7 +63,7 @@ RUNS = {  # name -> (config, starts from the MLM+NSP checkpoint, extra arguments
     "seq2seq": ("summarize_seq2seq.yaml", False, [COPY, "false"]),
     "seq2seq + copy": ("summarize_seq2seq.yaml", False, []),
     "prefix_lm": ("summarize_prefix_lm.yaml", False, []),
-    "prefix_lm, LLaMA layout": ("summarize_prefix_lm.yaml", False, LLAMA_LAYOUT),
+    "prefix_lm in LLaMA layout": ("summarize_prefix_lm.yaml", False, LLAMA_LAYOUT),
     "seq2seq + copy after MLM+NSP": ("summarize_seq2seq.yaml", True, []),
 }
 NO_REPEAT_ARG = "--model.tasks.summarize.init_args.generation.no_repeat_ngram_size"
@@ -232,6 +232,10 @@ def main() -> None:
         "--results", type=Path, default=RESULTS / "summarize_scitldr.json", help="the JSON record to update"
     )
     args = parser.parse_args()
+    names = [n.strip() for n in args.runs.split(",")]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        parser.error(f"unknown runs {unknown}; known: {', '.join(RUNS)}")
     sys.argv = sys.argv[:1]  # the CLI runs below get their arguments explicitly
     os.environ.setdefault("WANDB_MODE", "offline")
     test_file = first_rows(args.data / "scitldr" / "test.jsonl", args.n_test, args.work / "test_first.jsonl")
@@ -241,7 +245,7 @@ def main() -> None:
     results["protocol"] = {"steps": args.steps, "pretrain_steps": args.pretrain_steps, "n_test": args.n_test}
     results.setdefault("runs", {})
     checkpoint = None
-    for name in [n.strip() for n in args.runs.split(",")]:
+    for name in names:
         if RUNS[name][1] and checkpoint is None:
             began = time.time()
             checkpoint = pretrain(args.data, args.pretrain_steps, args.work)
