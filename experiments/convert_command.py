@@ -32,7 +32,9 @@ def parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("out", help="the polyhead checkpoint to write (with --to-hf: the HF directory)")
     convert.add_argument(
-        "--to-hf", action="store_true", help="export a polyhead checkpoint as a HF BERT, T5 or GPT-2 directory"
+        "--to-hf",
+        action="store_true",
+        help="export a polyhead checkpoint as a HF BERT, T5 or GPT-2 directory",
     )
     convert.add_argument(
         "--task",
