@@ -6,8 +6,8 @@
 - `HFTokenizer`: a HuggingFace `tokenizer.json` run by the `tokenizers` library (BERT's WordPiece).
 
 Tasks see only `Tokenizer`: text <-> ids, character offsets for extractive QA, and the special
-tokens by role (`pad_id`, `unk_id`, `start_id`, `eos_id`, `cls_id`, `sep_id`, `mask_id`; None where
-the vocabulary has no such token, as T5 has no [CLS]). A task names the roles it needs and is
+tokens by role (`pad_id`, `unk_id`, `start_id`, `eos_id`, `cls_id`, `sep_id`, `mask_id`, `bos_id`;
+None where the vocabulary has no such token, as T5 has no [CLS]). A task names the roles it needs and is
 refused when the model is built if the vocabulary lacks one (`Tokenizer.require`).
 
 polyhead's own vocabularies are made so that encode -> decode reproduces the text exactly
@@ -38,9 +38,10 @@ from torch import Tensor
 from modules.atomic_write import write_atomically
 from modules.errors import UserError
 
-SPECIAL_ROLES = ("pad", "unk", "start", "eos", "cls", "sep", "mask")
+SPECIAL_ROLES = ("pad", "unk", "start", "eos", "cls", "sep", "mask", "bos")
 """What special tokens are for: padding, unknown text, the decoder's first input, end of a
-sequence, BERT's sequence start and separator, and the masked-LM blank."""
+sequence, BERT's sequence start and separator, the masked-LM blank, and the token an imported
+decoder-only model's text begins with (LLaMA's <s>; polyhead's own vocabularies have none)."""
 POLYHEAD_SPECIALS = {
     "pad": "<pad>",
     "unk": "<unk>",
@@ -93,9 +94,16 @@ class Tokenizer(ABC):
             )
         self.special = dict(special)
         ids = {role: self.piece_id(piece, role) for role, piece in self.special.items()}
-        self.pad_id, self.unk_id, self.start_id, self.eos_id, self.cls_id, self.sep_id, self.mask_id = (
-            ids.get(role) for role in SPECIAL_ROLES
-        )
+        (
+            self.pad_id,
+            self.unk_id,
+            self.start_id,
+            self.eos_id,
+            self.cls_id,
+            self.sep_id,
+            self.mask_id,
+            self.bos_id,
+        ) = (ids.get(role) for role in SPECIAL_ROLES)
         self.special_ids = frozenset({*special_ids, *ids.values()})
         self.special_mask = torch.zeros(self.vocab_size, dtype=torch.bool)  # (V,): True where not text
         self.special_mask[sorted(self.special_ids)] = True
@@ -151,7 +159,9 @@ class Tokenizer(ABC):
         """Refuse a vocabulary that lacks a special token `who` (a task) needs, naming both."""
         for role in roles:
             if getattr(self, f"{role}_id") is None:
-                token = POLYHEAD_SPECIALS[role] if role != "start" else "decoder start"
+                token = {"start": "decoder start", "bos": "beginning-of-text"}.get(role) or POLYHEAD_SPECIALS[
+                    role
+                ]
                 raise UserError(
                     f"{who} needs a {token} token ({role}_id), which this vocabulary ({self.backend}) does "
                     f"not have; it defines {sorted(self.special)}. Use a task this model's vocabulary supports"
@@ -379,6 +389,14 @@ class HFTokenizer(Tokenizer):
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.tk.decode(ids, skip_special_tokens=False)
+
+    def leading_special(self) -> str | None:
+        """The special token the file's post-processor puts before a text (LLaMA's <s>), if any: what
+        HF's tokenizer(text) adds in front, and what a model trained with it expects to read first."""
+        plain = self.tk.encode("a", add_special_tokens=False).ids
+        full = self.tk.encode("a", add_special_tokens=True).ids
+        lead = full[: len(full) - len(plain)] if full[-len(plain) :] == plain else []
+        return self.tk.id_to_token(lead[0]) if len(lead) == 1 else None
 
     def id_to_piece(self, ids: list[int]) -> list[str]:
         return [self.tk.id_to_token(i) for i in ids]

@@ -107,8 +107,8 @@ def export_hf(checkpoint_path: Path, out: Path) -> Conversion:
             head_prefix = _head_of(checkpoint, "PrefixLM")
             lm_head = state.get(f"{head_prefix}decoder.weight") if head_prefix else None
             if config.position == "rotary":
-                model_type = "llama"  # polyhead's tokenizers have no bos role: bos_token_id is left unset
-                hf_config = llama_config_to_hf(config, None, tokenizer.eos_id, tokenizer.pad_id)
+                model_type = "llama"
+                hf_config = llama_config_to_hf(config, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
                 weights = polyhead_to_llama(backbone, lm_head, config)
             else:
                 model_type = "gpt2"

@@ -85,6 +85,7 @@ HF_TOKEN_KEYS = {
     "cls": "cls_token",
     "sep": "sep_token",
     "mask": "mask_token",
+    "bos": "bos_token",
 }
 """Our special-token roles -> the keys of HF's tokenizer_config.json ("start" has none: T5 names it
 in config.json as decoder_start_token_id)."""
@@ -261,9 +262,13 @@ def _tokenizer_settings(directory: Path) -> dict:
 
 
 def _token_names(settings: dict) -> dict[str, str]:
-    """Role -> token text, from HF's tokenizer settings (older files write a token as {"content": ...})."""
+    """Role -> token text, from HF's tokenizer settings (older files write a token as {"content": ...}).
+    Not bos: whether a text begins with one is what the tokenizer does (`HFTokenizer.leading_special`),
+    not what its settings name (GPT-2 names a bos_token it never adds)."""
     names = {}
     for role, key in HF_TOKEN_KEYS.items():
+        if role == "bos":
+            continue
         value = settings.get(key)
         value = value.get("content") if isinstance(value, dict) else value
         if isinstance(value, str):
@@ -292,6 +297,9 @@ def read_tokenizer(directory: Path, model_type: str, hf_config: SimpleNamespace)
                 "summary; add the model's end-of-text token as eos_token"
             )
         special.setdefault("pad", special["eos"])
+        lead = _checked_tokenizer(json_file, lambda: HFTokenizer(text, special)).leading_special()
+        if lead is not None:  # LLaMA's <s>: PrefixLM puts it in front of every prompt, as HF's tokenizer does
+            special["bos"] = lead
         return _checked_tokenizer(json_file, lambda: HFTokenizer(text, special))
     special = T5_TOKENS | {role: token for role, token in names.items() if role in T5_TOKENS}
     if spiece.is_file():

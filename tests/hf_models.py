@@ -21,6 +21,7 @@ from .hf_tokenizers import (
     SENTENCES,
     bert_wordpiece,
     gpt2_byte_bpe,
+    llama_byte_bpe,
     t5_sentencepiece,
 )
 
@@ -154,8 +155,8 @@ def tiny_llama_config(vocab_size: int, eos_id: int, tie: bool = False, **overrid
 
 def llama_directory(root: Path) -> Path:
     """A LlamaForCausalLM directory as save_pretrained writes it, with a LLaMA-3-style byte-level
-    BPE tokenizer.json (<|begin_of_text|>, <|end_of_text|>)."""
-    trained = gpt2_byte_bpe(SENTENCES * 4, specials=(LLAMA_BOS, LLAMA_EOS))
+    BPE tokenizer.json (<|begin_of_text|> put in front of every text, <|end_of_text|>)."""
+    trained = llama_byte_bpe(SENTENCES * 4)
     hf_tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=trained, bos_token=LLAMA_BOS, eos_token=LLAMA_EOS
     )

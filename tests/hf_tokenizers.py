@@ -78,3 +78,13 @@ def gpt2_byte_bpe(
         ),
     )
     return tokenizer
+
+
+def llama_byte_bpe(lines: list[str], vocab_size: int = 400) -> Tokenizer:
+    """A LLaMA 3 tokenizer: GPT-2's kind with <|begin_of_text|> and <|end_of_text|>, and a
+    post-processor that puts <|begin_of_text|> in front of every text."""
+    tokenizer = gpt2_byte_bpe(lines, vocab_size, specials=(LLAMA_BOS, LLAMA_EOS))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{LLAMA_BOS} $A", special_tokens=[(LLAMA_BOS, tokenizer.token_to_id(LLAMA_BOS))]
+    )
+    return tokenizer

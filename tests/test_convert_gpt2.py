@@ -203,6 +203,7 @@ def test_gpt2_converts_with_its_tokenizer_and_round_trips_exactly(gpt2_dir, tmp_
     assert isinstance(tokenizer, HFTokenizer) and isinstance(task, PrefixLM)
     eos = tokenizer.piece_id(GPT2_EOS, "eos")
     assert tokenizer.eos_id == tokenizer.pad_id == eos  # GPT-2 has no pad: its eos pads
+    assert tokenizer.bos_id is None  # its tokenizer_config names a bos_token, but nothing puts it first
     assert task.max_source_length + task.max_target_length <= model.backbone_config.max_len
     reference = transformers.AutoTokenizer.from_pretrained(gpt2_dir)
     texts = [*SENTENCES, "An unseen sentence, with Çafé accents."]

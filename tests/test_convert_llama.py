@@ -36,7 +36,7 @@ from tasks.prefix_lm import PrefixLM
 
 from .convert_cli import fails, polyhead
 from .hf_models import ATOL, RTOL, loaded_cleanly, perturb, tiny_llama_config, transformers
-from .hf_tokenizers import LLAMA_EOS, SENTENCES
+from .hf_tokenizers import LLAMA_BOS, LLAMA_EOS, SENTENCES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -182,9 +182,15 @@ def test_llama_converts_with_its_tokenizer_and_round_trips_exactly(llama_dir, tm
     tokenizer = model.tokenizer
     assert isinstance(tokenizer, HFTokenizer) and isinstance(model.tasks["prefix_lm"], PrefixLM)
     assert tokenizer.eos_id == tokenizer.pad_id == tokenizer.piece_id(LLAMA_EOS, "eos")
+    assert tokenizer.bos_id == tokenizer.piece_id(LLAMA_BOS, "bos")  # what its post-processor puts first
     reference = transformers.AutoTokenizer.from_pretrained(llama_dir)
     texts = [*SENTENCES, "An unseen sentence, with Çafé accents."]
     assert tokenizer.encode(texts) == [reference(t, add_special_tokens=False)["input_ids"] for t in texts]
+    task = model.tasks["prefix_lm"]
+    prompts = task.tokenize({"source": texts}, tokenizer)["source_ids"]
+    assert prompts == [
+        reference(task.prompt({"source": t}))["input_ids"] for t in texts
+    ]  # <|begin_of_text|> first
 
     hf = transformers.LlamaForCausalLM.from_pretrained(llama_dir).eval()
     ids = torch.tensor([tokenizer.encode([SENTENCES[4]])[0][:20]])
@@ -204,9 +210,8 @@ def test_llama_converts_with_its_tokenizer_and_round_trips_exactly(llama_dir, tm
     again = loaded_cleanly(transformers.LlamaForCausalLM, tmp_path / "hf")
     assert again.config.num_key_value_heads == 2 and again.config.eos_token_id == tokenizer.eos_id
     exported_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    assert [exported_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts] == tokenizer.encode(
-        texts
-    )
+    assert [exported_tokenizer(t)["input_ids"] for t in texts] == [reference(t)["input_ids"] for t in texts]
+    assert exported_tokenizer.bos_token == LLAMA_BOS and again.config.bos_token_id == tokenizer.bos_id
 
 
 def test_a_llama_tokenizer_without_an_eos_token_is_refused_in_one_line(llama_dir, tmp_path, capsys):
