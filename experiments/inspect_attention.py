@@ -107,7 +107,7 @@ def prompt_limit(task: GenerativeTask, backbone: Backbone) -> tuple[int, str]:
 def generated_tokens(task: GenerativeTask, name: str, model: MultiTaskModel, prompt: str) -> Tokens:
     """Prompt -> the task's generated output, and the token ids the recording pass reads."""
     tokenizer, backbone = model.tokenizer, model.backbone
-    ids = tokenizer.encode([prompt])[0]
+    ids = task.prompt_ids([prompt], tokenizer)[0]
     limit, why = prompt_limit(task, backbone)
     prompt_ids, cut = task.cut(ids, limit, tokenizer.eos_id)
     notes = []

@@ -187,10 +187,14 @@ class GenerativeTask(Task):
         """The input fields of one example written through the template (lists of texts joined)."""
         return self.template.format(**{f: " ".join(texts_of(example[f])) for f in self.input_fields})
 
+    def prompt_ids(self, prompts: list[str], tokenizer: Tokenizer) -> list[list[int]]:
+        """Written prompts -> their token ids, before the cut to max_source_length and its </s>."""
+        return tokenizer.encode(prompts)
+
     def tokenize(self, batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         prompts = [self.prompt(row) for row in rows]
-        out = {"prompt": prompts, "source_ids": tokenizer.encode(prompts)}
+        out = {"prompt": prompts, "source_ids": self.prompt_ids(prompts, tokenizer)}
         lead = self.input_fields[-1]  # the main text: source, or the context of a question
         out["lead"] = [next(iter(split_sentences(" ".join(texts_of(row[lead])))), "") for row in rows]
         if "target" in batch:

@@ -68,13 +68,11 @@ class PrefixLM(GenerativeTask):
     def init_args(self) -> dict:
         return super().init_args() | {"loss_on": self.loss_on, "pack": self.pack}
 
-    def tokenize(self, batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
-        """As every generative task, then the vocabulary's beginning-of-text token (an imported
-        LLaMA's <s>) in front of each prompt, as the model read every text in pretraining."""
-        out = super().tokenize(batch, tokenizer)
-        if tokenizer.bos_id is not None:
-            out["source_ids"] = [[tokenizer.bos_id, *ids] for ids in out["source_ids"]]
-        return out
+    def prompt_ids(self, prompts: list[str], tokenizer: Tokenizer) -> list[list[int]]:
+        """The vocabulary's beginning-of-text token (an imported LLaMA's <s>) in front of each prompt,
+        where it has one: the model read every text so in pretraining."""
+        ids = tokenizer.encode(prompts)
+        return ids if tokenizer.bos_id is None else [[tokenizer.bos_id, *row] for row in ids]
 
     def build_head(self, config: BackboneConfig) -> nn.Module:
         check_fits_positions(
