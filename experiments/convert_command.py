@@ -5,7 +5,7 @@
 
 The checkpoint runs like one polyhead trained: fine-tune it with `polyhead fit --config X.yaml
 --model.init_from OUT.ckpt` (its architecture and tokenizer come with it). The files are read and
-written by modules/hf_files.py (import) and modules/hf_export.py (export); this module parses the
+written by modules/hf_import.py (import) and modules/hf_export.py (export); this module parses the
 command line and prints what was done.
 """
 
@@ -17,7 +17,8 @@ from pathlib import Path
 from experiments.terminal import CommandParser
 from modules.errors import UserError
 from modules.hf_export import export_hf
-from modules.hf_files import Conversion, import_hf
+from modules.hf_files import Conversion
+from modules.hf_import import import_hf
 
 
 def parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ BERT's MLM and pooled NSP heads go along when the checkpoint has them (else the 
 `BertModel`); the LM head of the others when it is their own (not polyhead's copy head). A
 decoder-only backbone is GPT-2 with learned positions, LLaMA with rotary ones.
 modules/convert_bert.py, convert_t5.py, convert_gpt2.py and convert_llama.py map configs and
-tensors; modules/hf_files.py reads HF directories (the import half).
+tensors; modules/hf_import.py is the import half, modules/hf_files.py what both share.
 """
 
 from __future__ import annotations
