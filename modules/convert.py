@@ -205,3 +205,60 @@ def refuse_differences(
         differ.append(f"model.backbone.n_kv_heads={config.n_kv_heads!r} ({family} has {expressed.kv_heads})")
     if differ:
         raise UserError(f"this backbone cannot be written as HF {family}: " + "; ".join(differ))
+
+
+# ------------------------------------------------------------------------ decoder-only language models
+
+
+def causal_lm_to_polyhead(
+    hf_state_dict: Mapping[str, Tensor],
+    config: BackboneConfig,
+    table: list[KeyMap],
+    family: str,
+    prefix: str,
+    discarded: tuple[str, ...],
+) -> tuple[StateDict, Tensor | None]:
+    """A decoder-only LM's state dict (`...ForCausalLM` keys carry `prefix`, the headless model's do
+    not) -> (Backbone state dict by `table`, lm_head weight or None). Keys ending in `discarded`
+    (buffers older transformers saved) are consumed and dropped. Tied, `lm_head.weight` may be absent
+    and, if present, must equal the token embeddings; untied, it is returned (None then means the
+    checkpoint has no LM head)."""
+    state = {key.removeprefix(prefix): tensor for key, tensor in hf_state_dict.items()}
+    ledger = KeyLedger(state, family)
+    for key in [k for k in state if k.endswith(discarded)]:
+        ledger.take_optional(key)
+    out = import_tensors(ledger, table)
+    lm_head = ledger.take_optional("lm_head.weight", (config.vocab_size, config.d_model))
+    if config.tie_embeddings:
+        tokens = out.get("embeddings.tokens.weight")
+        require_same(ledger, "lm_head.weight", lm_head, tokens, f"{family} ties it to the token embeddings")
+        lm_head = None
+    ledger.close()
+    return out, lm_head
+
+
+def polyhead_to_causal_lm(
+    backbone: Mapping[str, Tensor],
+    lm_head: Tensor | None,
+    config: BackboneConfig,
+    table: list[KeyMap],
+    family: str,
+    prefix: str,
+) -> StateDict:
+    """(Backbone state dict, lm_head weight (V, D) when untied) -> a `...ForCausalLM` state dict by
+    `table`, each key under `prefix`. A pooler, which a decoder never reads, is left out, and so is
+    a tied lm_head: HF ties it, as its own `save_pretrained` leaves it out. The caller has dealt with
+    the segment embeddings, which have no place in either family."""
+    if config.tie_embeddings != (lm_head is None):
+        raise UserError(
+            f"an untied {family} needs its LM head"
+            if lm_head is None
+            else f"a tied {family} has no LM head of its own"
+        )
+    state = {key: tensor for key, tensor in backbone.items() if not key.startswith("pooler.")}
+    ledger = KeyLedger(state, "polyhead backbone")
+    out = {prefix + key: tensor for key, tensor in export_tensors(ledger, table).items()}
+    ledger.close()
+    if lm_head is not None:
+        out["lm_head.weight"] = lm_head.contiguous().clone()
+    return out

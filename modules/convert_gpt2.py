@@ -24,16 +24,14 @@ from torch import Tensor
 from modules.config import BackboneConfig
 from modules.convert import (
     OUR_ACTIVATIONS_IN_HF,
-    KeyLedger,
     KeyMap,
     StateDict,
-    export_tensors,
+    causal_lm_to_polyhead,
     hf_activation,
-    import_tensors,
     layernorm_maps,
     one_to_one,
+    polyhead_to_causal_lm,
     refuse_differences,
-    require_same,
 )
 from modules.errors import UserError
 
@@ -189,52 +187,26 @@ def gpt2_to_polyhead(
     hf_state_dict: Mapping[str, Tensor], config: BackboneConfig
 ) -> tuple[StateDict, Tensor | None]:
     """`GPT2LMHeadModel` or `GPT2Model` state dict -> (Backbone state dict, lm_head weight or None), by
-    `gpt2_keys`. Keys may carry GPT2LMHeadModel's "transformer." prefix or not (GPT2Model, the
-    original hub files). Tied, `lm_head.weight` may be absent and, if present, must equal wte; untied,
-    it is returned (None then means the checkpoint has no LM head: `GPT2Model`).
+    `gpt2_keys` (`causal_lm_to_polyhead`). Keys may carry GPT2LMHeadModel's "transformer." prefix or
+    not (GPT2Model, the original hub files).
 
     Consumed and discarded: the `h.i.attn.bias` / `h.i.attn.masked_bias` causal-mask buffers that
     older transformers saved; the mask is computed, never stored, here.
     """
     _check_gpt2_shape(config)
-    state = {key.removeprefix(HF_PREFIX): tensor for key, tensor in hf_state_dict.items()}
-    ledger = KeyLedger(state, "GPT-2")
-    for key in [k for k in state if k.endswith(LEGACY_BUFFERS)]:
-        ledger.take_optional(key)
-    out = import_tensors(ledger, gpt2_keys(config))
-    lm_head = ledger.take_optional("lm_head.weight", (config.vocab_size, config.d_model))
-    if config.tie_embeddings:
-        require_same(
-            ledger, "lm_head.weight", lm_head, out.get("embeddings.tokens.weight"), "GPT-2 ties it to wte"
-        )
-        lm_head = None
-    ledger.close()
-    return out, lm_head
+    return causal_lm_to_polyhead(hf_state_dict, config, gpt2_keys(config), "GPT-2", HF_PREFIX, LEGACY_BUFFERS)
 
 
 def polyhead_to_gpt2(
     backbone: Mapping[str, Tensor], lm_head: Tensor | None, config: BackboneConfig
 ) -> StateDict:
     """(Backbone state dict, lm_head weight (V, D) when untied) -> `GPT2LMHeadModel` state dict, by
-    `gpt2_keys`. A decoder-only backbone adds segment row 0 to every position (it passes no segment
-    ids), so that row is folded into wpe; the other rows and a pooler are never read and are left
-    out. A tied lm_head is left to HF's tying, as its own `save_pretrained` leaves it out."""
+    `gpt2_keys` (`polyhead_to_causal_lm`). A decoder-only backbone adds segment row 0 to every
+    position (it passes no segment ids), so that row is folded into wpe; the other rows are never
+    read and are left out."""
     _check_gpt2_shape(config)
-    if config.tie_embeddings != (lm_head is None):
-        raise UserError(
-            "an untied GPT-2 needs its LM head"
-            if lm_head is None
-            else "a tied GPT-2 has no LM head of its own"
-        )
     state = dict(backbone)
     segments = state.pop("embeddings.segments.weight", None)
     if segments is not None and "embeddings.positions.weight" in state:
         state["embeddings.positions.weight"] = state["embeddings.positions.weight"] + segments[0]
-    for key in ("pooler.weight", "pooler.bias"):
-        state.pop(key, None)
-    ledger = KeyLedger(state, "polyhead backbone")
-    out = {HF_PREFIX + key: tensor for key, tensor in export_tensors(ledger, gpt2_keys(config)).items()}
-    ledger.close()
-    if lm_head is not None:
-        out["lm_head.weight"] = lm_head.contiguous().clone()
-    return out
+    return polyhead_to_causal_lm(state, lm_head, config, gpt2_keys(config), "GPT-2", HF_PREFIX)

@@ -18,16 +18,14 @@ from torch import Tensor
 from modules.config import BackboneConfig
 from modules.convert import (
     OUR_ACTIVATIONS_IN_HF,
-    KeyLedger,
     KeyMap,
     StateDict,
-    export_tensors,
+    causal_lm_to_polyhead,
     fused,
     hf_activation,
-    import_tensors,
     one_to_one,
+    polyhead_to_causal_lm,
     refuse_differences,
-    require_same,
 )
 from modules.errors import UserError
 
@@ -198,46 +196,25 @@ def llama_to_polyhead(
     hf_state_dict: Mapping[str, Tensor], config: BackboneConfig
 ) -> tuple[StateDict, Tensor | None]:
     """`LlamaForCausalLM` or `LlamaModel` state dict -> (Backbone state dict, lm_head weight or None),
-    by `llama_keys`. Tied, `lm_head.weight` may be absent and, if present, must equal embed_tokens;
-    untied, it is returned (None then means the checkpoint has no LM head: `LlamaModel`).
+    by `llama_keys` (`causal_lm_to_polyhead`).
 
     Consumed and discarded: the per-layer `rotary_emb.inv_freq` buffers older transformers saved;
     the frequencies follow from the config.
     """
     _check_llama_shape(config)
-    state = {key.removeprefix(HF_PREFIX): tensor for key, tensor in hf_state_dict.items()}
-    ledger = KeyLedger(state, "LLaMA")
-    for key in [k for k in state if k.endswith(LEGACY_BUFFERS)]:
-        ledger.take_optional(key)
-    out = import_tensors(ledger, llama_keys(config))
-    lm_head = ledger.take_optional("lm_head.weight", (config.vocab_size, config.d_model))
-    if config.tie_embeddings:
-        require_same(
-            ledger,
-            "lm_head.weight",
-            lm_head,
-            out.get("embeddings.tokens.weight"),
-            "tie_word_embeddings is set",
-        )
-        lm_head = None
-    ledger.close()
-    return out, lm_head
+    return causal_lm_to_polyhead(
+        hf_state_dict, config, llama_keys(config), "LLaMA", HF_PREFIX, LEGACY_BUFFERS
+    )
 
 
 def polyhead_to_llama(
     backbone: Mapping[str, Tensor], lm_head: Tensor | None, config: BackboneConfig
 ) -> StateDict:
     """(Backbone state dict, lm_head weight (V, D) when untied) -> `LlamaForCausalLM` state dict, by
-    `llama_keys`. A decoder-only backbone adds segment row 0 to every token embedding (it passes no
-    segment ids) and has no position table to fold it into, so a backbone with segment embeddings
-    is refused unless that row is zero; a pooler is never read and is left out."""
+    `llama_keys` (`polyhead_to_causal_lm`). A decoder-only backbone adds segment row 0 to every token
+    embedding (it passes no segment ids) and LLaMA has no position table to fold it into, so a
+    backbone with segment embeddings is refused unless that row is zero."""
     _check_llama_shape(config)
-    if config.tie_embeddings != (lm_head is None):
-        raise UserError(
-            "an untied LLaMA needs its LM head"
-            if lm_head is None
-            else "a tied LLaMA has no LM head of its own"
-        )
     state = dict(backbone)
     segments = state.pop("embeddings.segments.weight", None)
     if segments is not None and segments[0].any():
@@ -245,11 +222,4 @@ def polyhead_to_llama(
             "this backbone adds a segment embedding to every token, which LLaMA cannot: "
             "train decoder-only models for LLaMA export with model.backbone.type_vocab_size: 0"
         )
-    for key in ("pooler.weight", "pooler.bias"):
-        state.pop(key, None)
-    ledger = KeyLedger(state, "polyhead backbone")
-    out = {HF_PREFIX + key: tensor for key, tensor in export_tensors(ledger, llama_keys(config)).items()}
-    ledger.close()
-    if lm_head is not None:
-        out["lm_head.weight"] = lm_head.contiguous().clone()
-    return out
+    return polyhead_to_causal_lm(state, lm_head, config, llama_keys(config), "LLaMA", HF_PREFIX)
