@@ -1,7 +1,11 @@
 """What the `polyhead convert` test files share: the command run in this process, its one-line
-refusals, and MLM/NSP batches of real token ids that a converted BERT and HF's both read."""
+refusals, MLM/NSP batches of real token ids that a converted BERT and HF's both read, and for the
+decoder-only families a short summarizer fine-tune and the logits to compare."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +56,25 @@ def bert_batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, Tensor]:
         "nsp_labels": torch.zeros(len(rows), dtype=torch.long),
         "task": "mlm_nsp",
     }
+
+
+def fine_tune_summarizer(checkpoint: Path, rows: list[dict], tmp_path: Path, *overrides: str) -> Path:
+    """Three PrefixLM steps (task `summarize`) on `rows` from `checkpoint` by --model.init_from alone,
+    with `overrides` on the command line. -> the run's last.ckpt"""
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {"max_source_length": 40, "max_target_length": 16, "generation": {"max_new_tokens": 8}}
+    source = {"path": str(tmp_path / "rows.jsonl"), "validation_path": str(tmp_path / "rows.jsonl")}
+    config = {
+        "model": {"tasks": {"summarize": {"class_path": "PrefixLM", "init_args": task}}},
+        "data": {"sources": {"summarize": source}, "batch_size": 3},
+        "trainer": {"max_steps": 3, "logger": False, "limit_val_batches": 1, "enable_progress_bar": False},
+        "checkpoint": {"dirpath": str(tmp_path / "run"), "monitor": None},
+    }
+    (tmp_path / "fit.yaml").write_text(json.dumps(config))
+    polyhead("fit", "--config", str(tmp_path / "fit.yaml"), "--model.init_from", str(checkpoint), *overrides)
+    return tmp_path / "run" / "last.ckpt"
+
+
+def decoder_logits(backbone, head, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+    """(B, T) -> (B, T, V) next-token logits of a decoder-only polyhead backbone and its LM head."""
+    return head(backbone.decode(ids, mask), backbone.token_embedding)

@@ -11,7 +11,6 @@ eval mode, fp32, outputs agree to ATOL = RTOL = 1e-5.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from types import SimpleNamespace
@@ -19,7 +18,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import Tensor
 
 from datamodules.tokenizer import HFTokenizer
 from modules.backbone import Backbone
@@ -37,7 +35,7 @@ from modules.heads import LanguageModelHead
 from modules.model import MultiTaskModel
 from tasks.prefix_lm import PrefixLM
 
-from .convert_cli import fails, polyhead
+from .convert_cli import decoder_logits, fails, fine_tune_summarizer, polyhead
 from .hf_models import ATOL, RTOL, loaded_cleanly, perturb, tiny_gpt2_config, transformers
 from .hf_tokenizers import GPT2_EOS, SENTENCES
 
@@ -61,11 +59,6 @@ def gpt2_pair(tie: bool) -> tuple:
     return hf, backbone, head
 
 
-def logits(backbone: Backbone, head: LanguageModelHead, ids: Tensor, mask: Tensor) -> Tensor:
-    """(B, T) -> (B, T, V) next-token logits of a decoder-only polyhead model."""
-    return head(backbone.decode(ids, mask), backbone.token_embedding)
-
-
 @pytest.mark.parametrize("tie", [True, False])
 def test_gpt2_logits_match_hf_over_a_right_padded_batch(tie: bool) -> None:
     hf, backbone, head = gpt2_pair(tie)
@@ -73,7 +66,10 @@ def test_gpt2_logits_match_hf_over_a_right_padded_batch(tie: bool) -> None:
     ids = torch.randint(0, VOCAB, (3, 21))
     mask = (torch.arange(21)[None, :] < torch.tensor([21, 13, 5])[:, None]).long()  # (B, T)
     with torch.no_grad():
-        ours, theirs = logits(backbone, head, ids, mask), hf(input_ids=ids, attention_mask=mask).logits
+        ours, theirs = (
+            decoder_logits(backbone, head, ids, mask),
+            hf(input_ids=ids, attention_mask=mask).logits,
+        )
     real = mask.bool()
     torch.testing.assert_close(ours[real], theirs[real], atol=ATOL, rtol=RTOL)
 
@@ -164,7 +160,10 @@ def test_a_decoder_polyhead_trained_exports_to_a_gpt2_computing_the_same() -> No
     ids = torch.randint(0, VOCAB, (2, 30))
     with torch.no_grad():
         torch.testing.assert_close(
-            logits(backbone, head, ids, torch.ones_like(ids)), hf(input_ids=ids).logits, atol=ATOL, rtol=RTOL
+            decoder_logits(backbone, head, ids, torch.ones_like(ids)),
+            hf(input_ids=ids).logits,
+            atol=ATOL,
+            rtol=RTOL,
         )
 
 
@@ -248,39 +247,20 @@ def test_imported_gpt2_fine_tunes_as_a_summarizer_and_exports_what_it_computes(
     run's checkpoint exports as a GPT2LMHeadModel whose logits are polyhead's."""
     polyhead("convert", str(gpt2_dir), str(tmp_path / "gpt2.ckpt"))
     rows = [{"source": s, "target": s.split()[0]} for s in SENTENCES]
-    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = {"max_source_length": 40, "max_target_length": 16, "generation": {"max_new_tokens": 8}}
-    config = {
-        "model": {"tasks": {"summarize": {"class_path": "PrefixLM", "init_args": task}}},
-        "data": {
-            "sources": {
-                "summarize": {
-                    "path": str(tmp_path / "rows.jsonl"),
-                    "validation_path": str(tmp_path / "rows.jsonl"),
-                }
-            },
-            "batch_size": 3,
-        },
-        "trainer": {"max_steps": 3, "logger": False, "limit_val_batches": 1, "enable_progress_bar": False},
-        "checkpoint": {"dirpath": str(tmp_path / "run"), "monitor": None},
-    }
-    (tmp_path / "fit.yaml").write_text(json.dumps(config))
     with caplog.at_level(logging.INFO):
-        polyhead(
-            "fit", "--config", str(tmp_path / "fit.yaml"), "--model.init_from", str(tmp_path / "gpt2.ckpt")
-        )
+        last = fine_tune_summarizer(tmp_path / "gpt2.ckpt", rows, tmp_path)
     imported = read_checkpoint(tmp_path / "gpt2.ckpt")["state_dict"]
     backbone_tensors = sum(k.startswith("backbone.") for k in imported)
     assert f"{backbone_tensors} loaded" in caplog.text and "0 mismatched" in caplog.text
-    ours = MultiTaskModel.from_checkpoint(tmp_path / "run" / "last.ckpt").eval()
+    ours = MultiTaskModel.from_checkpoint(last).eval()
     assert ours.tokenizer.state_dict() == read_checkpoint(tmp_path / "gpt2.ckpt")["polyhead"]["tokenizer"]
     trained = ours.state_dict()["backbone.embeddings.tokens.weight"]
     assert not torch.equal(trained, imported["backbone.embeddings.tokens.weight"])
 
-    polyhead("convert", "--to-hf", str(tmp_path / "run" / "last.ckpt"), str(tmp_path / "hf"))
+    polyhead("convert", "--to-hf", str(last), str(tmp_path / "hf"))
     assert "gpt2 (GPT2LMHeadModel)" in capsys.readouterr().out
     hf = loaded_cleanly(transformers.GPT2LMHeadModel, tmp_path / "hf")
     ids = torch.tensor(ours.tokenizer.encode([f"summarize: {SENTENCES[1]}"]))
     with torch.no_grad():
-        logits = ours.heads["summarize"](ours.backbone.decode(ids), ours.backbone.token_embedding)
+        logits = decoder_logits(ours.backbone, ours.heads["summarize"], ids)
         torch.testing.assert_close(logits, hf(input_ids=ids).logits, atol=ATOL, rtol=RTOL)

@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import Tensor
 
 from datamodules.tokenizer import HFTokenizer
 from modules.backbone import Backbone
@@ -34,7 +33,7 @@ from modules.heads import LanguageModelHead
 from modules.model import MultiTaskModel
 from tasks.prefix_lm import PrefixLM
 
-from .convert_cli import fails, polyhead
+from .convert_cli import decoder_logits, fails, fine_tune_summarizer, polyhead
 from .hf_models import ATOL, RTOL, loaded_cleanly, perturb, tiny_llama_config, transformers
 from .hf_tokenizers import LLAMA_BOS, LLAMA_EOS, SENTENCES
 
@@ -58,11 +57,6 @@ def llama_pair(tie: bool = False) -> tuple:
     return hf, backbone, head
 
 
-def logits(backbone: Backbone, head: LanguageModelHead, ids: Tensor, mask: Tensor | None = None) -> Tensor:
-    """(B, T) -> (B, T, V) next-token logits of a decoder-only polyhead model."""
-    return head(backbone.decode(ids, mask), backbone.token_embedding)
-
-
 @pytest.mark.parametrize("tie", [False, True])
 def test_llama_logits_match_hf_over_a_right_padded_batch(tie: bool) -> None:
     hf, backbone, head = llama_pair(tie)
@@ -76,7 +70,10 @@ def test_llama_logits_match_hf_over_a_right_padded_batch(tie: bool) -> None:
     ids = torch.randint(0, VOCAB, (3, 21))
     mask = (torch.arange(21)[None, :] < torch.tensor([21, 13, 5])[:, None]).long()  # (B, T)
     with torch.no_grad():
-        ours, theirs = logits(backbone, head, ids, mask), hf(input_ids=ids, attention_mask=mask).logits
+        ours, theirs = (
+            decoder_logits(backbone, head, ids, mask),
+            hf(input_ids=ids, attention_mask=mask).logits,
+        )
     real = mask.bool()
     torch.testing.assert_close(ours[real], theirs[real], atol=ATOL, rtol=RTOL)
 
@@ -230,28 +227,17 @@ def test_imported_llama_fine_tunes_as_a_summarizer_and_exports_what_it_computes(
     attention path, grouped kv heads expanded), then export: HF computes the fine-tuned logits."""
     polyhead("convert", str(llama_dir), str(tmp_path / "llama.ckpt"))
     rows = [{"source": s, "target": s.split()[0]} for s in SENTENCES]
-    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = {"max_source_length": 40, "max_target_length": 16, "generation": {"max_new_tokens": 8}}
-    source = {"path": str(tmp_path / "rows.jsonl"), "validation_path": str(tmp_path / "rows.jsonl")}
-    config = {
-        "model": {"tasks": {"summarize": {"class_path": "PrefixLM", "init_args": task}}},
-        "data": {"sources": {"summarize": source}, "batch_size": 3},
-        "trainer": {"max_steps": 3, "logger": False, "limit_val_batches": 1, "enable_progress_bar": False},
-        "checkpoint": {"dirpath": str(tmp_path / "run"), "monitor": None},
-    }
-    (tmp_path / "fit.yaml").write_text(json.dumps(config))
-    polyhead(
-        "fit", "--config", str(tmp_path / "fit.yaml"), "--model.init_from", str(tmp_path / "llama.ckpt"),
-        "--model.backbone.attention_dropout", "0.1",
-    )  # fmt: skip
-    ours = MultiTaskModel.from_checkpoint(tmp_path / "run" / "last.ckpt").eval()
+    last = fine_tune_summarizer(
+        tmp_path / "llama.ckpt", rows, tmp_path, "--model.backbone.attention_dropout", "0.1"
+    )
+    ours = MultiTaskModel.from_checkpoint(last).eval()
     imported = MultiTaskModel.from_checkpoint(tmp_path / "llama.ckpt")
     assert not torch.equal(ours.backbone.token_embedding, imported.backbone.token_embedding)
 
-    polyhead("convert", "--to-hf", str(tmp_path / "run" / "last.ckpt"), str(tmp_path / "hf"))
+    polyhead("convert", "--to-hf", str(last), str(tmp_path / "hf"))
     assert "llama (LlamaForCausalLM)" in capsys.readouterr().out
     hf = loaded_cleanly(transformers.LlamaForCausalLM, tmp_path / "hf")
     ids = torch.tensor(ours.tokenizer.encode([f"summarize: {SENTENCES[1]}"]))
     with torch.no_grad():
-        logits = ours.heads["summarize"](ours.backbone.decode(ids), ours.backbone.token_embedding)
+        logits = decoder_logits(ours.backbone, ours.heads["summarize"], ids)
         torch.testing.assert_close(logits, hf(input_ids=ids).logits, atol=ATOL, rtol=RTOL)
