@@ -100,13 +100,12 @@ PERTURBATION = 0.5  # std of the noise added to every HF parameter, as tests/tes
 SEED = 0
 SIDES = ("polyhead", "hf")
 CASES = ("greedy", "beam")
-MODELS = ("t5", "gpt2", "llama")
 CONVERTERS = {
     "t5": (backbone_config_from_t5, t5_to_polyhead),
     "gpt2": (backbone_config_from_gpt2, gpt2_to_polyhead),
     "llama": (backbone_config_from_llama, llama_to_polyhead),
 }
-"""model_type -> (its config mapping, its state-dict mapping) in the project's converters."""
+"""model_type (the --model choices) -> (its config mapping, its state-dict mapping) in the project's converters."""
 QUICK = {"repeats": 2, "batch": 4, "seq": 16, "new_tokens": 8, "layers": 1, "d_model": 64, "vocab": 500}
 """--quick: a config small enough to run in seconds; flags given explicitly still win."""
 
@@ -328,7 +327,10 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=128, help="source columns (rows are right-padded)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
     parser.add_argument(
-        "--model", default="t5", choices=MODELS, help="the architecture: T5, or decoder-only GPT-2 or LLaMA"
+        "--model",
+        default="t5",
+        choices=list(CONVERTERS),
+        help="the architecture: T5, or decoder-only GPT-2 or LLaMA",
     )
     parser.add_argument(
         "--layers",

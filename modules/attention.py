@@ -89,10 +89,10 @@ class LayerKV:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.length = 0  # columns of keys/values filled so far
-        self.keys: Tensor | None = None  # (B, H, capacity, Dh), allocated on the first append
-        self.values: Tensor | None = None  # (B, H, capacity, Dh)
+        self.keys: Tensor | None = None  # (B, Hkv, capacity, Dh), allocated on the first append
+        self.values: Tensor | None = None  # (B, Hkv, capacity, Dh)
         self.spare: tuple[Tensor, Tensor] | None = None  # reorder's destination, allocated on first use
-        self.memory_kv: tuple[Tensor, Tensor] | None = None  # (B, H, S, Dh) keys and values
+        self.memory_kv: tuple[Tensor, Tensor] | None = None  # (B, Hkv, S, Dh) keys and values
 
     def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Store this step's keys/values (B, H, T, Dh); return every one so far, (B, H, length, Dh) each."""

@@ -227,10 +227,12 @@ def read_tokenizer(directory: Path, model_type: str, hf_config: SimpleNamespace)
                 "summary; add the model's end-of-text token as eos_token"
             )
         special.setdefault("pad", special["eos"])
-        lead = _checked_tokenizer(json_file, lambda: HFTokenizer(text, special)).leading_special()
-        if lead is not None:  # LLaMA's <s>: PrefixLM puts it in front of every prompt, as HF's tokenizer does
-            special["bos"] = lead
-        return _checked_tokenizer(json_file, lambda: HFTokenizer(text, special))
+        tokenizer = _checked_tokenizer(json_file, lambda: HFTokenizer(text, special))
+        lead = tokenizer.leading_special()
+        if lead is None:
+            return tokenizer
+        # LLaMA's <s>: PrefixLM puts it in front of every prompt, as HF's tokenizer does
+        return _checked_tokenizer(json_file, lambda: HFTokenizer(text, special | {"bos": lead}))
     special = T5_TOKENS | {role: token for role, token in names.items() if role in T5_TOKENS}
     if spiece.is_file():
         proto, extra_ids = spiece.read_bytes(), settings.get("extra_ids", T5_EXTRA_IDS)
