@@ -307,7 +307,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("cross-attention needs the encoder memory")
         k, v = (self._heads(t) for t in self.kv(memory).chunk(2, dim=-1))
         if cache is not None:
-            cache.memory_kv = (k, v)
+            cache.memory_kv = (k.contiguous(), v.contiguous())
+            return cache.memory_kv
         return k, v
 
 
