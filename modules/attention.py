@@ -181,8 +181,10 @@ class MultiHeadAttention(nn.Module):
 
     Self-attention projects q, k and v with one (d_model -> (H + 2 * Hkv) * Dh) matmul; cross-attention
     projects q from the decoder and k, v together from the encoder memory. Hkv = kv_heads is H unless
-    grouped-query attention shares each key/value head among H / Hkv query heads. Self-attention
-    turns q and k by their positions when given a rotary `rotation` (modules/rotary.py).
+    grouped-query attention shares each key/value head among H / Hkv query heads. `qkv_bias` (None: as
+    `bias`) biases those projections apart from the output's, as Qwen2 has them. Given `qk_norm`,
+    a factory of norms of a given width, each head's q and k are normalised over Dh (Qwen3), before
+    self-attention turns them by their positions when given a rotary `rotation` (modules/rotary.py).
 
     Attention runs in SDPA's fused kernels, which never hand out the softmax weights. To look at
     them (`polyhead inspect attention`, the validation pictures), set `on_weights` to a callable:
@@ -202,17 +204,23 @@ class MultiHeadAttention(nn.Module):
         scale: bool,
         cross: bool = False,
         kv_heads: int | None = None,
+        qkv_bias: bool | None = None,
+        qk_norm: Callable[[int], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.cross = n_heads, head_dim, cross
         self.kv_heads = kv_heads or n_heads
         inner, kv_inner = n_heads * head_dim, self.kv_heads * head_dim
         self.split = (inner, kv_inner, kv_inner)  # q | k | v widths of the fused projection
+        in_bias = bias if qkv_bias is None else qkv_bias
         if cross:
-            self.q = nn.Linear(d_model, inner, bias=bias)
-            self.kv = nn.Linear(d_model, 2 * kv_inner, bias=bias)
+            self.q = nn.Linear(d_model, inner, bias=in_bias)
+            self.kv = nn.Linear(d_model, 2 * kv_inner, bias=in_bias)
         else:
-            self.qkv = nn.Linear(d_model, inner + 2 * kv_inner, bias=bias)
+            self.qkv = nn.Linear(d_model, inner + 2 * kv_inner, bias=in_bias)
+        # over the last dim (Dh) of (B, H, T, Dh) queries and (B, Hkv, S, Dh) keys; Identity: no norm
+        self.q_norm = qk_norm(head_dim) if qk_norm is not None else nn.Identity()
+        self.k_norm = qk_norm(head_dim) if qk_norm is not None else nn.Identity()
         self.out = nn.Linear(inner, d_model, bias=bias)
         self.dropout = dropout
         self.scale = None if scale else 1.0  # None lets SDPA use 1/sqrt(head_dim)
@@ -250,9 +258,11 @@ class MultiHeadAttention(nn.Module):
         n, t, _ = x.shape
         if self.cross:
             k, v = self._memory_keys_values(memory, cache)  # (B, Hkv, S, Dh) each
-            q = _fold_copies(self._heads(self.q(x)), k.size(0))  # (N, H, T, Dh) -> (B, H, c * T, Dh)
+            q = self.q_norm(self._heads(self.q(x)))  # (N, H, T, Dh)
+            q = _fold_copies(q, k.size(0))  # (B, H, c * T, Dh)
         else:
             q, k, v = (self._heads(part) for part in self.qkv(x).split(self.split, dim=-1))
+            q, k = self.q_norm(q), self.k_norm(k)
             if rotation is not None:
                 # q and k become new tensors: v of its own lets the fused projection's output go
                 q, k, v = rotate(q, rotation), rotate(k, rotation), v.contiguous()
@@ -306,6 +316,7 @@ class MultiHeadAttention(nn.Module):
         if memory is None:
             raise ValueError("cross-attention needs the encoder memory")
         k, v = (self._heads(t) for t in self.kv(memory).chunk(2, dim=-1))
+        k = self.k_norm(k)
         if cache is not None:
             cache.memory_kv = (k.contiguous(), v.contiguous())
             return cache.memory_kv

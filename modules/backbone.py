@@ -228,8 +228,10 @@ def init_weights(root: nn.Module, config: BackboneConfig) -> None:
         if isinstance(module, RelativePositionBias):
             nn.init.normal_(module.bias.weight, std=config.d_model**-0.5)
         elif isinstance(module, MultiHeadAttention) and not config.scale_attention:
-            with torch.no_grad():  # fold 1/sqrt(head_dim) into the queries
-                module.query_weight.mul_(config.attention_head_dim**-0.5)
+            # fold 1/sqrt(head_dim) into the queries: into their norm's scale where one would undo it
+            queries = module.q_norm.weight if config.qk_norm else module.query_weight
+            with torch.no_grad():
+                queries.mul_(config.attention_head_dim**-0.5)
 
 
 def document_positions(documents: Tensor) -> Tensor:

@@ -3,8 +3,9 @@
 The defaults describe a small BERT-style encoder. The same fields express BERT exactly
 (post-LN, learned positions, segments, GELU, biases, tanh pooler), T5 exactly (pre-RMSNorm,
 bucketed relative position bias, no biases, unscaled attention, ReLU or gated-GELU), GPT-2 (a
-pre-LN decoder) and LLaMA-style decoders (rotary positions, grouped-query attention, SwiGLU), so
-checkpoints of each can be imported without a second model class.
+pre-LN decoder) and LLaMA-style decoders (rotary positions, grouped-query attention, SwiGLU; Qwen2's
+biased q/k/v projections, Qwen3's per-head query/key norms), so checkpoints of each can be imported
+without a second model class.
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ class BackboneConfig:
     """Gated feed-forward (T5 v1.1's gated-GELU, SwiGLU with silu)."""
     bias: bool = True
     """Biases in linear layers and norms; T5 has none."""
+    qkv_bias: bool | None = None
+    """Biases in attention's query, key and value projections alone (Qwen2 has them there and
+    nowhere else); None means as `bias`."""
+    qk_norm: bool = False
+    """Normalise each head's queries and keys (a `norm_type` norm over head_dim, with its own
+    weights for queries and for keys) after their projection and before the rotary turn, as Qwen3
+    does: attention logits stay bounded however large the projections grow."""
     scale_attention: bool = True
     """Divide attention logits by sqrt(head_dim); T5 folds the scale into its initialisation instead."""
     dropout: float = 0.1
@@ -157,6 +165,11 @@ class BackboneConfig:
                 "a relative bias is a full T x T matrix, which LSH attention exists to avoid, and its "
                 "shared query-key vectors cannot be rotated apart"
             )
+        if uses_lsh and self.qk_norm:
+            raise UserError(
+                "model.backbone.attention 'lsh' shares one projection between queries and keys: "
+                "model.backbone.qk_norm must be false"
+            )
         if uses_lsh and self.n_kv_heads not in (None, self.n_heads):
             raise UserError(
                 "model.backbone.attention 'lsh' shares one projection between queries and keys: "
@@ -184,6 +197,11 @@ class BackboneConfig:
     def kv_heads(self) -> int:
         """n_kv_heads, or n_heads when it is not set."""
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def attention_qkv_bias(self) -> bool:
+        """qkv_bias, or bias when it is not set."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def attention_head_dim(self) -> int:

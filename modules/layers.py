@@ -20,11 +20,13 @@ ACTIVATIONS = {
 }
 
 
-def make_norm(config: BackboneConfig) -> nn.Module:
-    """LayerNorm (BERT) or scale-only RMSNorm (T5)."""
+def make_norm(config: BackboneConfig, width: int | None = None) -> nn.Module:
+    """LayerNorm (BERT) or scale-only RMSNorm (T5), over `width` features (d_model unless given:
+    the query/key norms of `qk_norm` are head_dim wide)."""
+    width = width or config.d_model
     if config.norm_type == "rmsnorm":
-        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        return nn.RMSNorm(width, eps=config.norm_eps)
+    return nn.LayerNorm(width, eps=config.norm_eps, bias=config.bias)
 
 
 class FeedForward(nn.Module):
@@ -90,6 +92,8 @@ class TransformerBlock(nn.Module):
                 scale=config.scale_attention,
                 cross=is_cross,
                 kv_heads=config.n_kv_heads,
+                qkv_bias=config.attention_qkv_bias,
+                qk_norm=(lambda width: make_norm(config, width)) if config.qk_norm else None,
             )
 
         self.lsh = attention == "lsh"
@@ -99,6 +103,7 @@ class TransformerBlock(nn.Module):
                 config.n_heads,
                 config.attention_head_dim,
                 bias=config.bias,
+                qkv_bias=config.attention_qkv_bias,
                 dropout=config.attention_dropout,
                 scale=config.scale_attention,
                 causal=causal,

@@ -66,8 +66,8 @@ class LSHSelfAttention(nn.Module):
     """Shared-QK self-attention over LSH buckets (see the module docstring).
 
     The parameters are one fused (d_model -> 2 * H * Dh) projection to shared query-keys and
-    values, and the output projection: a layer switches between `full` and `lsh` attention only
-    with its configuration, never its size.
+    values (biased as `qkv_bias` says, None: as `bias`), and the output projection: a layer switches
+    between `full` and `lsh` attention only with its configuration, never its size.
     """
 
     def __init__(
@@ -81,12 +81,14 @@ class LSHSelfAttention(nn.Module):
         causal: bool,
         n_hashes: int,
         bucket_size: int,
+        qkv_bias: bool | None = None,
     ) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.causal = n_heads, head_dim, causal
         self.n_hashes, self.bucket_size = n_hashes, bucket_size
         inner = n_heads * head_dim
-        self.qkv = nn.Linear(d_model, 2 * inner, bias=bias)  # shared query-keys, then values
+        in_bias = bias if qkv_bias is None else qkv_bias
+        self.qkv = nn.Linear(d_model, 2 * inner, bias=in_bias)  # shared query-keys, then values
         self.out = nn.Linear(inner, d_model, bias=bias)
         self.dropout = dropout
         self.scale = head_dim**-0.5 if scale else 1.0

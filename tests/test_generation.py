@@ -24,6 +24,17 @@ from modules.generation import GenerationConfig, generate
 STEPS = 10
 
 
+LLAMA = dict(  # rotary positions, grouped-query attention (2 kv heads for 4), SwiGLU
+    position="rotary",
+    n_kv_heads=2,
+    norm="pre",
+    norm_type="rmsnorm",
+    bias=False,
+    embedding_norm=False,
+    type_vocab_size=0,
+    gated_ff=True,
+    activation="silu",
+)
 LAYOUTS = {
     "learned": dict(position="learned"),
     "sinusoidal": dict(position="sinusoidal"),
@@ -37,17 +48,9 @@ LAYOUTS = {
         type_vocab_size=0,
         scale_attention=False,
     ),
-    "llama": dict(  # rotary positions, grouped-query attention (2 kv heads for 4), SwiGLU
-        position="rotary",
-        n_kv_heads=2,
-        norm="pre",
-        norm_type="rmsnorm",
-        bias=False,
-        embedding_norm=False,
-        type_vocab_size=0,
-        gated_ff=True,
-        activation="silu",
-    ),
+    "llama": LLAMA,
+    # q/k/v biases (Qwen2), per-head query/key norms and a head width of its own (Qwen3)
+    "qwen": LLAMA | dict(qkv_bias=True, qk_norm=True, head_dim=6),
 }
 
 

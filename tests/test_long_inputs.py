@@ -135,8 +135,13 @@ def parameter_grads(module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "attention, layout",
-    [("lsh", {}), ("full", {}), ("full", {"position": "rotary", "n_kv_heads": 1})],
-    ids=["lsh", "full", "full-rotary-grouped"],
+    [
+        ("lsh", {}),
+        ("full", {}),
+        ("full", {"position": "rotary", "n_kv_heads": 1}),
+        ("full", {"position": "rotary", "bias": False, "qkv_bias": True, "qk_norm": True}),
+    ],
+    ids=["lsh", "full", "full-rotary-grouped", "full-rotary-qk-norm"],
 )
 def test_reversible_layers_give_the_outputs_and_gradients_of_storing_every_activation(attention, layout):
     """The reversible backward (rebuild inputs, recompute, replay dropout and hashing) against plain
@@ -170,6 +175,12 @@ def test_reversible_layers_give_the_outputs_and_gradients_of_storing_every_activ
     assert got.keys() == want.keys() and len(got) > 0
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_lsh_layers_bias_queries_keys_and_values_as_qkv_bias_says():
+    """qkv_bias (Qwen2's q/k/v biases without others) holds for LSH's shared query-key projection too."""
+    attention = Backbone(long_config(bias=False, qkv_bias=True)).encoder.layers[0].self_attn
+    assert attention.qkv.bias is not None and attention.out.bias is None
 
 
 def test_reversible_layers_train_a_backbone_whose_embeddings_are_frozen():

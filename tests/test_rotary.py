@@ -1,7 +1,8 @@
 """Rotary positions and grouped-query attention (modules/rotary.py, MultiHeadAttention's kv_heads):
 the rotation equals RoPE written with complex numbers, attention scores under it depend on the
 offset alone, and grouped-query attention equals full multi-head attention whose key/value heads
-are copied per group; bad settings name their key. Decoding with both (KV cache, left padding,
+are copied per group; per-head query/key norms (qk_norm) keep T5's initial query scale; bad
+settings name their key. Decoding with both (KV cache, left padding,
 beam search) is covered by tests/test_generation.py's "llama" layout, and agreement with HF's
 LLaMA by tests/test_convert_llama.py."""
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from modules.attention import MultiHeadAttention
+from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.rotary import RotaryEmbedding, rotate
@@ -82,6 +84,20 @@ def test_grouped_query_attention_is_full_attention_with_kv_heads_copied_per_grou
     assert grouped.qkv.weight.shape == (heads * dh + 2 * kv_heads * dh, d)
 
 
+def test_t5_initialisation_puts_the_query_scale_into_the_query_norm():
+    """Unscaled attention (T5's scheme) starts with queries 1/sqrt(head_dim) smaller; a query norm
+    would undo that in the projection, so the norm's own scale carries it."""
+    config = BackboneConfig(
+        vocab_size=20, d_model=32, n_heads=4, encoder_layers=1, decoder_layers=1, init="t5",
+        scale_attention=False, norm="pre", norm_type="rmsnorm", qk_norm=True,
+    )  # fmt: skip
+    decoder = Backbone(config).decoder.layers[0]
+    for attention in (decoder.self_attn, decoder.cross_attn):
+        assert torch.equal(attention.q_norm.weight, torch.full((8,), 8**-0.5))
+        assert torch.equal(attention.k_norm.weight, torch.ones(8))
+        assert attention.query_weight.std() > 0.9 * 32**-0.5  # N(0, fan_in ** -0.5), not scaled again
+
+
 @pytest.mark.parametrize(
     "settings, key",
     [
@@ -90,6 +106,7 @@ def test_grouped_query_attention_is_full_attention_with_kv_heads_copied_per_grou
         ({"position": "rotary", "d_model": 30, "n_heads": 2}, "head width (15) must be even"),
         ({"position": "rotary", "attention": "lsh"}, "'lsh' needs absolute positions"),
         ({"n_kv_heads": 2, "attention": "lsh"}, "n_kv_heads must be left unset"),
+        ({"qk_norm": True, "attention": "lsh"}, "model.backbone.qk_norm must be false"),
     ],
 )
 def test_bad_head_settings_name_their_key(settings, key):

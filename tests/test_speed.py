@@ -33,7 +33,12 @@ LLAMA_LAYOUT = dataclasses.replace(  # rotary positions and grouped-query attent
     activation="silu",
     bias=False,
 )
-LAYOUTS = pytest.mark.parametrize("config", [CONFIG, LLAMA_LAYOUT], ids=["bert", "llama"])
+QWEN_LAYOUT = dataclasses.replace(  # q/k/v biases and per-head query/key norms: more modules per block
+    LLAMA_LAYOUT, qkv_bias=True, qk_norm=True
+)
+LAYOUTS = pytest.mark.parametrize(
+    "config", [CONFIG, LLAMA_LAYOUT, QWEN_LAYOUT], ids=["bert", "llama", "qwen"]
+)
 STEPS = 4
 
 
