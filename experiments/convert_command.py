@@ -1,4 +1,4 @@
-"""`polyhead convert`: HuggingFace BERT / T5 / GPT-2 -> a polyhead checkpoint, and back.
+"""`polyhead convert`: HuggingFace BERT / T5 / GPT-2 / LLaMA / Qwen -> a polyhead checkpoint, and back.
 
     polyhead convert SOURCE OUT.ckpt [--task NAME]   SOURCE: a local HF model directory, or a hub name
     polyhead convert --to-hf CKPT OUT_DIR            a polyhead checkpoint -> a HF model directory
@@ -35,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--to-hf",
         action="store_true",
-        help="export a polyhead checkpoint as a HF BERT, T5 or GPT-2 directory",
+        help="export a polyhead checkpoint as a HF BERT, T5, GPT-2, LLaMA, Qwen2 or Qwen3 directory",
     )
     convert.add_argument(
         "--task",

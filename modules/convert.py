@@ -194,9 +194,13 @@ def refuse_differences(
     differ = [
         f"model.backbone.{field.name}={getattr(config, field.name)!r} ({family} has {getattr(expressed, field.name)!r})"
         for field in dataclasses.fields(BackboneConfig)
-        if field.name not in {*ignored, "head_dim", "n_kv_heads"}
+        if field.name not in {*ignored, "head_dim", "n_kv_heads", "qkv_bias"}
         and getattr(config, field.name) != getattr(expressed, field.name)
     ]
+    if config.attention_qkv_bias != expressed.attention_qkv_bias:  # None means as `bias`
+        differ.append(
+            f"model.backbone.qkv_bias={config.qkv_bias!r} ({family} has {expressed.attention_qkv_bias})"
+        )
     if config.attention_head_dim != expressed.attention_head_dim:
         differ.append(
             f"model.backbone.head_dim={config.head_dim!r} ({family} has {expressed.attention_head_dim})"

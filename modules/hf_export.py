@@ -1,13 +1,14 @@
 """polyhead checkpoint -> HuggingFace model directory: the export half of `polyhead convert --to-hf`.
 
-A checkpoint whose backbone BERT, T5, GPT-2 or LLaMA can compute becomes a directory that
-`BertForPreTraining` / `BertModel` / `T5ForConditionalGeneration` / `GPT2LMHeadModel` /
-`LlamaForCausalLM.from_pretrained` load: config.json, model.safetensors and the tokenizer files.
-BERT's MLM and pooled NSP heads go along when the checkpoint has them (else the encoder alone, as
-`BertModel`); the LM head of the others when it is their own (not polyhead's copy head). A
-decoder-only backbone is GPT-2 with learned positions, LLaMA with rotary ones.
-modules/convert_bert.py, convert_t5.py, convert_gpt2.py and convert_llama.py map configs and
-tensors; modules/hf_import.py is the import half, modules/hf_files.py what both share.
+A checkpoint whose backbone BERT, T5, GPT-2, LLaMA, Qwen2 or Qwen3 can compute becomes a directory
+that `BertForPreTraining` / `BertModel` / `T5ForConditionalGeneration` / `GPT2LMHeadModel` /
+`LlamaForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM.from_pretrained` load: config.json,
+model.safetensors and the tokenizer files. BERT's MLM and pooled NSP heads go along when the
+checkpoint has them (else the encoder alone, as `BertModel`); the LM head of the others when it is
+their own (not polyhead's copy head). A decoder-only backbone is GPT-2 with learned positions; with
+rotary ones, Qwen3 if it norms queries and keys, Qwen2 if it biases q, k and v, else LLaMA.
+modules/convert_bert.py, convert_t5.py, convert_gpt2.py, convert_llama.py and convert_qwen.py map
+configs and tensors; modules/hf_import.py is the import half, modules/hf_files.py what both share.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from modules.config import BackboneConfig
 from modules.convert import StateDict
 from modules.convert_bert import bert_config_to_hf, polyhead_to_bert
 from modules.convert_gpt2 import gpt2_config_to_hf, polyhead_to_gpt2
-from modules.convert_llama import llama_config_to_hf, polyhead_to_llama
+from modules.convert_llama import LLAMA, RotaryDecoder
+from modules.convert_qwen import QWEN2, QWEN3
 from modules.convert_t5 import polyhead_to_t5, t5_config_to_hf
 from modules.errors import UserError
 from modules.hf_files import HF_TOKEN_KEYS, Conversion, create_atomically
@@ -35,6 +37,8 @@ TOKENIZER_CLASSES = {
     "t5": "T5Tokenizer",
     "gpt2": "GPT2Tokenizer",
     "llama": "PreTrainedTokenizerFast",
+    "qwen2": "PreTrainedTokenizerFast",
+    "qwen3": "PreTrainedTokenizerFast",
 }
 
 
@@ -50,6 +54,14 @@ def _head_of(
 
 def _strip(state: dict[str, Tensor], prefix: str) -> StateDict:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _rotary_family(config: BackboneConfig) -> RotaryDecoder:
+    """The HF family a rotary decoder is written as: the one whose projections it has (what else
+    differs, `config_to_hf` refuses by key); biases everywhere are LLaMA's to refuse."""
+    if config.qk_norm:
+        return QWEN3
+    return QWEN2 if config.attention_qkv_bias and not config.bias else LLAMA
 
 
 def _tokenizer_files(tokenizer: Tokenizer, model_type: str) -> dict[str, bytes]:
@@ -107,9 +119,10 @@ def export_hf(checkpoint_path: Path, out: Path) -> Conversion:
             head_prefix = _head_of(checkpoint, "PrefixLM")
             lm_head = state.get(f"{head_prefix}decoder.weight") if head_prefix else None
             if config.position == "rotary":
-                model_type = "llama"
-                hf_config = llama_config_to_hf(config, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-                weights = polyhead_to_llama(backbone, lm_head, config)
+                family = _rotary_family(config)
+                model_type = family.model_type
+                hf_config = family.config_to_hf(config, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+                weights = family.from_polyhead(backbone, lm_head, config)
             else:
                 model_type = "gpt2"
                 hf_config = gpt2_config_to_hf(config, tokenizer.eos_id, tokenizer.pad_id)

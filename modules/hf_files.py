@@ -3,7 +3,7 @@
 Reading: a local directory, or a hub name fetched with huggingface_hub (`locate`), holding what
 `save_pretrained` writes: config.json (`read_json`), the weights (`read_weights`: model.safetensors
 or pytorch_model.bin, or a sharded index of either) and the tokenizer (`read_tokenizer`: BERT,
-GPT-2, LLaMA: tokenizer.json; T5: spiece.model, else tokenizer.json). Writing: `create_atomically`,
+GPT-2, LLaMA, Qwen: tokenizer.json; T5: spiece.model, else tokenizer.json). Writing: `create_atomically`,
 and `Conversion`, the report of what was done.
 
 Import is modules/hf_import.py (`import_hf`), export modules/hf_export.py (`export_hf`).
@@ -79,7 +79,7 @@ FIX = "pass the directory that save_pretrained wrote (config.json, weights, toke
 class Conversion:
     """What a conversion read and wrote, for the command's report."""
 
-    model_type: str  # "bert", "t5", "gpt2", "llama" or "mistral" (modules/hf_import.py FAMILIES)
+    model_type: str  # "bert", "t5", "gpt2", "llama", "mistral", "qwen2" or "qwen3" (hf_import.py FAMILIES)
     architecture: str  # the HF class whose weights were read or written
     source: str
     written: Path

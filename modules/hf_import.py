@@ -2,11 +2,12 @@
 
 `import_hf` reads a directory (or hub name) through modules/hf_files.py and maps its config and
 tensors with the family's converter (modules/convert_bert.py, convert_t5.py, convert_gpt2.py,
-convert_llama.py; which one is `FAMILIES`' job). The result is a checkpoint laid out exactly as a
-polyhead run writes one, with the pretraining heads as a task (BERT: `mlm_nsp`, MaskedLMNextSentence;
-T5: `seq2seq`, Seq2Seq; GPT-2 and LLaMA: `prefix_lm`, PrefixLM), so `--model.init_from`
-(fine-tune), `validate|test|predict --ckpt_path` and `MultiTaskModel.from_checkpoint` take it as they
-take a trained one; it holds no optimizer state, so `fit --ckpt_path` (resume) refuses it.
+convert_llama.py, convert_qwen.py; which one is `FAMILIES`' job). The result is a checkpoint laid
+out exactly as a polyhead run writes one, with the pretraining heads as a task (BERT: `mlm_nsp`,
+MaskedLMNextSentence; T5: `seq2seq`, Seq2Seq; GPT-2, LLaMA and Qwen: `prefix_lm`, PrefixLM), so
+`--model.init_from` (fine-tune), `validate|test|predict --ckpt_path` and
+`MultiTaskModel.from_checkpoint` take it as they take a trained one; it holds no optimizer state,
+so `fit --ckpt_path` (resume) refuses it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from modules.config import BackboneConfig
 from modules.convert import StateDict
 from modules.convert_bert import BERT_DEFAULTS, backbone_config_from_bert, bert_to_polyhead
 from modules.convert_gpt2 import GPT2_DEFAULTS, backbone_config_from_gpt2, gpt2_to_polyhead
-from modules.convert_llama import LLAMA_DEFAULTS, backbone_config_from_llama, llama_to_polyhead
+from modules.convert_llama import LLAMA, RotaryDecoder
+from modules.convert_qwen import QWEN2, QWEN3
 from modules.convert_t5 import T5_DEFAULTS, backbone_config_from_t5, t5_to_polyhead
 from modules.errors import UserError
 from modules.hf_files import (
@@ -58,6 +60,20 @@ class Family:
     headless: str = ""
 
 
+def _rotary_decoder(
+    family: RotaryDecoder, headless: str, architecture: str = "", defaults: dict | None = None
+) -> Family:
+    """A family of LLaMA's layout (modules/convert_llama.py), read as `family` from its own class
+    (`architecture`) and config.json `defaults` where they differ from `family`'s."""
+    return Family(
+        family.defaults if defaults is None else defaults,
+        architecture or family.architecture,
+        lambda hf, state: family.backbone_config(hf),
+        family.to_polyhead,
+        headless,
+    )
+
+
 FAMILIES = {
     "bert": Family(BERT_DEFAULTS, "BertForPreTraining", lambda hf, state: backbone_config_from_bert(hf)),
     "t5": Family(
@@ -74,20 +90,13 @@ FAMILIES = {
         gpt2_to_polyhead,
         "GPT2Model",
     ),
-    "llama": Family(
-        LLAMA_DEFAULTS,
-        "LlamaForCausalLM",
-        lambda hf, state: backbone_config_from_llama(hf),
-        llama_to_polyhead,
-        "LlamaModel",
+    "llama": _rotary_decoder(LLAMA, "LlamaModel"),
+    # LLaMA's layout; its sliding window (4096 unless config.json says null) is refused
+    "mistral": _rotary_decoder(
+        LLAMA, "MistralModel", "MistralForCausalLM", LLAMA.defaults | {"sliding_window": 4096}
     ),
-    "mistral": Family(  # LLaMA's layout; its sliding window (4096 unless config.json says null) is refused
-        LLAMA_DEFAULTS | {"sliding_window": 4096},
-        "MistralForCausalLM",
-        lambda hf, state: backbone_config_from_llama(hf),
-        llama_to_polyhead,
-        "MistralModel",
-    ),
+    "qwen2": _rotary_decoder(QWEN2, "Qwen2Model"),
+    "qwen3": _rotary_decoder(QWEN3, "Qwen3Model"),
 }
 
 
@@ -101,8 +110,8 @@ def _prefix_lm_lengths(config: BackboneConfig) -> dict[str, int]:
 
 
 def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
-    """HF BERT / T5 / GPT-2 / LLaMA (directory or hub name) -> a polyhead checkpoint at `out` (see the
-    module docstring).
+    """HF BERT / T5 / GPT-2 / LLaMA / Qwen (directory or hub name) -> a polyhead checkpoint at `out`
+    (see the module docstring).
 
     task: the name of the pretraining task in the checkpoint (default "mlm_nsp" / "seq2seq" /
     "prefix_lm"). Heads load by task name, so a fine-tuning config whose Seq2Seq task is called
