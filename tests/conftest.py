@@ -106,3 +106,12 @@ def llama_dir(tmp_path_factory) -> Path:
     from .hf_models import llama_directory
 
     return llama_directory(tmp_path_factory.mktemp("hf-llama"))
+
+
+@pytest.fixture(scope="session", params=["qwen2", "qwen3"])
+def qwen_dir(request, tmp_path_factory) -> Path:
+    """A tiny Qwen2ForCausalLM or Qwen3ForCausalLM directory as save_pretrained writes it, with a
+    Qwen-style tokenizer.json."""
+    from .hf_models import qwen_directory
+
+    return qwen_directory(tmp_path_factory.mktemp(f"hf-{request.param}"), request.param)

@@ -1,6 +1,7 @@
-"""Small HF models shaped like BERT's, T5's, GPT-2's and LLaMA's, the reference the conversion tests compare against:
-random weights (no downloads), every parameter perturbed so that a swapped or dropped tensor
-(biases and norms start at 0 and 1) cannot go unnoticed, saved as `save_pretrained` lays them out.
+"""Small HF models shaped like BERT's, T5's, GPT-2's, LLaMA's and Qwen's, the reference the conversion tests
+compare against: random weights (no downloads), every parameter perturbed so that a swapped or
+dropped tensor (biases and norms start at 0 and 1) cannot go unnoticed, saved as `save_pretrained`
+lays them out; and the comparisons of a decoder-only polyhead model with its HF original.
 
 Importing this module skips the importing test module where transformers (a dev extra) is missing.
 """
@@ -12,16 +13,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from modules.backbone import Backbone
+from modules.generation import GenerationConfig, generate
+from modules.heads import LanguageModelHead
+from modules.model import MultiTaskModel
+
+from .convert_cli import decoder_logits, polyhead
 from .hf_tokenizers import (
     GPT2_EOS,
     LLAMA_BOS,
     LLAMA_EOS,
+    QWEN_EOS,
+    QWEN_PAD,
     SENTENCES,
     bert_wordpiece,
     gpt2_byte_bpe,
     llama_byte_bpe,
+    qwen_byte_bpe,
     t5_sentencepiece,
 )
 
@@ -133,10 +143,11 @@ def gpt2_directory(root: Path) -> Path:
     return root
 
 
-def tiny_llama_config(vocab_size: int, eos_id: int, tie: bool = False, **overrides):
-    """A LLaMA small enough for CPU whose shapes tell its dimensions apart: 2 key/value heads for 4
-    query heads, head_dim 6 (n_heads * head_dim = 24 != hidden_size 32), intermediate 48, a rotary
-    base of 500 (not the default)."""
+def tiny_llama_config(vocab_size: int, eos_id: int, tie: bool = False, config_class=None, **overrides):
+    """A LLaMA (or a model of its layout, by `config_class`: Qwen2Config, Qwen3Config) small enough
+    for CPU whose shapes tell its dimensions apart: 2 key/value heads for 4 query heads, head_dim 6
+    (n_heads * head_dim = 24 != hidden_size 32), intermediate 48, a rotary base of 500 (not the
+    default)."""
     values = dict(
         vocab_size=vocab_size,
         hidden_size=32,
@@ -150,7 +161,7 @@ def tiny_llama_config(vocab_size: int, eos_id: int, tie: bool = False, **overrid
         eos_token_id=eos_id,
         tie_word_embeddings=tie,
     )
-    return transformers.LlamaConfig(**(values | overrides))
+    return (config_class or transformers.LlamaConfig)(**(values | overrides))
 
 
 def llama_directory(root: Path) -> Path:
@@ -171,8 +182,122 @@ def llama_directory(root: Path) -> Path:
     return root
 
 
+QWEN_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3"}  # model_type -> transformers' class prefix
+QWEN_SPARE_ROWS = 8  # Qwen's embedding tables have rows no token uses (151936 for 151665 ids)
+
+
+def qwen_class(model_type: str, suffix: str = "ForCausalLM"):
+    """transformers' Qwen2 / Qwen3 class with `suffix` ("ForCausalLM", "Config", "Model")."""
+    return getattr(transformers, QWEN_CLASSES[model_type] + suffix)
+
+
+def qwen_directory(root: Path, model_type: str) -> Path:
+    """A Qwen2ForCausalLM (tied, as Qwen2.5's small models) or Qwen3ForCausalLM (untied) directory as
+    save_pretrained writes it, with a Qwen-style tokenizer.json (no bos; Qwen2.5-Instruct's eos
+    <|im_end|> and pad <|endoftext|>) and a config.json that, as the hub's do, names <|endoftext|> as
+    bos_token_id and has spare embedding rows."""
+    trained = qwen_byte_bpe(SENTENCES * 4)
+    hf_tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=trained, eos_token=QWEN_EOS, pad_token=QWEN_PAD
+    )
+    config = tiny_llama_config(
+        trained.get_vocab_size() + QWEN_SPARE_ROWS,
+        trained.token_to_id(QWEN_EOS),
+        tie=model_type == "qwen2",
+        config_class=qwen_class(model_type, "Config"),
+        bos_token_id=trained.token_to_id(QWEN_PAD),
+    )
+    torch.manual_seed(0)
+    model = qwen_class(model_type)(config).eval()
+    perturb(model)
+    model.save_pretrained(root)
+    hf_tokenizer.save_pretrained(root)
+    return root
+
+
 def loaded_cleanly(model_class, directory: Path):
     """`model_class.from_pretrained(directory)` in eval mode, with no missing, unexpected or misshapen key."""
     model, info = model_class.from_pretrained(directory, output_loading_info=True)
     assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     return model.eval()
+
+
+# ------------------------------------------------------------------- a decoder-only model and its HF original
+
+
+def polyhead_pair(hf, backbone_config, to_polyhead) -> tuple:
+    """(HF causal LM, its polyhead Backbone, the polyhead LM head) holding the same weights, converted
+    by the family's `backbone_config` (HF config -> BackboneConfig) and `to_polyhead`."""
+    config = backbone_config(hf.config)
+    state, lm_head = to_polyhead(hf.state_dict(), config)
+    backbone = Backbone(config).eval()
+    backbone.load_state_dict(state, strict=True)
+    head = LanguageModelHead(config).eval()
+    if lm_head is not None:
+        head.load_state_dict({"decoder.weight": lm_head}, strict=True)
+    return hf, backbone, head
+
+
+def assert_logits_match_over_right_padding(hf, backbone, head, vocab_size: int) -> None:
+    """Three rows of 21, 13 and 5 real tokens: every real position's logits agree."""
+    ids = torch.randint(0, vocab_size, (3, 21))
+    mask = (torch.arange(21)[None, :] < torch.tensor([21, 13, 5])[:, None]).long()  # (B, T)
+    with torch.no_grad():
+        ours, theirs = (
+            decoder_logits(backbone, head, ids, mask),
+            hf(input_ids=ids, attention_mask=mask).logits,
+        )
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=ATOL, rtol=RTOL)
+
+
+def assert_generation_matches_hf(
+    hf, backbone, head, vocab_size: int, pad_id: int, beams: int = 1, steps: int = 10
+) -> None:
+    """Prompts of 9, 4 and 7 tokens, left-padded with `pad_id`: polyhead's greedy (or beam) search
+    gives HF's tokens, every one of `steps` (no eos, so no row stops early)."""
+    lengths = torch.tensor([9, 4, 7])
+    mask = (torch.arange(9)[None, :] >= (9 - lengths)[:, None]).long()  # (B, T) left padding
+    ids = torch.randint(0, vocab_size, (3, 9)).masked_fill(mask == 0, pad_id)
+    strategy = {"strategy": "beam", "num_beams": beams} if beams > 1 else {}
+    with torch.no_grad():
+        ours = generate(
+            backbone,
+            lambda h: head(h, backbone.token_embedding),
+            ids,
+            mask,
+            GenerationConfig(max_new_tokens=steps, eos_id=None, pad_id=pad_id, **strategy),
+        ).tokens
+        theirs = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            num_beams=beams,
+            length_penalty=1.0,
+            early_stopping="never" if beams > 1 else False,
+            eos_token_id=None,
+            pad_token_id=pad_id,
+        )[:, ids.size(1) :]
+    assert torch.equal(ours, theirs)
+
+
+def assert_same_tensors(ours: dict[str, Tensor], theirs: dict[str, Tensor]) -> None:
+    """The same keys, each with an equal tensor."""
+    assert ours.keys() == theirs.keys()
+    for key, tensor in ours.items():
+        assert torch.equal(tensor, theirs[key]), key
+
+
+def assert_export_computes_the_fine_tuned_logits(last: Path, hf_class, tmp_path: Path, capsys) -> None:
+    """`polyhead convert --to-hf` of a summarizer run's `last` checkpoint (`fine_tune_summarizer`):
+    `hf_class` loads it cleanly and computes the logits of its task `summarize`."""
+    ours = MultiTaskModel.from_checkpoint(last).eval()
+    polyhead("convert", "--to-hf", str(last), str(tmp_path / "hf"))
+    assert f"{hf_class.config_class.model_type} ({hf_class.__name__})" in capsys.readouterr().out
+    hf = loaded_cleanly(hf_class, tmp_path / "hf")
+    ids = torch.tensor(ours.tokenizer.encode([f"summarize: {SENTENCES[1]}"]))
+    with torch.no_grad():
+        logits = decoder_logits(ours.backbone, ours.heads["summarize"], ids)
+        torch.testing.assert_close(logits, hf(input_ids=ids).logits, atol=ATOL, rtol=RTOL)

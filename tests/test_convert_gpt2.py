@@ -30,13 +30,24 @@ from modules.convert_gpt2 import (
     polyhead_to_gpt2,
 )
 from modules.errors import UserError
-from modules.generation import GenerationConfig, generate
 from modules.heads import LanguageModelHead
 from modules.model import MultiTaskModel
 from tasks.prefix_lm import PrefixLM
 
 from .convert_cli import decoder_logits, fails, fine_tune_summarizer, polyhead
-from .hf_models import ATOL, RTOL, loaded_cleanly, perturb, tiny_gpt2_config, transformers
+from .hf_models import (
+    ATOL,
+    RTOL,
+    assert_export_computes_the_fine_tuned_logits,
+    assert_generation_matches_hf,
+    assert_logits_match_over_right_padding,
+    assert_same_tensors,
+    loaded_cleanly,
+    perturb,
+    polyhead_pair,
+    tiny_gpt2_config,
+    transformers,
+)
 from .hf_tokenizers import GPT2_EOS, SENTENCES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,65 +60,25 @@ def gpt2_pair(tie: bool) -> tuple:
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(tiny_gpt2_config(VOCAB, EOS, tie)).eval()
     perturb(hf)
-    config = backbone_config_from_gpt2(hf.config)
-    state, lm_head = gpt2_to_polyhead(hf.state_dict(), config)
-    backbone = Backbone(config).eval()
-    backbone.load_state_dict(state, strict=True)
-    head = LanguageModelHead(config).eval()
-    if lm_head is not None:
-        head.load_state_dict({"decoder.weight": lm_head}, strict=True)
-    return hf, backbone, head
+    return polyhead_pair(hf, backbone_config_from_gpt2, gpt2_to_polyhead)
 
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_gpt2_logits_match_hf_over_a_right_padded_batch(tie: bool) -> None:
     hf, backbone, head = gpt2_pair(tie)
     assert backbone.config.tie_embeddings == tie and (head.decoder is None) == tie
-    ids = torch.randint(0, VOCAB, (3, 21))
-    mask = (torch.arange(21)[None, :] < torch.tensor([21, 13, 5])[:, None]).long()  # (B, T)
-    with torch.no_grad():
-        ours, theirs = (
-            decoder_logits(backbone, head, ids, mask),
-            hf(input_ids=ids, attention_mask=mask).logits,
-        )
-    real = mask.bool()
-    torch.testing.assert_close(ours[real], theirs[real], atol=ATOL, rtol=RTOL)
+    assert_logits_match_over_right_padding(hf, backbone, head, VOCAB)
 
 
 def test_gpt2_greedy_generation_from_left_padded_prompts_gives_hfs_tokens() -> None:
-    hf, backbone, head = gpt2_pair(tie=True)
-    lengths = torch.tensor([9, 4, 7])
-    mask = (torch.arange(9)[None, :] >= (9 - lengths)[:, None]).long()  # (B, T) left padding
-    ids = torch.randint(0, VOCAB, (3, 9)).masked_fill(mask == 0, EOS)
-    steps = 12
-    with torch.no_grad():
-        ours = generate(
-            backbone,
-            lambda h: head(h, backbone.token_embedding),
-            ids,
-            mask,
-            GenerationConfig(max_new_tokens=steps, eos_id=None, pad_id=EOS),
-        ).tokens
-        theirs = hf.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=None,
-            pad_token_id=EOS,
-        )[:, ids.size(1) :]
-    assert torch.equal(ours, theirs)
+    assert_generation_matches_hf(*gpt2_pair(tie=True), VOCAB, EOS, steps=12)
 
 
 def test_gpt2_export_inverts_import_tensor_for_tensor() -> None:
     hf, backbone, head = gpt2_pair(tie=False)
-    back = polyhead_to_gpt2(backbone.state_dict(), head.decoder.weight, backbone.config)
-    theirs = hf.state_dict()
-    assert back.keys() == theirs.keys()
-    for key, tensor in back.items():
-        assert torch.equal(tensor, theirs[key]), key
+    assert_same_tensors(
+        polyhead_to_gpt2(backbone.state_dict(), head.decoder.weight, backbone.config), hf.state_dict()
+    )
     hf_config = gpt2_config_to_hf(backbone.config, EOS, None)
     assert backbone_config_from_gpt2(SimpleNamespace(**hf_config)) == backbone.config
 
@@ -217,13 +188,9 @@ def test_gpt2_converts_with_its_tokenizer_and_round_trips_exactly(gpt2_dir, tmp_
 
     polyhead("convert", "--to-hf", str(out), str(tmp_path / "hf"))
     assert "tokenizer.json" in capsys.readouterr().out
-    original, exported = (
-        load_file(gpt2_dir / "model.safetensors"),
-        load_file(tmp_path / "hf" / "model.safetensors"),
+    assert_same_tensors(
+        load_file(tmp_path / "hf" / "model.safetensors"), load_file(gpt2_dir / "model.safetensors")
     )
-    assert original.keys() == exported.keys()
-    for key, tensor in original.items():
-        assert torch.equal(tensor, exported[key]), key
     again = loaded_cleanly(transformers.GPT2LMHeadModel, tmp_path / "hf")
     assert again.config.eos_token_id == eos
     exported_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -257,10 +224,4 @@ def test_imported_gpt2_fine_tunes_as_a_summarizer_and_exports_what_it_computes(
     trained = ours.state_dict()["backbone.embeddings.tokens.weight"]
     assert not torch.equal(trained, imported["backbone.embeddings.tokens.weight"])
 
-    polyhead("convert", "--to-hf", str(last), str(tmp_path / "hf"))
-    assert "gpt2 (GPT2LMHeadModel)" in capsys.readouterr().out
-    hf = loaded_cleanly(transformers.GPT2LMHeadModel, tmp_path / "hf")
-    ids = torch.tensor(ours.tokenizer.encode([f"summarize: {SENTENCES[1]}"]))
-    with torch.no_grad():
-        logits = decoder_logits(ours.backbone, ours.heads["summarize"], ids)
-        torch.testing.assert_close(logits, hf(input_ids=ids).logits, atol=ATOL, rtol=RTOL)
+    assert_export_computes_the_fine_tuned_logits(last, transformers.GPT2LMHeadModel, tmp_path, capsys)

@@ -119,13 +119,14 @@ def test_bad_sources_end_in_one_line_naming_the_file_and_write_nothing(bert_dir,
     message = fails(capsys, "convert", str(tmp_path / "empty"), str(out))
     assert "no config.json" in message and "save_pretrained" in message
 
-    qwen = tmp_path / "qwen"
-    qwen.mkdir()
-    (qwen / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
-    message = fails(capsys, "convert", str(qwen), str(out))
+    gemma = tmp_path / "gemma"
+    gemma.mkdir()
+    (gemma / "config.json").write_text(json.dumps({"model_type": "gemma"}))
+    message = fails(capsys, "convert", str(gemma), str(out))
     assert (
-        "config.json: model_type 'qwen2' is not supported" in message
+        "config.json: model_type 'gemma' is not supported" in message
         and "'llama' (LlamaForCausalLM)" in message
+        and "'qwen3' (Qwen3ForCausalLM)" in message
     )
 
     truncated = tmp_path / "truncated"

@@ -28,13 +28,23 @@ from modules.convert_llama import (
     polyhead_to_llama,
 )
 from modules.errors import UserError
-from modules.generation import GenerationConfig, generate
-from modules.heads import LanguageModelHead
 from modules.model import MultiTaskModel
 from tasks.prefix_lm import PrefixLM
 
-from .convert_cli import decoder_logits, fails, fine_tune_summarizer, polyhead
-from .hf_models import ATOL, RTOL, loaded_cleanly, perturb, tiny_llama_config, transformers
+from .convert_cli import fails, fine_tune_summarizer, polyhead
+from .hf_models import (
+    ATOL,
+    RTOL,
+    assert_export_computes_the_fine_tuned_logits,
+    assert_generation_matches_hf,
+    assert_logits_match_over_right_padding,
+    assert_same_tensors,
+    loaded_cleanly,
+    perturb,
+    polyhead_pair,
+    tiny_llama_config,
+    transformers,
+)
 from .hf_tokenizers import LLAMA_BOS, LLAMA_EOS, SENTENCES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,14 +57,7 @@ def llama_pair(tie: bool = False) -> tuple:
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(tiny_llama_config(VOCAB, EOS, tie)).eval()
     perturb(hf)
-    config = backbone_config_from_llama(hf.config)
-    state, lm_head = llama_to_polyhead(hf.state_dict(), config)
-    backbone = Backbone(config).eval()
-    backbone.load_state_dict(state, strict=True)
-    head = LanguageModelHead(config).eval()
-    if lm_head is not None:
-        head.load_state_dict({"decoder.weight": lm_head}, strict=True)
-    return hf, backbone, head
+    return polyhead_pair(hf, backbone_config_from_llama, llama_to_polyhead)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -67,55 +70,19 @@ def test_llama_logits_match_hf_over_a_right_padded_batch(tie: bool) -> None:
         6,
         500.0,
     )
-    ids = torch.randint(0, VOCAB, (3, 21))
-    mask = (torch.arange(21)[None, :] < torch.tensor([21, 13, 5])[:, None]).long()  # (B, T)
-    with torch.no_grad():
-        ours, theirs = (
-            decoder_logits(backbone, head, ids, mask),
-            hf(input_ids=ids, attention_mask=mask).logits,
-        )
-    real = mask.bool()
-    torch.testing.assert_close(ours[real], theirs[real], atol=ATOL, rtol=RTOL)
+    assert_logits_match_over_right_padding(hf, backbone, head, VOCAB)
 
 
 @pytest.mark.parametrize("beams", [1, 3])
 def test_llama_generation_from_left_padded_prompts_gives_hfs_tokens(beams: int) -> None:
-    hf, backbone, head = llama_pair()
-    lengths = torch.tensor([9, 4, 7])
-    mask = (torch.arange(9)[None, :] >= (9 - lengths)[:, None]).long()  # (B, T) left padding
-    ids = torch.randint(0, VOCAB, (3, 9)).masked_fill(mask == 0, EOS)
-    steps = 10
-    strategy = {"strategy": "beam", "num_beams": beams} if beams > 1 else {}
-    with torch.no_grad():
-        ours = generate(
-            backbone,
-            lambda h: head(h, backbone.token_embedding),
-            ids,
-            mask,
-            GenerationConfig(max_new_tokens=steps, eos_id=None, pad_id=EOS, **strategy),
-        ).tokens
-        theirs = hf.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            num_beams=beams,
-            length_penalty=1.0,
-            early_stopping="never" if beams > 1 else False,
-            eos_token_id=None,
-            pad_token_id=EOS,
-        )[:, ids.size(1) :]
-    assert torch.equal(ours, theirs)
+    assert_generation_matches_hf(*llama_pair(), VOCAB, EOS, beams)
 
 
 def test_llama_export_inverts_import_tensor_for_tensor() -> None:
     hf, backbone, head = llama_pair()
-    back = polyhead_to_llama(backbone.state_dict(), head.decoder.weight, backbone.config)
-    theirs = hf.state_dict()
-    assert back.keys() == theirs.keys()
-    for key, tensor in back.items():
-        assert torch.equal(tensor, theirs[key]), key
+    assert_same_tensors(
+        polyhead_to_llama(backbone.state_dict(), head.decoder.weight, backbone.config), hf.state_dict()
+    )
     hf_config = llama_config_to_hf(backbone.config, None, EOS, None)
     assert backbone_config_from_llama(SimpleNamespace(**(LLAMA_DEFAULTS | hf_config))) == backbone.config
     assert transformers.LlamaConfig.from_dict(hf_config).rope_parameters["rope_theta"] == 500.0
@@ -197,13 +164,9 @@ def test_llama_converts_with_its_tokenizer_and_round_trips_exactly(llama_dir, tm
 
     polyhead("convert", "--to-hf", str(out), str(tmp_path / "hf"))
     assert "llama (LlamaForCausalLM)" in capsys.readouterr().out
-    original, exported = (
-        load_file(llama_dir / "model.safetensors"),
-        load_file(tmp_path / "hf" / "model.safetensors"),
+    assert_same_tensors(
+        load_file(tmp_path / "hf" / "model.safetensors"), load_file(llama_dir / "model.safetensors")
     )
-    assert original.keys() == exported.keys()
-    for key, tensor in original.items():
-        assert torch.equal(tensor, exported[key]), key
     again = loaded_cleanly(transformers.LlamaForCausalLM, tmp_path / "hf")
     assert again.config.num_key_value_heads == 2 and again.config.eos_token_id == tokenizer.eos_id
     exported_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -234,10 +197,4 @@ def test_imported_llama_fine_tunes_as_a_summarizer_and_exports_what_it_computes(
     imported = MultiTaskModel.from_checkpoint(tmp_path / "llama.ckpt")
     assert not torch.equal(ours.backbone.token_embedding, imported.backbone.token_embedding)
 
-    polyhead("convert", "--to-hf", str(last), str(tmp_path / "hf"))
-    assert "llama (LlamaForCausalLM)" in capsys.readouterr().out
-    hf = loaded_cleanly(transformers.LlamaForCausalLM, tmp_path / "hf")
-    ids = torch.tensor(ours.tokenizer.encode([f"summarize: {SENTENCES[1]}"]))
-    with torch.no_grad():
-        logits = decoder_logits(ours.backbone, ours.heads["summarize"], ids)
-        torch.testing.assert_close(logits, hf(input_ids=ids).logits, atol=ATOL, rtol=RTOL)
+    assert_export_computes_the_fine_tuned_logits(last, transformers.LlamaForCausalLM, tmp_path, capsys)
