@@ -39,6 +39,7 @@ from modules.atomic_write import write_text_atomically
 from modules.checkpoint import check_same_model, read_checkpoint
 from modules.config import BackboneConfig
 from modules.errors import UserError, one_line
+from modules.lora import LoraConfig
 from modules.model import MultiTaskModel
 from modules.sharding import FullyShardedBlocks
 
@@ -116,9 +117,10 @@ class PolyheadCLI(LightningCLI):
         ):
             check_resumable(checkpoint, source)
         if source:
-            self._parser(first.get("subcommand")).set_defaults(
-                {"model.backbone": self.checkpoint_saved["backbone"]}
-            )
+            defaults = {"model.backbone": self.checkpoint_saved["backbone"]}
+            if source == command_config(first).get("ckpt_path"):  # its adapters too, to load them
+                defaults["model.lora"] = self.checkpoint_saved.get("lora", LoraConfig().to_dict())
+            self._parser(first.get("subcommand")).set_defaults(defaults)
         # Lightning warns whenever both args and sys.argv exist; `given` is the whole command line
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -138,7 +140,8 @@ class PolyheadCLI(LightningCLI):
         backbone = config.model.get("backbone")
         if config.get("ckpt_path") and source == config.ckpt_path:
             tasks = {name: task.class_path.rsplit(".", 1)[-1] for name, task in config.model.tasks.items()}
-            check_same_model(self.checkpoint_saved, backbone and backbone.as_dict(), tasks, source)
+            lora = config.model.lora.as_dict()
+            check_same_model(self.checkpoint_saved, backbone and backbone.as_dict(), tasks, lora, source)
         if backbone is None and source:
             config.model.backbone = Namespace(**self.checkpoint_saved["backbone"])
         elif backbone is not None:

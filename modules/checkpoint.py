@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from modules.errors import UserError
+from modules.lora import LoraConfig
 
 SECTIONS = ("backbone", "tasks", "tokenizer")
 """What the "polyhead" section must hold for the checkpoint to run on its own."""
@@ -73,12 +74,19 @@ FREE_IN_A_RUN = ("vocab_size", "dropout", "attention_dropout", "init", "init_std
 checkpoint's tokenizer, and the others change training, not what the weights compute."""
 
 
-def check_same_model(saved: dict, backbone: dict | None, tasks: dict[str, str], path: str) -> None:
+LORA_SHAPING = ("rank", "alpha", "targets")
+"""model.lora fields that change what the weights compute (its dropout changes only training)."""
+
+
+def check_same_model(
+    saved: dict, backbone: dict | None, tasks: dict[str, str], lora: dict, path: str
+) -> None:
     """A run that continues or evaluates a checkpoint (--ckpt_path) must build the model that wrote it.
 
     saved: the checkpoint's "polyhead" section; backbone: the run's backbone settings (None: the
-    checkpoint's); tasks: the run's task name -> task class name. Any other architecture or set of
-    tasks is a UserError naming each difference, before anything is built."""
+    checkpoint's); tasks: the run's task name -> task class name; lora: the run's model.lora. Any
+    other architecture, set of tasks or adapters is a UserError naming each difference, before
+    anything is built."""
     differences = [
         f"model.backbone.{key} is {backbone[key]!r} (checkpoint: {value!r})"
         for key, value in saved["backbone"].items()
@@ -87,6 +95,13 @@ def check_same_model(saved: dict, backbone: dict | None, tasks: dict[str, str], 
     saved_tasks = {name: spec["class"] for name, spec in saved["tasks"].items()}
     if tasks != saved_tasks:
         differences.append(f"model.tasks are {tasks} (checkpoint: {saved_tasks})")
+    run_lora, saved_lora = LoraConfig(**lora), LoraConfig(**saved.get("lora", {}))
+    if run_lora.enabled or saved_lora.enabled:
+        differences += [
+            f"model.lora.{key} is {getattr(run_lora, key)!r} (checkpoint: {getattr(saved_lora, key)!r})"
+            for key in LORA_SHAPING
+            if getattr(run_lora, key) != getattr(saved_lora, key)
+        ]
     if not differences:
         return
     shown = "; ".join(differences[:4]) + (

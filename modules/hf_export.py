@@ -31,6 +31,7 @@ from modules.convert_qwen import QWEN2, QWEN3
 from modules.convert_t5 import polyhead_to_t5, t5_config_to_hf
 from modules.errors import UserError
 from modules.hf_files import HF_TOKEN_KEYS, Conversion, create_atomically
+from modules.lora import without_adapters
 
 TOKENIZER_CLASSES = {
     "bert": "BertTokenizer",
@@ -92,7 +93,7 @@ def export_hf(checkpoint_path: Path, out: Path) -> Conversion:
     saved = checkpoint["polyhead"]
     config = BackboneConfig.from_dict(saved["backbone"])
     tokenizer = Tokenizer.from_state_dict(saved["tokenizer"])
-    state = checkpoint["state_dict"]
+    state = without_adapters(checkpoint)  # a LoRA run's updates folded in
     backbone = _strip(state, "backbone.")
     try:
         if config.architecture == "encoder":

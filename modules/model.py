@@ -28,6 +28,7 @@ from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.flops import network_cost
 from modules.freezing import FreezeConfig, freeze_report, frozen_names, parameter_depth
+from modules.lora import LoraConfig, add_lora, without_adapters
 from modules.optim import OptimizerConfig, build_optimizer
 from modules.sharding import shard_blocks
 from modules.speed import SpeedConfig, apply_speed
@@ -47,6 +48,7 @@ class MultiTaskModel(pl.LightningModule):
         score: dict[str, float] | None = None,
         freeze: FreezeConfig = FreezeConfig(),
         speed: SpeedConfig = SpeedConfig(),
+        lora: LoraConfig = LoraConfig(),
     ) -> None:
         """
         tasks: task name -> task (its class and settings); names also key data.sources and the logs.
@@ -64,6 +66,9 @@ class MultiTaskModel(pl.LightningModule):
             ids mean what they meant in pretraining.
         freeze: what does not train (feature extraction, the bottom layers, gradual unfreezing);
             see modules/freezing.py. What is frozen is printed at the start.
+        lora: low-rank adaptation (modules/lora.py): with a rank, the backbone is frozen and only
+            small updates of its chosen projections train, beside the task heads. A checkpoint
+            with adapters given to init_from arrives with them folded into its weights.
         speed: compiled blocks and activation checkpointing (modules/speed.py); they change speed
             and memory, never the result.
         score: one number for sweeps and checkpointing across tasks, logged as val/score: the
@@ -116,7 +121,7 @@ class MultiTaskModel(pl.LightningModule):
         )
         self.init_from = init_from
         if starting_point:
-            report = load_matching(self, starting_point.pop("state_dict"))
+            report = load_matching(self, without_adapters(starting_point))
             rank_zero_info(load_report_table(report, init_from))
         self.freeze, self.frozen = freeze, set()
         self.resume_random_states: dict | None = None  # set by on_load_checkpoint when resuming
@@ -133,8 +138,26 @@ class MultiTaskModel(pl.LightningModule):
                         "head has no weights of its own (it reads or ties to the frozen backbone); freeze "
                         "fewer layers (policy 'bottom') or unfreeze gradually (unfreeze_every)"
                     )
+        self.lora = lora
+        if lora.enabled:
+            self._add_adapters(freeze)
         self.speed = speed
         apply_speed(self.backbone, speed)
+
+    def _add_adapters(self, freeze: FreezeConfig) -> None:
+        """Freeze the backbone behind LoRA adapters (model.lora) and say what trains."""
+        if freeze.policy != "none":
+            raise UserError(
+                f"model.lora.rank {self.lora.rank} freezes the whole backbone already; model.freeze.policy "
+                f"{freeze.policy!r} applies to full fine-tuning: leave it 'none', or set model.lora.rank 0"
+            )
+        frozen = sum(p.numel() for p in self.backbone.parameters())
+        adapters = add_lora(self.backbone, self.lora)
+        heads = sum(p.numel() for p in self.heads.parameters() if p.requires_grad)
+        rank_zero_info(
+            f"LoRA (model.lora): rank {self.lora.rank} on {', '.join(self.lora.targets)}; "
+            f"{adapters:,} adapter and {heads:,} head parameters train, the backbone's {frozen:,} are frozen"
+        )
 
     def configure_model(self) -> None:
         """Under `strategy: fsdp` (modules/sharding.py), which leaves a device mesh here, shard the
@@ -288,6 +311,7 @@ class MultiTaskModel(pl.LightningModule):
                 for name, t in self.tasks.items()
             },
             "tokenizer": self.tokenizer.state_dict(),
+            "lora": self.lora.to_dict(),
         }
         checkpoint["rng"] = random_states()
 
@@ -316,6 +340,7 @@ class MultiTaskModel(pl.LightningModule):
             BackboneConfig.from_dict(saved["backbone"]),
             OptimizerConfig(**saved["optimizer"]),
             Tokenizer.from_state_dict(saved["tokenizer"]),
+            lora=LoraConfig(**saved.get("lora", {})),
         )
         model.load_state_dict(checkpoint["state_dict"])
         return model.eval()

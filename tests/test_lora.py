@@ -1,0 +1,196 @@
+"""LoRA (modules/lora.py): the update each adapted slice adds, against HF peft on the same LLaMA,
+what trains, and a real run: frozen weights stay bit-identical, the checkpoint evaluates from
+--ckpt_path alone, and loads merged into a model without adapters (init_from, export to HF)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.config import BackboneConfig
+from modules.convert_llama import backbone_config_from_llama, llama_to_polyhead
+from modules.errors import UserError
+from modules.freezing import FreezeConfig
+from modules.lora import LoraConfig, LoRALinear, add_lora, merge_lora
+from modules.model import MultiTaskModel
+from modules.optim import OptimizerConfig
+from tasks.mlm_nsp import MaskedLMNextSentence
+from tasks.seq2seq import Seq2Seq
+
+from .convert_cli import decoder_logits, fails, fine_tune_summarizer, polyhead
+from .hf_models import (
+    ATOL,
+    RTOL,
+    assert_export_computes_the_fine_tuned_logits,
+    perturb,
+    polyhead_pair,
+    tiny_llama_config,
+    transformers,
+)
+from .hf_tokenizers import SENTENCES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = dict(
+    d_model=32, n_heads=2, d_ff=64, encoder_layers=2, decoder_layers=2, position="relative", norm="pre"
+)
+
+
+def test_each_adapted_slice_adds_its_own_low_rank_update_and_the_rest_is_the_frozen_layer():
+    """float64, written out: slices 0-3 and 8-11 of a 12-wide output get scale * B_i A_i x, 4-7 none."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 12).double()
+    weight, bias = base.weight.detach().clone(), base.bias.detach().clone()
+    layer = LoRALinear(base, [(0, 4), (8, 4)], rank=2, alpha=3.0, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 7, 6, dtype=torch.float64)
+    a0, a1 = layer.lora_A[:2], layer.lora_A[2:]
+    b0, b1 = layer.lora_B[:4], layer.lora_B[4:]
+    expected = x @ weight.T + bias  # (5, 7, 12)
+    expected[..., 0:4] += 1.5 * (x @ a0.T @ b0.T)
+    expected[..., 8:12] += 1.5 * (x @ a1.T @ b1.T)
+    y = layer(x)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y[..., 4:8], F.linear(x, weight, bias)[..., 4:8], rtol=0, atol=0)
+    torch.testing.assert_close(F.linear(x, weight + layer.delta(), bias), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_on_a_llama_computes_what_hf_peft_computes_with_the_same_adapters():
+    """peft puts LoRA on q_proj and v_proj of HF's LlamaForCausalLM; polyhead's adapters on the
+    query and value slices of its fused projection, given peft's A and B, give the same logits."""
+    peft = pytest.importorskip("peft", reason="peft (a dev extra) is the reference")
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(tiny_llama_config(90, 7)).eval()
+    perturb(hf)
+    hf, backbone, head = polyhead_pair(hf, backbone_config_from_llama, llama_to_polyhead)
+    rank, alpha = 4, 8.0
+    adapted = peft.get_peft_model(
+        hf, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    ).eval()
+    add_lora(backbone, LoraConfig(rank=rank, alpha=alpha, targets=["query", "value"]))
+    with torch.no_grad():
+        for i, layer in enumerate(backbone.decoder.layers):
+            attention = adapted.base_model.model.model.layers[i].self_attn
+            q, v = attention.q_proj, attention.v_proj
+            for projection in (q, v):  # peft starts B at zero: give it values, so the update counts
+                projection.lora_B["default"].weight.normal_(std=0.1)
+            ours = layer.self_attn.qkv
+            ours.lora_A.copy_(torch.cat([q.lora_A["default"].weight, v.lora_A["default"].weight]))
+            ours.lora_B.copy_(torch.cat([q.lora_B["default"].weight, v.lora_B["default"].weight]))
+    ids = torch.randint(0, 90, (2, 11))
+    with torch.no_grad():
+        theirs = adapted(input_ids=ids).logits
+        torch.testing.assert_close(decoder_logits(backbone, head, ids), theirs, atol=ATOL, rtol=RTOL)
+        merge_lora(backbone)
+        assert not any(isinstance(m, LoRALinear) for m in backbone.modules())
+        torch.testing.assert_close(decoder_logits(backbone, head, ids), theirs, atol=ATOL, rtol=RTOL)
+
+
+def test_adapters_start_as_the_loaded_model_and_only_they_and_the_heads_train(documents):
+    from datamodules.tokenizer import Tokenizer, TokenizerConfig
+
+    lines = [line for doc in documents for line in doc["text"].splitlines()]
+    tokenizer = Tokenizer.train(lines, TokenizerConfig(vocab_size=600), "seed corpus")
+    tasks = {"mlm": MaskedLMNextSentence(), "summarize": Seq2Seq()}
+    lora = LoraConfig(rank=4, targets=["query", "key", "value", "output", "feed_forward"])
+    torch.manual_seed(0)
+    plain = MultiTaskModel(tasks, BackboneConfig(**TINY), OptimizerConfig(), tokenizer).eval()
+    adapted = MultiTaskModel(tasks, BackboneConfig(**TINY), OptimizerConfig(), tokenizer, lora=lora).eval()
+    adapted.load_state_dict(plain.state_dict(), strict=False)  # the same frozen weights
+    ids = torch.randint(5, 600, (3, 9))
+    with torch.no_grad():  # (with gradients on, SDPA may pick another kernel for the trainable one)
+        torch.testing.assert_close(adapted.backbone.encode(ids), plain.backbone.encode(ids), rtol=0, atol=0)
+
+    trainable = {name for name, p in adapted.named_parameters() if p.requires_grad}
+    backbone_trainable = {name for name in trainable if name.startswith("backbone.")}
+    assert backbone_trainable and all(
+        name.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for name in backbone_trainable
+    )
+    # every projection got adapters: q|k|v, output, both FF layers; in the decoder cross q, k|v and output too
+    adapted_layers = {name.rsplit(".", 1)[0] for name in backbone_trainable}
+    assert len(adapted_layers) == 2 * 4 + 2 * 7
+    assert {name for name in trainable if not name.startswith("backbone.")} == {
+        name for name, _ in plain.named_parameters() if name.startswith("heads.")
+    }
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"rank": -1}, "model.lora.rank must be >= 0"),
+        ({"rank": 4, "targets": ["query", "ffn"]}, "model.lora.targets .* name one or more of query"),
+        ({"rank": 4, "alpha": 0}, "model.lora.alpha must be positive"),
+        ({"rank": 4, "dropout": 1.0}, r"model.lora.dropout must be in \[0, 1\)"),
+    ],
+)
+def test_bad_lora_settings_are_named(settings, message):
+    with pytest.raises(UserError, match=message):
+        LoraConfig(**settings)
+
+
+def test_lora_with_a_freezing_policy_is_refused(documents):
+    from datamodules.tokenizer import Tokenizer, TokenizerConfig
+
+    lines = [line for doc in documents for line in doc["text"].splitlines()]
+    tokenizer = Tokenizer.train(lines, TokenizerConfig(vocab_size=600), "seed corpus")
+    with pytest.raises(
+        UserError, match="model.freeze.policy 'feature_extraction' applies to full fine-tuning"
+    ):
+        MultiTaskModel(
+            {"mlm": MaskedLMNextSentence()},
+            BackboneConfig(**TINY),
+            OptimizerConfig(),
+            tokenizer,
+            freeze=FreezeConfig(policy="feature_extraction"),
+            lora=LoraConfig(rank=4),
+        )
+
+
+def test_a_lora_fine_tune_keeps_the_imported_weights_and_its_checkpoint_serves_every_route(
+    llama_dir, tmp_path, capsys
+):
+    """Import a LLaMA, fine-tune it with LoRA through the CLI: every imported tensor is unchanged
+    bit for bit and the adapters moved; `validate --ckpt_path` rebuilds the adapters from the
+    checkpoint alone and refuses another rank; a run from it by init_from (no adapters) starts from
+    the merged weights, computing the same logits; and its HF export computes them too."""
+    polyhead("convert", str(llama_dir), str(tmp_path / "llama.ckpt"))
+    rows = [{"source": s, "target": s.split()[0]} for s in SENTENCES]
+    last = fine_tune_summarizer(
+        tmp_path / "llama.ckpt",
+        rows,
+        tmp_path,
+        "--model.lora.rank",
+        "4",
+        "--model.lora.targets",
+        "[query,value,feed_forward]",
+    )
+    imported = torch.load(tmp_path / "llama.ckpt", weights_only=True)["state_dict"]
+    tuned = torch.load(last, weights_only=False)["state_dict"]
+    assert all(
+        torch.equal(tensor, tuned[key]) for key, tensor in imported.items() if key.startswith("backbone.")
+    )
+    adapters = [key for key in tuned if key.endswith(("lora_A", "lora_B"))]
+    assert adapters and all(key.startswith("backbone.decoder.layers.") for key in adapters)
+    assert any(tuned[key].abs().sum() > 0 for key in adapters if key.endswith("lora_B"))  # B left zero
+
+    fit_config = str(tmp_path / "fit.yaml")
+    polyhead("validate", "--config", fit_config, "--ckpt_path", str(last))
+    message = fails(
+        capsys, "validate", "--config", fit_config, "--ckpt_path", str(last), "--model.lora.rank", "8"
+    )
+    assert "model.lora.rank is 8 (checkpoint: 4)" in message
+
+    ours = MultiTaskModel.from_checkpoint(last).eval()
+    ids = torch.tensor(ours.tokenizer.encode([f"summarize: {SENTENCES[1]}"]))
+    restarted = MultiTaskModel(ours.tasks, None, tokenizer=ours.tokenizer, init_from=str(last)).eval()
+    assert not any(isinstance(m, LoRALinear) for m in restarted.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            decoder_logits(restarted.backbone, restarted.heads["summarize"], ids),
+            decoder_logits(ours.backbone, ours.heads["summarize"], ids),
+        )
+
+    assert_export_computes_the_fine_tuned_logits(last, transformers.LlamaForCausalLM, tmp_path, capsys)
