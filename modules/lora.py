@@ -12,7 +12,7 @@ as separate q, k and v projections would each have their own. The targets:
 
     query, key, value   attention's input projections (LSH's shared query-key counts as query and key)
     output              attention's output projection
-    feed_forward        both feed-forward projections
+    feed_forward        the feed-forward projections (a gated one's gate and up as two)
 
 The default, query and value, is the LoRA paper's. `merge_lora` folds the updates into the weights,
 which is what an exported model and a checkpoint loaded without adapters (`init_from`) contain.
@@ -145,8 +145,10 @@ def _targeted_slices(module: nn.Module, targets: list[str]) -> dict[str, list[tu
             "out": pick([(("output",), module.out.out_features)]),
         }
     elif isinstance(module, FeedForward):
-        found = {
-            name: pick([(("feed_forward",), getattr(module, name).out_features)]) for name in ("up", "down")
+        d_ff = module.down.in_features
+        found = {  # a gated layer's gate | up are two projections, as LLaMA's gate_proj and up_proj
+            "up": pick([(("feed_forward",), d_ff)] * (2 if module.gated else 1)),
+            "down": pick([(("feed_forward",), module.down.out_features)]),
         }
     else:
         return {}

@@ -13,7 +13,7 @@ from modules.config import BackboneConfig
 from modules.convert_llama import backbone_config_from_llama, llama_to_polyhead
 from modules.errors import UserError
 from modules.freezing import FreezeConfig
-from modules.lora import LoraConfig, LoRALinear, add_lora, merge_lora
+from modules.lora import TARGETS, LoraConfig, LoRALinear, add_lora, merge_lora
 from modules.model import MultiTaskModel
 from modules.optim import OptimizerConfig
 from tasks.mlm_nsp import MaskedLMNextSentence
@@ -59,27 +59,35 @@ def test_each_adapted_slice_adds_its_own_low_rank_update_and_the_rest_is_the_fro
 
 
 def test_lora_on_a_llama_computes_what_hf_peft_computes_with_the_same_adapters():
-    """peft puts LoRA on q_proj and v_proj of HF's LlamaForCausalLM; polyhead's adapters on the
-    query and value slices of its fused projection, given peft's A and B, give the same logits."""
+    """peft puts LoRA on every projection of HF's LlamaForCausalLM (q, k, v of unequal widths with
+    grouped kv heads; o; gate, up, down); polyhead's adapters on the matching slices of its fused
+    projections, given peft's A and B, give the same logits, before and after merging."""
     peft = pytest.importorskip("peft", reason="peft (a dev extra) is the reference")
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(tiny_llama_config(90, 7)).eval()
     perturb(hf)
     hf, backbone, head = polyhead_pair(hf, backbone_config_from_llama, llama_to_polyhead)
     rank, alpha = 4, 8.0
+    hf_names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     adapted = peft.get_peft_model(
-        hf, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        hf, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=hf_names, lora_dropout=0.0)
     ).eval()
-    add_lora(backbone, LoraConfig(rank=rank, alpha=alpha, targets=["query", "value"]))
+    add_lora(backbone, LoraConfig(rank=rank, alpha=alpha, targets=list(TARGETS)))
+    ours_of = {  # polyhead's adapted layer -> the HF projections whose slices it stacks, in order
+        "self_attn.qkv": ("self_attn", ["q_proj", "k_proj", "v_proj"]),
+        "self_attn.out": ("self_attn", ["o_proj"]),
+        "ff.up": ("mlp", ["gate_proj", "up_proj"]),
+        "ff.down": ("mlp", ["down_proj"]),
+    }
     with torch.no_grad():
         for i, layer in enumerate(backbone.decoder.layers):
-            attention = adapted.base_model.model.model.layers[i].self_attn
-            q, v = attention.q_proj, attention.v_proj
-            for projection in (q, v):  # peft starts B at zero: give it values, so the update counts
-                projection.lora_B["default"].weight.normal_(std=0.1)
-            ours = layer.self_attn.qkv
-            ours.lora_A.copy_(torch.cat([q.lora_A["default"].weight, v.lora_A["default"].weight]))
-            ours.lora_B.copy_(torch.cat([q.lora_B["default"].weight, v.lora_B["default"].weight]))
+            for ours_name, (block, names) in ours_of.items():
+                theirs = [getattr(getattr(adapted.base_model.model.model.layers[i], block), n) for n in names]
+                for projection in theirs:  # peft starts B at zero: give it values, so the update counts
+                    projection.lora_B["default"].weight.normal_(std=0.1)
+                ours = layer.get_submodule(ours_name)
+                ours.lora_A.copy_(torch.cat([p.lora_A["default"].weight for p in theirs]))
+                ours.lora_B.copy_(torch.cat([p.lora_B["default"].weight for p in theirs]))
     ids = torch.randint(0, 90, (2, 11))
     with torch.no_grad():
         theirs = adapted(input_ids=ids).logits
