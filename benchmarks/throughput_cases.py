@@ -32,6 +32,7 @@ from modules.convert_bert import bert_config_to_hf, polyhead_to_bert
 from modules.convert_gpt2 import gpt2_config_to_hf, polyhead_to_gpt2
 from modules.convert_llama import llama_config_to_hf, polyhead_to_llama
 from modules.convert_t5 import polyhead_to_t5, t5_config_to_hf
+from modules.lora import LoraConfig, add_lora
 from tasks.base import Task
 from tasks.mlm_nsp import IGNORE, MaskedLMNextSentence
 from tasks.prefix_lm import PrefixLM
@@ -284,6 +285,38 @@ def hf_loss(case: Case, model: PreTrainedModel) -> Callable[[], Tensor]:
 def loss_of(case: Case, side: str, model: nn.Module) -> Callable[[], Tensor]:
     """The loss closure of `side` ("polyhead" or "hf") for its model."""
     return polyhead_loss(case, model) if side == "polyhead" else hf_loss(case, model)
+
+
+HF_LORA_MODULES = {
+    "query": ["q_proj"],
+    "key": ["k_proj"],
+    "value": ["v_proj"],
+    "output": ["o_proj"],
+    "feed_forward": ["gate_proj", "up_proj", "down_proj"],
+}
+"""polyhead's LoRA targets (modules/lora.py) -> the LlamaForCausalLM projections peft adapts for them."""
+
+
+def with_adapters(side: str, model: nn.Module, lora: LoraConfig) -> nn.Module:
+    """`model` with LoRA adapters on `lora`'s targets and every other weight frozen (the tied LM
+    head included), as each side's users fine-tune: polyhead's `model.lora`, HF's
+    `peft.get_peft_model` (LLaMA's projection names, HF_LORA_MODULES)."""
+    if side == "polyhead":
+        add_lora(model["backbone"], lora)
+        model["head"].requires_grad_(False)
+        return model
+    import peft  # the peer of this comparison only
+
+    modules = [name for target in lora.targets for name in HF_LORA_MODULES[target]]
+    settings = peft.LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=modules
+    )
+    return peft.get_peft_model(model, settings)
+
+
+def trainable_count(model: nn.Module) -> int:
+    """Parameters the optimizer updates."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -53,6 +53,13 @@ use_cache=False: training needs no KV cache.
     python benchmarks/train_throughput.py --threads 2 --repeats 9   # the threads the peers used
     python benchmarks/train_throughput.py --cases t5 --batch 16 --seq 256
     python benchmarks/train_throughput.py --quick                   # a tiny smoke run
+    python benchmarks/train_throughput.py --cases llama --lora 8    # LoRA: polyhead against HF + peft
+
+--lora R fine-tunes with rank-R adapters on --lora-targets (default query,value) on both sides of the
+llama case: polyhead's `model.lora` (modules/lora.py) and HF's `peft.get_peft_model` on the LLaMA
+projections of the same targets (q_proj, v_proj, ...), everything else frozen (the tied LM head
+too), with the trainable counts refused unless equal. The loss check runs before the adapters
+are added; they start with B = 0, which leaves the loss as it was.
 
 Prints one line per case (tokens/s of both sides and their ratio, peak MiB of both and their ratio)
 and writes benchmarks/results/train_throughput.json.
@@ -80,10 +87,13 @@ from throughput_cases import (
     on_device,
     parameter_count,
     polyhead_model,
+    trainable_count,
+    with_adapters,
 )
 from torch import Tensor, nn
 
 from modules.flops import network_cost, peak_flops
+from modules.lora import TARGETS, LoraConfig
 from modules.optim import OptimizerConfig, build_optimizer
 from modules.speed import SpeedConfig, apply_speed
 from tasks.base import batch_tokens
@@ -159,6 +169,13 @@ def measure_throughput(case: Case, args: argparse.Namespace) -> dict:
     ours, theirs = ours.to(device), theirs.to(device)
     start_loss = check_same_loss(case, ours)
     models = dict(zip(SIDES, (ours, theirs), strict=True))
+    if args.lora:
+        models = {side: with_adapters(side, model, lora_config(args)) for side, model in models.items()}
+        counts = {side: trainable_count(model) for side, model in models.items()}
+        if counts["polyhead"] != counts["hf"]:
+            raise RuntimeError(
+                f"LoRA trains {counts['polyhead']} parameters in polyhead, {counts['hf']} in HF"
+            )
     if args.compile:
         models = {side: compiled(side, model) for side, model in models.items()}
     steps = {
@@ -184,6 +201,7 @@ def measure_throughput(case: Case, args: argparse.Namespace) -> dict:
     peak = peak_flops(device, torch.bfloat16 if args.precision == "bf16" else torch.float32, args.peak_tflops)
     return {
         "parameters": parameters,
+        "trainable_parameters": trainable_count(models["polyhead"]),
         "tokens_per_step": tokens,
         "loss_at_start": round(start_loss, 4),
         "hf_attention": theirs.config._attn_implementation,
@@ -226,6 +244,8 @@ def peak_memory_here(case_name: str, side: str, args: argparse.Namespace) -> flo
     case = on_device(CASES[case_name](args), device)
     model = polyhead_model(case.config, case.task) if side == "polyhead" else case.hf_model(case.config)
     model = model.to(device)
+    if args.lora:
+        model = with_adapters(side, model, lora_config(args))
     if args.compile:
         model = compiled(side, model)
     step = training_step(model, loss_of(case, side, model), args.precision)
@@ -274,6 +294,12 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--peak-tflops", type=float, help="one device's peak, for MFU (default: a known GPU's)"
     )
+    parser.add_argument(
+        "--lora", type=int, default=0, help="LoRA rank: adapters alone train (llama only; HF: peft)"
+    )
+    parser.add_argument(
+        "--lora-targets", default="query,value", help="comma-separated, of: " + ", ".join(TARGETS)
+    )
     parser.add_argument("--profile", action="store_true", help="print each side's costliest operators")
     parser.add_argument("--quick", action="store_true", help=f"a tiny smoke run: {QUICK}")
     parser.add_argument("--bert-base", action="store_true", help=f"BERT-base's size: {BERT_BASE}")
@@ -287,7 +313,14 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     unknown = set(args.cases.split(",")) - set(CASES)
     if unknown:
         parser.error(f"unknown cases {sorted(unknown)}; known: {', '.join(CASES)}")
+    if args.lora and args.cases != "llama":
+        parser.error("--lora compares with peft on LLaMA's projection names: use it with --cases llama")
     return args
+
+
+def lora_config(args: argparse.Namespace) -> LoraConfig:
+    """--lora's adapters: the rank, alpha = 2 x rank, no dropout (values do not change the work)."""
+    return LoraConfig(rank=args.lora, alpha=2.0 * args.lora, targets=args.lora_targets.split(","))
 
 
 HEADER = (
