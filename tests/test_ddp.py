@@ -109,3 +109,21 @@ def test_reversible_layers_under_ddp_equal_one_process(embedding_config, tmp_pat
     assert two == pytest.approx(one, rel=1e-4)
     for name, weight in one_weights.items():
         assert torch.allclose(weight, two_weights[name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_adapters_under_ddp_and_fsdp_equal_one_process(strategy, embedding_config, tmp_path):
+    """With LoRA the backbone's weights are frozen and only the adapters train: both strategies must
+    skip the frozen ones and average every adapter's gradient (modules/lora.py)."""
+    lora = ["--model.tasks.t.init_args.gather_across_ranks", "true", "--model.lora.rank", "4",
+            "--model.lora.targets", "[query, value, feed_forward]", "--model.optimizer.lr", "1e-2"]  # fmt: skip
+    trainer_config = str(ROOT / "experiments" / "configs" / "trainer" / f"{strategy}.yaml")
+    on_cpu = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true")
+    one, one_weights = train(1, 16, embedding_config, tmp_path, *lora)
+    two, two_weights = train(2, 16, embedding_config, tmp_path, *lora, "--config", trainer_config, *on_cpu)
+    assert one[-1] < one[0], "the curve should move (training happens)"
+    assert two == pytest.approx(one, rel=1e-4)
+    adapters = [name for name in one_weights if name.endswith(("lora_A", "lora_B"))]
+    assert adapters and all(one_weights[name].abs().sum() > 0 for name in adapters if name.endswith("lora_B"))
+    for name, weight in one_weights.items():
+        assert torch.allclose(weight, two_weights[name], atol=1e-5), name
