@@ -3,6 +3,7 @@ and every way a file can fail to be a usable checkpoint ends in one UserError na
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from modules.errors import UserError
-from modules.lora import LoraConfig
+from modules.lora import LoraConfig, without_adapters
 
 SECTIONS = ("backbone", "tasks", "tokenizer")
 """What the "polyhead" section must hold for the checkpoint to run on its own."""
@@ -66,7 +67,43 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
             f"{path}: incomplete polyhead checkpoint, it lacks {', '.join(missing)}; it cannot run on its "
             "own: use a checkpoint that polyhead fit or polyhead convert wrote"
         )
+    restore_frozen_weights(checkpoint, path)
     return checkpoint
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the names and bytes of `tensors`: the same weights give the same digest, on any machine."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def restore_frozen_weights(checkpoint: dict, path: str | Path) -> None:
+    """Put back the frozen weights a LoRA checkpoint left out (its "lora_base" entry: the base
+    checkpoint it was fine-tuned from, the names it takes from there, their digest), in place, so the
+    checkpoint is whole again; one with every weight is left alone. A base that is gone or holds
+    other weights than the run trained on is a UserError naming both files."""
+    base = checkpoint["polyhead"].get("lora_base")
+    state = checkpoint["state_dict"]
+    if not base or all(key in state for key in base["keys"]):
+        return
+    try:
+        source = read_checkpoint(base["path"])
+    except UserError as error:
+        raise UserError(
+            f"{path}: keeps LoRA adapters only; its frozen weights are those of {base['path']}, which "
+            f"cannot be read ({error}). Put that checkpoint back where it was"
+        ) from None
+    weights = without_adapters(source)
+    taken = {key: weights[key] for key in base["keys"] if key in weights}
+    if len(taken) != len(base["keys"]) or tensor_digest(taken) != base["sha256"]:
+        raise UserError(
+            f"{path}: keeps LoRA adapters only, trained on the frozen weights of {base['path']}, which now "
+            "holds other weights; put back the checkpoint the run started from"
+        )
+    state.update(taken)
 
 
 FREE_IN_A_RUN = ("vocab_size", "dropout", "attention_dropout", "init", "init_std")

@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -22,7 +23,9 @@ from modules.checkpoint import (
     load_report_table,
     random_states,
     read_checkpoint,
+    restore_frozen_weights,
     restore_random_states,
+    tensor_digest,
 )
 from modules.config import BackboneConfig
 from modules.errors import UserError
@@ -120,8 +123,9 @@ class MultiTaskModel(pl.LightningModule):
             {name: task.metrics(backbone.vocab_size) for name, task in self.tasks.items()}
         )
         self.init_from = init_from
+        base_weights = without_adapters(starting_point) if starting_point else {}
         if starting_point:
-            report = load_matching(self, without_adapters(starting_point))
+            report = load_matching(self, base_weights)
             rank_zero_info(load_report_table(report, init_from))
         self.freeze, self.frozen = freeze, set()
         self.resume_random_states: dict | None = None  # set by on_load_checkpoint when resuming
@@ -139,8 +143,11 @@ class MultiTaskModel(pl.LightningModule):
                         "fewer layers (policy 'bottom') or unfreeze gradually (unfreeze_every)"
                     )
         self.lora = lora
+        self.lora_base: dict | None = None  # what checkpoints leave out (see `_frozen_from_base`)
         if lora.enabled:
             self._add_adapters(freeze)
+            if init_from:
+                self.lora_base = self._frozen_from_base(init_from, base_weights)
         self.speed = speed
         apply_speed(self.backbone, speed)
 
@@ -158,6 +165,24 @@ class MultiTaskModel(pl.LightningModule):
             f"LoRA (model.lora): rank {self.lora.rank} on {', '.join(self.lora.targets)}; "
             f"{adapters:,} adapter and {heads:,} head parameters train, the backbone's {frozen:,} are frozen"
         )
+
+    def _frozen_from_base(self, init_from: str, base_weights: dict[str, Tensor]) -> dict:
+        """The frozen backbone weights that are the init_from checkpoint's, bit for bit: LoRA never
+        changes them, so checkpoints leave them out and name the base instead (with their digest,
+        checked on reading). A frozen weight the base lacked (a fresh one) is kept in every checkpoint."""
+        frozen = {
+            name: tensor
+            for name, tensor in self.backbone.state_dict(prefix="backbone.").items()
+            if not name.endswith(("lora_A", "lora_B"))
+        }
+        same = {
+            name: tensor
+            for name, tensor in frozen.items()
+            if name in base_weights
+            and base_weights[name].shape == tensor.shape
+            and torch.equal(base_weights[name], tensor)
+        }
+        return {"path": str(Path(init_from).resolve()), "keys": sorted(same), "sha256": tensor_digest(same)}
 
     def configure_model(self) -> None:
         """Under `strategy: fsdp` (modules/sharding.py), which leaves a device mesh here, shard the
@@ -313,14 +338,21 @@ class MultiTaskModel(pl.LightningModule):
             "tokenizer": self.tokenizer.state_dict(),
             "lora": self.lora.to_dict(),
         }
+        if self.lora_base:  # adapters and heads only: the frozen weights are the base checkpoint's
+            checkpoint["polyhead"]["lora_base"] = self.lora_base
+            for name in self.lora_base["keys"]:
+                checkpoint["state_dict"].pop(name, None)
         checkpoint["rng"] = random_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resuming (--ckpt_path) continues the random streams too (dropout masks, sampling), so a
         resumed run matches an uninterrupted one; Lightning restores model, optimizer and loops only.
         The states are put back just before the first resumed batch: setting up the data loader
-        draws from torch's generator, which the uninterrupted run did at its epoch start."""
+        draws from torch's generator, which the uninterrupted run did at its epoch start.
+        A LoRA checkpoint gets its frozen weights back from its base first (`restore_frozen_weights`)."""
         self.resume_random_states = checkpoint.get("rng")
+        restore_frozen_weights(checkpoint, (self._trainer and self._trainer.ckpt_path) or "the checkpoint")
+        self.lora_base = checkpoint["polyhead"].get("lora_base", self.lora_base)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if self.resume_random_states is not None:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.checkpoint import read_checkpoint
 from modules.config import BackboneConfig
 from modules.convert_llama import backbone_config_from_llama, llama_to_polyhead
 from modules.errors import UserError
@@ -160,10 +161,11 @@ def test_lora_with_a_freezing_policy_is_refused(documents):
 def test_a_lora_fine_tune_keeps_the_imported_weights_and_its_checkpoint_serves_every_route(
     llama_dir, tmp_path, capsys
 ):
-    """Import a LLaMA, fine-tune it with LoRA through the CLI: every imported tensor is unchanged
-    bit for bit and the adapters moved; `validate --ckpt_path` rebuilds the adapters from the
-    checkpoint alone and refuses another rank; a run from it by init_from (no adapters) starts from
-    the merged weights, computing the same logits; and its HF export computes them too."""
+    """Import a LLaMA, fine-tune it with LoRA through the CLI: the checkpoint keeps the adapters and
+    heads only, naming the imported file for the rest, which reads back unchanged bit for bit; the
+    adapters moved; `validate --ckpt_path` rebuilds the adapters from the checkpoint and refuses
+    another rank; a run from it by init_from (no adapters) starts from the merged weights, computing
+    the same logits; its HF export computes them too; and a base that changed or went is named."""
     polyhead("convert", str(llama_dir), str(tmp_path / "llama.ckpt"))
     rows = [{"source": s, "target": s.split()[0]} for s in SENTENCES]
     last = fine_tune_summarizer(
@@ -176,10 +178,12 @@ def test_a_lora_fine_tune_keeps_the_imported_weights_and_its_checkpoint_serves_e
         "[query,value,feed_forward]",
     )
     imported = torch.load(tmp_path / "llama.ckpt", weights_only=True)["state_dict"]
-    tuned = torch.load(last, weights_only=False)["state_dict"]
-    assert all(
-        torch.equal(tensor, tuned[key]) for key, tensor in imported.items() if key.startswith("backbone.")
-    )
+    frozen = [key for key in imported if key.startswith("backbone.")]
+    kept = torch.load(last, weights_only=True)
+    assert kept["polyhead"]["lora_base"]["path"] == str((tmp_path / "llama.ckpt").resolve())
+    assert frozen and not any(key in kept["state_dict"] for key in frozen)
+    tuned = read_checkpoint(last)["state_dict"]
+    assert all(torch.equal(imported[key], tuned[key]) for key in frozen)
     adapters = [key for key in tuned if key.endswith(("lora_A", "lora_B"))]
     assert adapters and all(key.startswith("backbone.decoder.layers.") for key in adapters)
     assert any(tuned[key].abs().sum() > 0 for key in adapters if key.endswith("lora_B"))  # B left zero
@@ -190,6 +194,11 @@ def test_a_lora_fine_tune_keeps_the_imported_weights_and_its_checkpoint_serves_e
         capsys, "validate", "--config", fit_config, "--ckpt_path", str(last), "--model.lora.rank", "8"
     )
     assert "model.lora.rank is 8 (checkpoint: 4)" in message
+    # resuming (the config names no init_from: the base comes from the checkpoint) saves adapters only too
+    polyhead("fit", "--config", fit_config, "--ckpt_path", str(last), "--trainer.max_steps", "5")
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == 5 and all(key in resumed["state_dict"] for key in adapters)
+    assert not any(key in resumed["state_dict"] for key in frozen)
 
     ours = MultiTaskModel.from_checkpoint(last).eval()
     ids = torch.tensor(ours.tokenizer.encode([f"summarize: {SENTENCES[1]}"]))
@@ -202,3 +211,15 @@ def test_a_lora_fine_tune_keeps_the_imported_weights_and_its_checkpoint_serves_e
         )
 
     assert_export_computes_the_fine_tuned_logits(last, transformers.LlamaForCausalLM, tmp_path, capsys)
+
+    changed = torch.load(tmp_path / "llama.ckpt", weights_only=True)
+    changed["state_dict"][frozen[0]] += 1.0
+    torch.save(changed, tmp_path / "llama.ckpt")
+    message = fails(capsys, "validate", "--config", fit_config, "--ckpt_path", str(last))
+    assert (
+        f"trained on the frozen weights of {tmp_path / 'llama.ckpt'}, which now holds other weights"
+        in message
+    )
+    (tmp_path / "llama.ckpt").unlink()
+    message = fails(capsys, "validate", "--config", fit_config, "--ckpt_path", str(last))
+    assert f"its frozen weights are those of {tmp_path / 'llama.ckpt'}, which cannot be read" in message
