@@ -16,6 +16,8 @@ as separate q, k and v projections would each have their own. The targets:
 
 The default, query and value, is the LoRA paper's. `merge_lora` folds the updates into the weights,
 which is what an exported model and a checkpoint loaded without adapters (`init_from`) contain.
+A run's checkpoints leave out the frozen weights it took from its base checkpoint and name that
+file instead (MultiTaskModel, modules/checkpoint.py `restore_frozen_weights`).
 """
 
 from __future__ import annotations
