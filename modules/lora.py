@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from modules.attention import MultiHeadAttention
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
+from modules.dropout import Dropout
 from modules.errors import UserError
 from modules.layers import FeedForward
 from modules.lsh_attention import LSHSelfAttention
@@ -96,7 +97,7 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(sum(w for _, w in slices), rank, **factory))
         for a in self.lora_A.view(len(slices), rank, self.in_features):  # as nn.Linear's own init
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., d_in) -> (..., d_out)"""

@@ -158,22 +158,26 @@ class MultiTaskModel(pl.LightningModule):
                 f"model.lora.rank {self.lora.rank} freezes the whole backbone already; model.freeze.policy "
                 f"{freeze.policy!r} applies to full fine-tuning: leave it 'none', or set model.lora.rank 0"
             )
-        frozen = sum(p.numel() for p in self.backbone.parameters())
         adapters = add_lora(self.backbone, self.lora)
-        heads = sum(p.numel() for p in self.heads.parameters() if p.requires_grad)
+        if self.backbone.pooler is not None:  # a sentence head's first layer, as BERT trains it with NSP
+            self.backbone.pooler.requires_grad_(True)
+        frozen = sum(p.numel() for p in self.backbone.parameters() if not p.requires_grad)
+        pooler = " the pooler," if self.backbone.pooler is not None else ""
         rank_zero_info(
             f"LoRA (model.lora): rank {self.lora.rank} on {', '.join(self.lora.targets)}; "
-            f"{adapters:,} adapter and {heads:,} head parameters train, the backbone's {frozen:,} are frozen"
+            f"{adapters:,} adapter parameters,{pooler} and the task heads train, the backbone's "
+            f"other {frozen:,} are frozen"
         )
 
     def _frozen_from_base(self, init_from: str, base_weights: dict[str, Tensor]) -> dict:
         """The frozen backbone weights that are the init_from checkpoint's, bit for bit: LoRA never
         changes them, so checkpoints leave them out and name the base instead (with their digest,
         checked on reading). A frozen weight the base lacked (a fresh one) is kept in every checkpoint."""
+        trains = {name for name, p in self.backbone.named_parameters(prefix="backbone.") if p.requires_grad}
         frozen = {
             name: tensor
             for name, tensor in self.backbone.state_dict(prefix="backbone.").items()
-            if not name.endswith(("lora_A", "lora_B"))
+            if name not in trains
         }
         same = {
             name: tensor

@@ -115,11 +115,14 @@ def test_adapters_start_as_the_loaded_model_and_only_they_and_the_heads_train(do
 
     trainable = {name for name, p in adapted.named_parameters() if p.requires_grad}
     backbone_trainable = {name for name in trainable if name.startswith("backbone.")}
+    # the adapters, and the pooler: a sentence head's first layer, untrained unless NSP trained it
     assert backbone_trainable and all(
-        name.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for name in backbone_trainable
+        name.rsplit(".", 1)[-1] in ("lora_A", "lora_B") or name.startswith("backbone.pooler.")
+        for name in backbone_trainable
     )
+    assert {"backbone.pooler.weight", "backbone.pooler.bias"} <= backbone_trainable
     # every projection got adapters: q|k|v, output, both FF layers; in the decoder cross q, k|v and output too
-    adapted_layers = {name.rsplit(".", 1)[0] for name in backbone_trainable}
+    adapted_layers = {name.rsplit(".", 1)[0] for name in backbone_trainable if "lora_" in name}
     assert len(adapted_layers) == 2 * 4 + 2 * 7
     assert {name for name in trainable if not name.startswith("backbone.")} == {
         name for name, _ in plain.named_parameters() if name.startswith("heads.")
