@@ -197,7 +197,8 @@ def refuse_differences(
         if field.name not in {*ignored, "head_dim", "n_kv_heads", "qkv_bias"}
         and getattr(config, field.name) != getattr(expressed, field.name)
     ]
-    if config.attention_qkv_bias != expressed.attention_qkv_bias:  # None means as `bias`
+    follows_bias = config.qkv_bias is None and config.bias != expressed.bias  # said by `bias` already
+    if config.attention_qkv_bias != expressed.attention_qkv_bias and not follows_bias:  # None: as `bias`
         differ.append(
             f"model.backbone.qkv_bias={config.qkv_bias!r} ({family} has {expressed.attention_qkv_bias})"
         )
