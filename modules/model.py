@@ -124,8 +124,10 @@ class MultiTaskModel(pl.LightningModule):
         )
         self.init_from = init_from
         base_weights = without_adapters(starting_point) if starting_point else {}
+        loaded: list[str] = []
         if starting_point:
             report = load_matching(self, base_weights)
+            loaded = report["loaded"]
             rank_zero_info(load_report_table(report, init_from))
         self.freeze, self.frozen = freeze, set()
         self.resume_random_states: dict | None = None  # set by on_load_checkpoint when resuming
@@ -145,14 +147,16 @@ class MultiTaskModel(pl.LightningModule):
         self.lora = lora
         self.lora_base: dict | None = None  # what checkpoints leave out (see `_frozen_from_base`)
         if lora.enabled:
-            self._add_adapters(freeze)
+            self._add_adapters(freeze, loaded)
             if init_from:
                 self.lora_base = self._frozen_from_base(init_from, base_weights)
         self.speed = speed
         apply_speed(self.backbone, speed)
 
-    def _add_adapters(self, freeze: FreezeConfig) -> None:
-        """Freeze the backbone behind LoRA adapters (model.lora) and say what trains."""
+    def _add_adapters(self, freeze: FreezeConfig, loaded: list[str]) -> None:
+        """Freeze the backbone behind LoRA adapters (model.lora), and the heads' weights loaded from
+        init_from (an imported LM head is a vocabulary-sized matrix: LoRA leaves it, as peft does),
+        and say what trains: the adapters, the pooler and the heads' new weights."""
         if freeze.policy != "none":
             raise UserError(
                 f"model.lora.rank {self.lora.rank} freezes the whole backbone already; model.freeze.policy "
@@ -161,24 +165,24 @@ class MultiTaskModel(pl.LightningModule):
         adapters = add_lora(self.backbone, self.lora)
         if self.backbone.pooler is not None:  # a sentence head's first layer, as BERT trains it with NSP
             self.backbone.pooler.requires_grad_(True)
-        frozen = sum(p.numel() for p in self.backbone.parameters() if not p.requires_grad)
-        pooler = " the pooler," if self.backbone.pooler is not None else ""
+        loaded_heads = {name for name in loaded if name.startswith("heads.")}
+        for name, param in self.heads.named_parameters(prefix="heads"):
+            param.requires_grad_(name not in loaded_heads)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        pooler = ", the pooler" if self.backbone.pooler is not None else ""
         rank_zero_info(
             f"LoRA (model.lora): rank {self.lora.rank} on {', '.join(self.lora.targets)}; "
-            f"{adapters:,} adapter parameters,{pooler} and the task heads train, the backbone's "
-            f"other {frozen:,} are frozen"
+            f"{adapters:,} adapter parameters{pooler} and the heads' new weights train, "
+            f"the other {frozen:,} (the backbone's and the loaded heads') are frozen"
         )
 
     def _frozen_from_base(self, init_from: str, base_weights: dict[str, Tensor]) -> dict:
-        """The frozen backbone weights that are the init_from checkpoint's, bit for bit: LoRA never
-        changes them, so checkpoints leave them out and name the base instead (with their digest,
-        checked on reading). A frozen weight the base lacked (a fresh one) is kept in every checkpoint."""
-        trains = {name for name, p in self.backbone.named_parameters(prefix="backbone.") if p.requires_grad}
-        frozen = {
-            name: tensor
-            for name, tensor in self.backbone.state_dict(prefix="backbone.").items()
-            if name not in trains
-        }
+        """The frozen parameters that are the init_from checkpoint's, bit for bit: LoRA never changes
+        them, so checkpoints leave them out and name the base instead (with their digest, checked on
+        reading). A frozen one the base lacked (a fresh one) and every buffer (a head's running
+        statistics move in training) are kept in every checkpoint."""
+        state = self.state_dict()
+        frozen = {name: state[name] for name, p in self.named_parameters() if not p.requires_grad}
         same = {
             name: tensor
             for name, tensor in frozen.items()
@@ -353,10 +357,16 @@ class MultiTaskModel(pl.LightningModule):
         resumed run matches an uninterrupted one; Lightning restores model, optimizer and loops only.
         The states are put back just before the first resumed batch: setting up the data loader
         draws from torch's generator, which the uninterrupted run did at its epoch start.
-        A LoRA checkpoint gets its frozen weights back from its base first (`restore_frozen_weights`)."""
+        A LoRA checkpoint gets its frozen weights back from its base first (`restore_frozen_weights`),
+        and they stay frozen."""
         self.resume_random_states = checkpoint.get("rng")
         restore_frozen_weights(checkpoint, (self._trainer and self._trainer.ckpt_path) or "the checkpoint")
         self.lora_base = checkpoint["polyhead"].get("lora_base", self.lora_base)
+        if self.lora_base:  # what the run froze stays frozen, so its optimizer state fits (resume)
+            frozen = set(self.lora_base["keys"])
+            for name, param in self.named_parameters():
+                if name in frozen:
+                    param.requires_grad_(False)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if self.resume_random_states is not None:

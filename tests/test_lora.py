@@ -164,12 +164,12 @@ def test_lora_with_a_freezing_policy_is_refused(documents):
 def test_a_lora_fine_tune_keeps_the_imported_weights_and_its_checkpoint_serves_every_route(
     llama_dir, tmp_path, capsys
 ):
-    """Import a LLaMA, fine-tune it with LoRA through the CLI: the checkpoint keeps the adapters and
-    heads only, naming the imported file for the rest, which reads back unchanged bit for bit; the
+    """Import a LLaMA, fine-tune it with LoRA through the CLI: the checkpoint keeps the adapters
+    only, naming the imported file for the rest (its LM head included), which reads back unchanged bit for bit; the
     adapters moved; `validate --ckpt_path` rebuilds the adapters from the checkpoint and refuses
     another rank; a run from it by init_from (no adapters) starts from the merged weights, computing
     the same logits; its HF export computes them too; and a base that changed or went is named."""
-    polyhead("convert", str(llama_dir), str(tmp_path / "llama.ckpt"))
+    polyhead("convert", str(llama_dir), str(tmp_path / "llama.ckpt"), "--task", "summarize")
     rows = [{"source": s, "target": s.split()[0]} for s in SENTENCES]
     last = fine_tune_summarizer(
         tmp_path / "llama.ckpt",
@@ -181,7 +181,8 @@ def test_a_lora_fine_tune_keeps_the_imported_weights_and_its_checkpoint_serves_e
         "[query,value,feed_forward]",
     )
     imported = torch.load(tmp_path / "llama.ckpt", weights_only=True)["state_dict"]
-    frozen = [key for key in imported if key.startswith("backbone.")]
+    frozen = list(imported)  # the imported LM head too: LoRA leaves loaded weights, as peft does
+    assert any(key.startswith("heads.summarize.") for key in frozen)
     kept = torch.load(last, weights_only=True)
     assert kept["polyhead"]["lora_base"]["path"] == str((tmp_path / "llama.ckpt").resolve())
     assert frozen and not any(key in kept["state_dict"] for key in frozen)
