@@ -2,9 +2,10 @@
 
 Every chosen projection W (d_out x d_in) stays frozen and gains a trainable update of rank r,
 W + (alpha / r) * B A with A (r x d_in) and B (d_out x r). B starts at zero, so the adapted model
-starts as exactly the loaded one. Only A, B and the task heads train: the optimizer keeps state for
-a fraction of a percent of the weights, the backward pass computes no gradient for any frozen
-weight, and a fine-tuned task costs r * (d_in + d_out) numbers per projection.
+starts as exactly the loaded one. Only A and B train in the backbone (MultiTaskModel adds the
+pooler and the heads' new weights): the optimizer keeps state for a few percent of the weights or
+less, the backward pass computes no gradient for any frozen weight, and a fine-tuned task costs
+r * (d_in + d_out) numbers per adapted projection.
 
 polyhead fuses projections (q | k | v in one matrix, k | v for cross-attention, gate | up in a gated
 feed-forward), so an update covers slices of a fused output: one (A_i, B_i) pair per target slice,
