@@ -20,6 +20,7 @@ import datasets
 import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.mixture import MixtureBatchSampler, MixtureConfig, mix_seed, mixing_rates
@@ -186,8 +187,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
             )
         return self._tokenizer
 
-    def _tokenized(self, name: str, split: str) -> datasets.Dataset:
-        """Run the task's tokenizer over one split through datasets.map, cached on disk by content key."""
+    def _tokenized(self, name: str, split: str) -> datasets.Dataset | None:
+        """Run the task's tokenizer over one split through datasets.map, cached on disk by content key;
+        None when the task's source has no data for the split."""
         task, source, where = self.tasks[name], self.sources[name], f"data.sources.{name}"
         if split == "predict" and source.predict_path:
             source = DataSource(
@@ -207,10 +209,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
                 task.number_fields,
             )
         if dataset is None:
-            raise UserError(
-                f"this command needs {split} data: set data.sources.{name}.{split}_path (a local file) "
-                f"or {split}_split (a hub split)"
-            )
+            return None
         key = hashlib.sha256(
             json.dumps(
                 [
@@ -251,13 +250,25 @@ class MultiTaskDataModule(pl.LightningDataModule):
         needed = {"fit": ("train", "validation"), "validate": ("validation",), "predict": ("predict",)}.get(
             stage, ("test",)
         )
+        without: dict[str, list[str]] = {split: [] for split in needed}  # tasks with no data for it
         for name, task in self.tasks.items():
             for split in needed:
                 if name in self.examples[split]:
                     continue
                 seed = self.seed + {"train": 0, "validation": 1, "test": 2, "predict": 2}[split]
                 tokenized = self._tokenized(name, split)
+                if tokenized is None:
+                    without[split].append(name)
+                    continue
                 self.examples[split][name] = task.build_examples(tokenized, self.tokenizer, split, seed)
+        for split, names in without.items():
+            if names and (split not in PARTIAL_SPLITS or not self.examples[split]):
+                raise UserError(
+                    f"this command needs {split} data: set data.sources.{names[0]}.{split}_path (a local "
+                    f"file) or {split}_split (a hub split)"
+                )
+            if names:
+                rank_zero_info(f"{split}: no {split} data for task(s) {', '.join(names)}; they are left out")
 
     def _world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -343,6 +354,11 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("predict")
+
+
+PARTIAL_SPLITS = ("test", "predict")
+"""Splits a run may have for some tasks only: `polyhead test` / `predict` of a multi-task model
+scores or predicts the tasks given data and leaves the others out."""
 
 
 def source_identity(source: DataSource) -> dict:

@@ -258,6 +258,8 @@ class MultiTaskModel(pl.LightningModule):
                     value = metric.compute()  # a metric may return several named values
                     values.update(value if isinstance(value, dict) else {key: value})
             metrics.reset()
+            if not values:  # a task this run gave no data: `polyhead test` of some tasks only
+                continue
             for key, value in values.items():  # sync_dist: the same value on every rank, said so to Lightning
                 self.log(
                     f"{stage}/{name}/{key}",

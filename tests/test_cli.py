@@ -153,6 +153,25 @@ def test_quickstart_fast_mode_trains_logs_offline_and_checkpoints(tmp_path):
     assert 0.0 <= first["is_next_probability"] <= 1.0
     assert first["masked"] and all({"target", "predicted", "correct"} <= set(m) for m in first["masked"])
 
+    # one task of three given data: that task is tested or predicted, the others left out and said so
+    only = tmp_path / "only"
+    result = polyhead(
+        ["predict", *from_checkpoint, *summarize, "--predictions.path", str(only / "predictions.jsonl")],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no predict data for task(s) mlm_nsp, triplet; they are left out" in result.stdout + result.stderr
+    records = [json.loads(line) for line in (only / "predictions.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in records] == ["summarize", "summarize"]
+    result = polyhead(["test", *from_checkpoint, *test_data[-2:]], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test/summarize/rougeL" in result.stdout and "test/mlm_nsp" not in result.stdout
+    result = polyhead(["test", *from_checkpoint], tmp_path)
+    assert (
+        result.returncode != 0
+        and "this command needs test data: set data.sources.mlm_nsp.test_path" in result.stderr
+    )
+
 
 def _fails_with(args: list[str], *expected: str, capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
