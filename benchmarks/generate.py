@@ -89,7 +89,7 @@ from transformers import (
 
 from modules.backbone import Backbone
 from modules.convert_gpt2 import backbone_config_from_gpt2, gpt2_to_polyhead
-from modules.convert_llama import backbone_config_from_llama, llama_to_polyhead
+from modules.convert_llama import LLAMA
 from modules.convert_t5 import backbone_config_from_t5, t5_to_polyhead
 from modules.generation import GenerationConfig, generate
 from modules.heads import LanguageModelHead
@@ -103,7 +103,7 @@ CASES = ("greedy", "beam")
 CONVERTERS = {
     "t5": (backbone_config_from_t5, t5_to_polyhead),
     "gpt2": (backbone_config_from_gpt2, gpt2_to_polyhead),
-    "llama": (backbone_config_from_llama, llama_to_polyhead),
+    "llama": (LLAMA.backbone_config, LLAMA.to_polyhead),
 }
 """model_type (the --model choices) -> (its config mapping, its state-dict mapping) in the project's converters."""
 QUICK = {"repeats": 2, "batch": 4, "seq": 16, "new_tokens": 8, "layers": 1, "d_model": 64, "vocab": 500}

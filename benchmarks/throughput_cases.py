@@ -30,7 +30,7 @@ from modules.backbone import Backbone, init_weights
 from modules.config import BackboneConfig
 from modules.convert_bert import bert_config_to_hf, polyhead_to_bert
 from modules.convert_gpt2 import gpt2_config_to_hf, polyhead_to_gpt2
-from modules.convert_llama import llama_config_to_hf, polyhead_to_llama
+from modules.convert_llama import LLAMA
 from modules.convert_t5 import polyhead_to_t5, t5_config_to_hf
 from modules.lora import LoraConfig, add_lora
 from tasks.base import Task
@@ -231,8 +231,8 @@ def llama_case(args: argparse.Namespace) -> Case:
     return dataclasses.replace(
         gpt2,
         config=config,
-        hf_model=lambda c: LlamaForCausalLM(LlamaConfig.from_dict(llama_config_to_hf(c, None, None, None))),
-        hf_weights=lambda model, c: polyhead_to_llama(model["backbone"].state_dict(), None, c),
+        hf_model=lambda c: LlamaForCausalLM(LlamaConfig.from_dict(LLAMA.config_to_hf(c, None, None, None))),
+        hf_weights=lambda model, c: LLAMA.from_polyhead(model["backbone"].state_dict(), None, c),
     )
 
 

@@ -18,7 +18,7 @@ this small config, with no more peak memory; this script measures both. Four cas
 
 Both sides of a case are one `BackboneConfig`: HF's config is written from it by
 `bert_config_to_hf` (modules/convert_bert.py), `t5_config_to_hf` (modules/convert_t5.py),
-`gpt2_config_to_hf` (modules/convert_gpt2.py) or `llama_config_to_hf` (modules/convert_llama.py),
+`gpt2_config_to_hf` (modules/convert_gpt2.py) or `LLAMA.config_to_hf` (modules/convert_llama.py),
 which refuse any field HF would compute differently. The parameter counts must then be equal (no
 difference is allowed for: there is none), HF starts from a copy of polyhead's initial weights, and
 before anything is timed both must give the same loss on the benchmark batch with dropout off.

@@ -218,10 +218,6 @@ def _refuse_llama_options(hf_config: Any) -> None:
 
 
 LLAMA = RotaryDecoder("LLaMA", "llama", "LlamaForCausalLM", LLAMA_DEFAULTS, _refuse_llama_options)
-backbone_config_from_llama = LLAMA.backbone_config
-llama_config_to_hf = LLAMA.config_to_hf
-llama_to_polyhead = LLAMA.to_polyhead
-polyhead_to_llama = LLAMA.from_polyhead
 
 
 def llama_keys(config: BackboneConfig) -> list[KeyMap]:

@@ -20,13 +20,7 @@ from safetensors.torch import load_file
 
 from datamodules.tokenizer import HFTokenizer
 from modules.backbone import Backbone
-from modules.convert_llama import (
-    LLAMA_DEFAULTS,
-    backbone_config_from_llama,
-    llama_config_to_hf,
-    llama_to_polyhead,
-    polyhead_to_llama,
-)
+from modules.convert_llama import LLAMA, LLAMA_DEFAULTS
 from modules.errors import UserError
 from modules.model import MultiTaskModel
 from tasks.prefix_lm import PrefixLM
@@ -57,7 +51,7 @@ def llama_pair(tie: bool = False) -> tuple:
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(tiny_llama_config(VOCAB, EOS, tie)).eval()
     perturb(hf)
-    return polyhead_pair(hf, backbone_config_from_llama, llama_to_polyhead)
+    return polyhead_pair(hf, LLAMA.backbone_config, LLAMA.to_polyhead)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -81,10 +75,10 @@ def test_llama_generation_from_left_padded_prompts_gives_hfs_tokens(beams: int) 
 def test_llama_export_inverts_import_tensor_for_tensor() -> None:
     hf, backbone, head = llama_pair()
     assert_same_tensors(
-        polyhead_to_llama(backbone.state_dict(), head.decoder.weight, backbone.config), hf.state_dict()
+        LLAMA.from_polyhead(backbone.state_dict(), head.decoder.weight, backbone.config), hf.state_dict()
     )
-    hf_config = llama_config_to_hf(backbone.config, None, EOS, None)
-    assert backbone_config_from_llama(SimpleNamespace(**(LLAMA_DEFAULTS | hf_config))) == backbone.config
+    hf_config = LLAMA.config_to_hf(backbone.config, None, EOS, None)
+    assert LLAMA.backbone_config(SimpleNamespace(**(LLAMA_DEFAULTS | hf_config))) == backbone.config
     assert transformers.LlamaConfig.from_dict(hf_config).rope_parameters["rope_theta"] == 500.0
 
 
@@ -94,7 +88,7 @@ def test_headless_key_names_and_legacy_rotary_buffers_convert() -> None:
     original = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
     for i in range(hf.config.num_hidden_layers):
         original[f"layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(3)
-    state, lm_head = llama_to_polyhead(original, backbone.config)
+    state, lm_head = LLAMA.to_polyhead(original, backbone.config)
     assert torch.equal(lm_head, hf.lm_head.weight)
     for key, tensor in backbone.state_dict().items():
         assert torch.equal(state[key], tensor), key
@@ -102,7 +96,7 @@ def test_headless_key_names_and_legacy_rotary_buffers_convert() -> None:
     with pytest.raises(
         UserError, match=re.escape("layers.0.self_attn.k_proj.weight: (24, 32), expected (12, 32)")
     ):
-        llama_to_polyhead(original, backbone.config)
+        LLAMA.to_polyhead(original, backbone.config)
 
 
 def test_what_llama_cannot_compute_is_refused_naming_the_key() -> None:
@@ -117,7 +111,7 @@ def test_what_llama_cannot_compute_is_refused_naming_the_key() -> None:
         ({"sliding_window": 4096}, "sliding_window=4096"),
     ]:
         with pytest.raises(UserError, match=re.escape(message)):
-            backbone_config_from_llama(SimpleNamespace(**(LLAMA_DEFAULTS | overrides)))
+            LLAMA.backbone_config(SimpleNamespace(**(LLAMA_DEFAULTS | overrides)))
     config = llama_pair()[1].config
     for change, key in [
         ({"bias": True}, "model.backbone.bias=True"),
@@ -126,11 +120,11 @@ def test_what_llama_cannot_compute_is_refused_naming_the_key() -> None:
         ({"norm_type": "layernorm"}, "model.backbone.norm_type='layernorm'"),
     ]:
         with pytest.raises(UserError, match=re.escape(key)):
-            llama_config_to_hf(dataclasses.replace(config, **change), None, EOS, None)
+            LLAMA.config_to_hf(dataclasses.replace(config, **change), None, EOS, None)
     segmented = dataclasses.replace(config, type_vocab_size=2)
     backbone = Backbone(segmented)
     with pytest.raises(UserError, match="type_vocab_size: 0"):
-        polyhead_to_llama(backbone.state_dict(), torch.zeros(VOCAB, config.d_model), segmented)
+        LLAMA.from_polyhead(backbone.state_dict(), torch.zeros(VOCAB, config.d_model), segmented)
 
 
 # ------------------------------------------------------------------------------ `polyhead convert`

@@ -11,7 +11,7 @@ from torch import nn
 
 from modules.checkpoint import read_checkpoint
 from modules.config import BackboneConfig
-from modules.convert_llama import backbone_config_from_llama, llama_to_polyhead
+from modules.convert_llama import LLAMA
 from modules.errors import UserError
 from modules.freezing import FreezeConfig
 from modules.lora import TARGETS, LoraConfig, LoRALinear, add_lora, merge_lora
@@ -67,7 +67,7 @@ def test_lora_on_a_llama_computes_what_hf_peft_computes_with_the_same_adapters()
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(tiny_llama_config(90, 7)).eval()
     perturb(hf)
-    hf, backbone, head = polyhead_pair(hf, backbone_config_from_llama, llama_to_polyhead)
+    hf, backbone, head = polyhead_pair(hf, LLAMA.backbone_config, LLAMA.to_polyhead)
     rank, alpha = 4, 8.0
     hf_names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     adapted = peft.get_peft_model(
