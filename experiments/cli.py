@@ -108,7 +108,7 @@ class PolyheadCLI(LightningCLI):
             rank_zero_info(f"model.init_from {reference} -> {given[-1]}")
             first = parser.parse_args([arg for arg in given if not arg.startswith("--print_config")])
         source = checkpoint_source(first)
-        checkpoint = read_checkpoint(source) if source else None
+        checkpoint = read_checkpoint(source, whole=False) if source else None  # its sections
         self.checkpoint_saved = checkpoint["polyhead"] if checkpoint else None
         if (
             checkpoint

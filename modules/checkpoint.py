@@ -54,8 +54,10 @@ def load_weights_only(path: str | Path, map_location: str = "cpu") -> object:
         ) from None
 
 
-def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
-    """-> the checkpoint dict; its "polyhead" section holds the backbone config, tasks and tokenizer."""
+def read_checkpoint(path: str | Path, map_location: str = "cpu", whole: bool = True) -> dict:
+    """-> the checkpoint dict; its "polyhead" section holds the backbone config, tasks and tokenizer.
+    whole=False leaves a LoRA checkpoint's frozen weights in its base (`restore_frozen_weights`),
+    for a reader of the sections alone: the base is read, and its weights hashed, where they load."""
     checkpoint = load_weights_only(path, map_location)
     if not isinstance(checkpoint, dict) or not checkpoint.get("polyhead"):
         raise UserError(f"{path}: not a polyhead checkpoint (no 'polyhead' section)")
@@ -67,7 +69,8 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
             f"{path}: incomplete polyhead checkpoint, it lacks {', '.join(missing)}; it cannot run on its "
             "own: use a checkpoint that polyhead fit or polyhead convert wrote"
         )
-    restore_frozen_weights(checkpoint, path)
+    if whole:
+        restore_frozen_weights(checkpoint, path)
     return checkpoint
 
 
