@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
@@ -23,12 +24,14 @@ from torch import Tensor
 from datamodules.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 from modules.checkpoint import read_checkpoint
 from modules.config import BackboneConfig
-from modules.convert import StateDict
-from modules.convert_bert import bert_config_to_hf, polyhead_to_bert
-from modules.convert_gpt2 import gpt2_config_to_hf, polyhead_to_gpt2
-from modules.convert_llama import LLAMA, RotaryDecoder
+from modules.convert import KeyMap, StateDict
+from modules.convert_bert import bert_config_to_hf, bert_keys, polyhead_to_bert
+from modules.convert_gpt2 import HF_PREFIX as GPT2_PREFIX
+from modules.convert_gpt2 import gpt2_config_to_hf, gpt2_keys, polyhead_to_gpt2
+from modules.convert_llama import HF_PREFIX as LLAMA_PREFIX
+from modules.convert_llama import LLAMA, RotaryDecoder, llama_keys
 from modules.convert_qwen import QWEN2, QWEN3
-from modules.convert_t5 import polyhead_to_t5, t5_config_to_hf
+from modules.convert_t5 import polyhead_to_t5, t5_config_to_hf, t5_keys
 from modules.errors import UserError
 from modules.hf_files import HF_TOKEN_KEYS, Conversion, create_atomically
 from modules.lora import without_adapters
@@ -85,6 +88,71 @@ def _tokenizer_files(tokenizer: Tokenizer, model_type: str) -> dict[str, bytes]:
     return files | {"tokenizer_config.json": json.dumps(settings, indent=2).encode()}
 
 
+@dataclass(frozen=True)
+class HFModel:
+    """A checkpoint as a HF model: its family, config.json, state dict, and where the backbone's
+    tensors went (`keys`: the backbone's key table, each HF name under `prefix`)."""
+
+    model_type: str
+    config: dict
+    weights: StateDict
+    parameters: int  # ours: a tied copy HF keeps twice counts once
+    keys: list[KeyMap]
+    prefix: str
+
+
+def hf_model(checkpoint: dict, state: dict[str, Tensor], path: Path) -> HFModel:
+    """The HF model that computes what `checkpoint`'s backbone and heads with weights `state`
+    (a whole state dict without adapters) compute; what it cannot be written as raises a UserError
+    naming `path`."""
+    saved = checkpoint["polyhead"]
+    config = BackboneConfig.from_dict(saved["backbone"])
+    tokenizer = Tokenizer.from_state_dict(saved["tokenizer"])
+    backbone = _strip(state, "backbone.")
+    try:
+        if config.architecture == "encoder":
+            head_prefix = _head_of(  # BERT's NSP head is the pooled one
+                checkpoint,
+                "MaskedLMNextSentence",
+                lambda args: args.get("nsp_head", "pooled") == "pooled",
+            )
+            head = None if head_prefix is None else _strip(state, head_prefix)
+            return HFModel(
+                "bert",
+                bert_config_to_hf(config, tokenizer.pad_id, with_heads=head is not None),
+                polyhead_to_bert(backbone, head, config),
+                sum(t.numel() for t in [*backbone.values(), *(head or {}).values()]),
+                bert_keys(config, "bert." if head is not None else "")[0],
+                "",
+            )
+        if config.architecture == "encoder-decoder":
+            head_prefix = _head_of(checkpoint, "Seq2Seq", lambda args: not args.get("copy"))
+            tokenizer.require(("pad", "eos", "start"), "export to HF T5")
+            lm_head = state.get(f"{head_prefix}decoder.weight") if head_prefix else None
+            return HFModel(
+                "t5",
+                t5_config_to_hf(config, tokenizer.pad_id, tokenizer.eos_id, tokenizer.start_id),
+                polyhead_to_t5(backbone, lm_head, config),
+                sum(t.numel() for t in [*backbone.values(), *([] if lm_head is None else [lm_head])]),
+                t5_keys(config),
+                "",
+            )
+        head_prefix = _head_of(checkpoint, "PrefixLM")
+        lm_head = state.get(f"{head_prefix}decoder.weight") if head_prefix else None
+        if config.position == "rotary":
+            family = _rotary_family(config)
+            model_type, prefix, keys = family.model_type, LLAMA_PREFIX, llama_keys(config)
+            hf_config = family.config_to_hf(config, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+            weights = family.from_polyhead(backbone, lm_head, config)
+        else:
+            model_type, prefix, keys = "gpt2", GPT2_PREFIX, gpt2_keys(config)
+            hf_config = gpt2_config_to_hf(config, tokenizer.eos_id, tokenizer.pad_id)
+            weights = polyhead_to_gpt2(backbone, lm_head, config)
+        return HFModel(model_type, hf_config, weights, sum(t.numel() for t in weights.values()), keys, prefix)
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
+
+
 def export_hf(checkpoint_path: Path, out: Path) -> Conversion:
     """A polyhead checkpoint -> a HF directory at `out` (see the module docstring)."""
     if out.exists():
@@ -93,62 +161,25 @@ def export_hf(checkpoint_path: Path, out: Path) -> Conversion:
     saved = checkpoint["polyhead"]
     config = BackboneConfig.from_dict(saved["backbone"])
     tokenizer = Tokenizer.from_state_dict(saved["tokenizer"])
-    state = without_adapters(checkpoint)  # a LoRA run's updates folded in
-    backbone = _strip(state, "backbone.")
-    try:
-        if config.architecture == "encoder":
-            model_type, head_prefix = (
-                "bert",
-                _head_of(  # BERT's NSP head is the pooled one
-                    checkpoint,
-                    "MaskedLMNextSentence",
-                    lambda args: args.get("nsp_head", "pooled") == "pooled",
-                ),
-            )
-            head = None if head_prefix is None else _strip(state, head_prefix)
-            hf_config = bert_config_to_hf(config, tokenizer.pad_id, with_heads=head is not None)
-            weights = polyhead_to_bert(backbone, head, config)
-            exported = [*backbone.values(), *(head or {}).values()]
-        elif config.architecture == "encoder-decoder":
-            model_type, head_prefix = "t5", _head_of(checkpoint, "Seq2Seq", lambda args: not args.get("copy"))
-            tokenizer.require(("pad", "eos", "start"), "export to HF T5")
-            lm_head = state.get(f"{head_prefix}decoder.weight") if head_prefix else None
-            hf_config = t5_config_to_hf(config, tokenizer.pad_id, tokenizer.eos_id, tokenizer.start_id)
-            weights = polyhead_to_t5(backbone, lm_head, config)
-            exported = [*backbone.values(), *([] if lm_head is None else [lm_head])]
-        else:
-            head_prefix = _head_of(checkpoint, "PrefixLM")
-            lm_head = state.get(f"{head_prefix}decoder.weight") if head_prefix else None
-            if config.position == "rotary":
-                family = _rotary_family(config)
-                model_type = family.model_type
-                hf_config = family.config_to_hf(config, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-                weights = family.from_polyhead(backbone, lm_head, config)
-            else:
-                model_type = "gpt2"
-                hf_config = gpt2_config_to_hf(config, tokenizer.eos_id, tokenizer.pad_id)
-                weights = polyhead_to_gpt2(backbone, lm_head, config)
-            exported = list(weights.values())
-    except UserError as error:
-        raise UserError(f"{checkpoint_path}: {error}") from None
-    files = _tokenizer_files(tokenizer, model_type)
+    model = hf_model(checkpoint, without_adapters(checkpoint), checkpoint_path)  # LoRA updates folded in
+    files = _tokenizer_files(tokenizer, model.model_type)
 
     def write(directory: Path) -> None:
         directory.mkdir()
-        (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        safetensors.torch.save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+        (directory / "config.json").write_text(json.dumps(model.config, indent=2) + "\n")
+        safetensors.torch.save_file(model.weights, directory / "model.safetensors", metadata={"format": "pt"})
         for name, content in files.items():
             (directory / name).write_bytes(content)
 
     create_atomically(out, write)
     return Conversion(
-        model_type=model_type,
-        architecture=hf_config["architectures"][0],
+        model_type=model.model_type,
+        architecture=model.config["architectures"][0],
         source=str(checkpoint_path),
         written=out,
-        parameters=sum(t.numel() for t in exported),  # ours: a tied copy HF keeps twice counts once
+        parameters=model.parameters,
         embedding_rows=config.vocab_size,
         tokenizer=tokenizer,
         tasks={},
-        tokenizer_files=sorted(files),
+        files=["config.json", "model.safetensors", *sorted(files)],
     )

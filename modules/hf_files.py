@@ -87,7 +87,7 @@ class Conversion:
     embedding_rows: int
     tokenizer: Tokenizer
     tasks: dict[str, str]  # polyhead task name -> class name
-    tokenizer_files: list[str]
+    files: list[str]  # what an export wrote in its directory
 
 
 # ---------------------------------------------------------------------------------------- reading

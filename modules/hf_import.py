@@ -165,6 +165,9 @@ def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
     checkpoint = {"epoch": 0, "global_step": 0, "pytorch-lightning_version": lightning.__version__}
     checkpoint["state_dict"] = model.state_dict()
     model.on_save_checkpoint(checkpoint)  # the "polyhead" section, exactly as training writes it
+    # what a peft adapter trained on this checkpoint names as its base (modules/peft_export.py)
+    local = Path(source).expanduser()
+    checkpoint["polyhead"]["hf_source"] = str(local.resolve()) if local.is_dir() else source  # a hub name
     create_atomically(out, lambda path: torch.save(checkpoint, path))
     return Conversion(
         model_type=model_type,
@@ -175,5 +178,5 @@ def import_hf(source: str, out: Path, task: str | None = None) -> Conversion:
         embedding_rows=config.vocab_size,
         tokenizer=tokenizer,
         tasks={name: type(task).__name__ for name, task in tasks.items()},
-        tokenizer_files=[],
+        files=[],
     )
