@@ -295,13 +295,20 @@ def check_tokenizer_fits(config_path: Path, hf: SimpleNamespace, tokenizer: Toke
 
 def create_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Write a file or directory under a temporary name beside `target`, then rename it into place:
-    a failed or killed conversion leaves nothing behind. An existing target is never overwritten."""
+    a failed or killed conversion leaves nothing behind. An existing target is never overwritten.
+    Every file written gets an ordinary new file's permissions: safetensors writes its files
+    private to their owner, which would hide a shared model from the rest of a team."""
     if target.exists():
         raise UserError(f"{target}: already exists; remove it or choose another output path")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(partial / "out")
+        for file in [partial / "out", *(partial / "out").rglob("*")]:
+            if file.is_file():
+                file.chmod(0o666 & ~umask)
         os.replace(partial / "out", target)
     finally:
         shutil.rmtree(partial, ignore_errors=True)

@@ -7,6 +7,8 @@ q | k | v too: one block-diagonal update) and LLaMA (grouped kv heads, gate | up
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import lightning
@@ -80,6 +82,11 @@ def test_llama_adapters_on_every_projection_load_into_peft(llama_dir, tmp_path, 
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     assert config["base_model_name_or_path"] == str(llama_dir.resolve()) and config["modules_to_save"] is None
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in [*(tmp_path / "adapter").iterdir(), *(tmp_path / "merged").iterdir()]:
+        # safetensors writes private files; an export is for sharing
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file
 
 
 def test_qwen_adapters_on_biased_and_normed_projections_load_into_peft(qwen_dir, tmp_path, capsys):
