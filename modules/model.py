@@ -112,13 +112,6 @@ class MultiTaskModel(pl.LightningModule):
         self.backbone = Backbone(backbone)
         self.heads = nn.ModuleDict({name: task.build_head(backbone) for name, task in self.tasks.items()})
         init_weights(self.heads, backbone)
-        # each task's share of the network, for the model FLOPs of a step (modules/flops.py), which
-        # Lightning's ThroughputMonitor divides by the device's peak to log MFU
-        self.network_costs = {
-            name: network_cost(self.backbone, self.heads[name], task.stacks)
-            for name, task in self.tasks.items()
-        }
-        self.flops_per_batch = 0
         self.eval_metrics = nn.ModuleDict(
             {name: task.metrics(backbone.vocab_size) for name, task in self.tasks.items()}
         )
@@ -150,6 +143,14 @@ class MultiTaskModel(pl.LightningModule):
             self._add_adapters(freeze, loaded)
             if init_from:
                 self.lora_base = self._frozen_from_base(init_from, base_weights)
+        # each task's share of the network, for the model FLOPs of a step (modules/flops.py), which
+        # Lightning's ThroughputMonitor divides by the device's peak to log MFU; what is frozen for
+        # good (model.freeze, LoRA) has no weight gradients to compute
+        self.network_costs = {
+            name: network_cost(self.backbone, self.heads[name], task.stacks)
+            for name, task in self.tasks.items()
+        }
+        self.flops_per_batch = 0
         self.speed = speed
         apply_speed(self.backbone, speed)
 

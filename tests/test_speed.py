@@ -15,6 +15,7 @@ from experiments import cli
 from modules.backbone import Backbone, init_weights
 from modules.config import BackboneConfig
 from modules.flops import network_cost
+from modules.lora import LoraConfig, add_lora
 from modules.optim import OptimizerConfig, build_optimizer
 from modules.speed import SpeedConfig, apply_speed
 from tasks.base import label_positions
@@ -115,9 +116,35 @@ def test_model_flops_equal_torch_flop_counter_on_the_encoder(config):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         backbone.encode(batch["input_ids"], batch["attention_mask"]).sum().backward()
     cost = network_cost(backbone, torch.nn.Identity(), "encoder")
-    assert cost.layers == 2 and cost.attention_width == 64
+    assert cost.attention == 2 * 12 * 64  # 2 layers, each 12 FLOPs per key per unit of width
     tokens = batch["input_ids"].numel()  # every position is computed, padding included
     assert cost.training_flops(tokens, context=32) == counter.get_total_flops()
+
+
+def lora_on_query_and_value(backbone: Backbone) -> None:
+    add_lora(backbone, LoraConfig(rank=2, targets=["query", "value"]))
+
+
+def bottom_layer_and_embeddings_frozen(backbone: Backbone) -> None:
+    backbone.embeddings.requires_grad_(False)
+    backbone.encoder.layers[0].requires_grad_(False)
+
+
+@LAYOUTS
+@pytest.mark.parametrize("freeze", [lora_on_query_and_value, bottom_layer_and_embeddings_frozen])
+def test_model_flops_leave_out_the_backward_passes_frozen_weights_skip(config, freeze):
+    """Frozen weights compute no gradient of their own, and none of their input when nothing
+    before them trains: the count follows, as torch's counter sees the passes run (LoRA: the
+    frozen W of layer 0's q | k | v forward only, its adapters' A without an input gradient)."""
+    backbone = Backbone(dataclasses.replace(config, dropout=0.0, attention_dropout=0.0))
+    whole = network_cost(backbone, torch.nn.Identity(), "encoder").training_flops(192, context=32)
+    freeze(backbone)
+    batch = mlm_nsp_batch()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        backbone.encode(batch["input_ids"], batch["attention_mask"]).sum().backward()
+    cost = network_cost(backbone, torch.nn.Identity(), "encoder")
+    assert cost.training_flops(batch["input_ids"].numel(), context=32) == counter.get_total_flops()
+    assert cost.training_flops(192, context=32) < whole
 
 
 def test_training_logs_mfu_against_the_configured_peak(isolated_env, monkeypatch):
@@ -156,7 +183,7 @@ def test_model_flops_of_lsh_layers_count_the_keys_each_query_can_score():
     with FlopCounterMode(display=False) as counter:
         backbone.encode(ids).sum().backward()
     cost = network_cost(backbone, torch.nn.Identity(), "encoder")
-    assert (cost.lsh_layers, cost.lsh_context) == (2, 16)
+    assert (cost.attention, cost.lsh_attention, cost.lsh_context) == (0, 2 * 12 * 64, 16)
     n_buckets = 32 // 4
-    hashing = 2 * ids.numel() * config.d_model * config.lsh_n_hashes * n_buckets // 2 * cost.layers
+    hashing = 2 * ids.numel() * config.d_model * config.lsh_n_hashes * n_buckets // 2 * config.encoder_layers
     assert cost.training_flops(ids.numel(), context=32) + hashing == counter.get_total_flops()
