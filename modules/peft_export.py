@@ -83,6 +83,18 @@ def hf_adapters(
     return tensors, ranks
 
 
+def as_in_base(state: dict[str, Tensor], base: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` with the base checkpoint's tensors where it has them, and NaN (equal to nothing) where
+    the run made new ones (a head of another name): exported as the run's model is, the base's
+    weights, to tell what trained."""
+    return {
+        key: base[key]
+        if key in base and base[key].shape == t.shape
+        else (torch.full_like(t, float("nan")) if t.is_floating_point() else t)
+        for key, t in state.items()
+    }
+
+
 def changed_modules(tuned: StateDict, base: StateDict) -> list[str]:
     """The modules (a key's name up to its last dot) with a tensor that is new or not the base's."""
     return sorted(
@@ -124,8 +136,9 @@ def export_peft(checkpoint_path: Path, out: Path) -> Conversion:
     base_path = Path(saved["lora_base"]["path"])
     base = read_checkpoint(base_path)
     state = checkpoint["state_dict"]
-    tuned = hf_model(checkpoint, {k: v for k, v in state.items() if ".lora_" not in k}, checkpoint_path)
-    original = hf_model(base, without_adapters(base), base_path)
+    plain = {k: v for k, v in state.items() if ".lora_" not in k}
+    tuned = hf_model(checkpoint, plain, checkpoint_path)
+    original = hf_model(checkpoint, as_in_base(plain, without_adapters(base)), checkpoint_path)
     adapters, ranks = hf_adapters(BackboneConfig.from_dict(saved["backbone"]), lora, state, tuned)
     kept = changed_modules(tuned.weights, original.weights)
     whole = {

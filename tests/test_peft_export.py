@@ -17,6 +17,7 @@ import torch
 
 from modules.lora import TARGETS, LoraConfig, LoRALinear
 from modules.model import MultiTaskModel
+from tasks.classify import Classify
 
 from .convert_cli import fails, polyhead
 from .hf_models import loaded_cleanly, qwen_class, transformers
@@ -26,11 +27,16 @@ peft = pytest.importorskip("peft", reason="peft (a dev extra) loads the exported
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def lora_checkpoint(base: Path, out: Path, lora: LoraConfig, trained_pooler: bool = False) -> Path:
-    """A LoRA model from `base` by init_from, its adapters (and pooler) moved off their start as
-    training would move them, saved as a run saves it: adapters and what trained, naming `base`."""
+def lora_checkpoint(
+    base: Path, out: Path, lora: LoraConfig, trained_pooler: bool = False, tasks: dict | None = None
+) -> Path:
+    """A LoRA model of `tasks` (default: the base's) from `base` by init_from, its adapters (and
+    pooler) moved off their start as training would move them, saved as a run saves it: adapters
+    and what trained, naming `base`."""
     loaded = MultiTaskModel.from_checkpoint(base)
-    model = MultiTaskModel(loaded.tasks, None, tokenizer=loaded.tokenizer, init_from=str(base), lora=lora)
+    model = MultiTaskModel(
+        tasks or loaded.tasks, None, tokenizer=loaded.tokenizer, init_from=str(base), lora=lora
+    )
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in model.modules():
@@ -60,7 +66,7 @@ def assert_adapter_computes_the_merged_export(
     with torch.no_grad():
         theirs, ours = adapted(**inputs), merged(**inputs)
         untouched = hf_class.from_pretrained(hf_dir).eval()(**inputs)
-    for name in ("logits", "prediction_logits", "seq_relationship_logits"):
+    for name in ("logits", "prediction_logits", "seq_relationship_logits", "pooler_output"):
         if name in ours:
             # merged weights (W + BA, rounded once) and peft's unmerged sum round apart in float32
             torch.testing.assert_close(theirs[name], ours[name], atol=1e-4, rtol=1e-4)
@@ -140,6 +146,24 @@ def test_bert_adapters_save_the_trained_pooler_and_name_modules_in_full(bert_dir
     # feed_forward's "dense" would also name the pooler's and the MLM transform's: full names instead
     assert "bert.encoder.layer.0.intermediate.dense" in config["target_modules"]
     assert "dense" not in config["target_modules"]
+
+
+def test_a_classifier_run_exports_the_encoder_adapters_and_pooler_only(bert_dir, tmp_path, capsys):
+    """A classifier's head is no part of HF's BertModel: the adapter is for the encoder (the base
+    directory's model without its pretraining heads), the trained pooler beside it, nothing else."""
+    polyhead("convert", str(bert_dir), str(tmp_path / "base.ckpt"))
+    tuned = lora_checkpoint(
+        tmp_path / "base.ckpt",
+        tmp_path / "lora.ckpt",
+        LoraConfig(rank=2),
+        trained_pooler=True,
+        tasks={"sst2": Classify(labels=["negative", "positive"], max_length=32)},
+    )
+    ids = torch.tensor([MultiTaskModel.from_checkpoint(tuned).tokenizer.encode([SENTENCES[0]])[0][:12]])
+    config = assert_adapter_computes_the_merged_export(
+        bert_dir, tuned, transformers.BertModel, tmp_path, capsys, {"input_ids": ids}
+    )
+    assert config["modules_to_save"] == ["pooler.dense"] and config["target_modules"] == ["query", "value"]
 
 
 def test_t5_cross_attention_key_and_value_become_k_and_v(t5_dir, tmp_path, capsys):
