@@ -13,8 +13,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone, init_weights
@@ -31,7 +33,7 @@ from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.flops import network_cost
 from modules.freezing import FreezeConfig, freeze_report, frozen_names, parameter_depth
-from modules.lora import LoraConfig, add_lora, without_adapters
+from modules.lora import LoraConfig, LoRALinear, add_lora, merge_lora, without_adapters
 from modules.optim import OptimizerConfig, build_optimizer
 from modules.sharding import shard_blocks
 from modules.speed import SpeedConfig, apply_speed
@@ -322,6 +324,25 @@ class MultiTaskModel(pl.LightningModule):
             for name, param in self.named_parameters():
                 if name in self.frozen:
                     param.grad = None
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == TrainerFn.VALIDATING:  # `polyhead validate`, not fit's validation
+            self._merge_adapters()
+
+    def on_test_start(self) -> None:
+        self._merge_adapters()
+
+    def on_predict_start(self) -> None:
+        self._merge_adapters()
+
+    def _merge_adapters(self) -> None:
+        """validate, test and predict train nothing and save nothing: LoRA adapters are folded into
+        their weights for them, so each projection is one matmul again (decoding a token through
+        unmerged adapters on every projection took twice as long). Sharded weights (FSDP) are
+        left as they are."""
+        adapted = [m for m in self.backbone.modules() if isinstance(m, LoRALinear)]
+        if adapted and not any(isinstance(m.weight, DTensor) for m in adapted):
+            merge_lora(self.backbone)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_metrics("val")

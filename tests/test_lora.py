@@ -129,6 +129,37 @@ def test_adapters_start_as_the_loaded_model_and_only_they_and_the_heads_train(do
     }
 
 
+def test_evaluation_commands_fold_the_adapters_into_their_weights_and_fit_does_not(documents):
+    """validate / test / predict train nothing: their start folds the adapters into the weights
+    (one matmul per projection when decoding), computing what the adapters did; fit's own
+    validation leaves them, since training goes on."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from datamodules.tokenizer import Tokenizer, TokenizerConfig
+
+    lines = [line for doc in documents for line in doc["text"].splitlines()]
+    tokenizer = Tokenizer.train(lines, TokenizerConfig(vocab_size=600), "seed corpus")
+    lora = LoraConfig(rank=4, targets=list(TARGETS))
+    torch.manual_seed(0)
+    model = MultiTaskModel({"summarize": Seq2Seq()}, BackboneConfig(**TINY), tokenizer=tokenizer, lora=lora)
+    perturb(model)  # B starts at zero: give the adapters something to add
+    model.eval()
+    ids = torch.randint(5, 600, (3, 9))
+    with torch.no_grad():
+        adapted = model.backbone.decode(ids[:, :4], memory=model.backbone.encode(ids))
+    model.trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    model.trainer.state.fn = TrainerFn.FITTING
+    model.on_validation_start()
+    assert any(isinstance(m, LoRALinear) for m in model.modules())
+    model.trainer.state.fn = TrainerFn.PREDICTING
+    model.on_predict_start()
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    with torch.no_grad():
+        merged = model.backbone.decode(ids[:, :4], memory=model.backbone.encode(ids))
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
