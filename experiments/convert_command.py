@@ -73,6 +73,10 @@ def report(done: Conversion, exported: bool, adapter: bool = False) -> str:
     ]
     if exported:
         lines.append(f"  written     {done.written}/ ({', '.join(done.files)})")
+        if done.base:
+            lines.append(
+                f'  goes on     {done.base}: peft.PeftModel.from_pretrained(model, "{done.written}")'
+            )
     else:
         tasks = ", ".join(f"{name} ({cls})" for name, cls in done.tasks.items())
         size = done.written.stat().st_size / 2**20

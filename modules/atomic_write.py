@@ -13,6 +13,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def current_umask() -> int:
+    """The process's umask. Reading it means setting it: it is set to the most private value for
+    that instant, so a file another thread creates meanwhile is never more open than it should be."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
 def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Call `write` on a temporary file in the target's directory, fsync it, give it an ordinary new
     file's permissions (a temporary file is private to its owner, which would hide a shared run's
@@ -28,9 +36,7 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Non
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(handle.name, 0o666 & ~umask)
+        os.chmod(handle.name, 0o666 & ~current_umask())
         os.replace(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)

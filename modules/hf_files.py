@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from datamodules.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
+from modules.atomic_write import current_umask
 from modules.checkpoint import code_the_pickle_wants
 from modules.convert import StateDict
 from modules.errors import UserError, one_line
@@ -88,6 +89,7 @@ class Conversion:
     tokenizer: Tokenizer
     tasks: dict[str, str]  # polyhead task name -> class name
     files: list[str]  # what an export wrote in its directory
+    base: str | None = None  # the HF model an exported adapter goes on
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -302,8 +304,7 @@ def create_atomically(target: Path, write: Callable[[Path], None]) -> None:
         raise UserError(f"{target}: already exists; remove it or choose another output path")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     try:
         write(partial / "out")
         for file in [partial / "out", *(partial / "out").rglob("*")]:

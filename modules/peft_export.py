@@ -36,7 +36,12 @@ from modules.hf_files import Conversion, create_atomically
 from modules.lora import LoraConfig, LoRALinear, add_lora, without_adapters
 
 PEFT_PREFIX = "base_model.model."  # what peft's PeftModel puts before the HF model's own names
-TASK_TYPES = {"bert": None, "t5": "SEQ_2_SEQ_LM"}  # the decoder-only families: CAUSAL_LM
+# peft's task type by the exported class (which AutoPeftModel loads); the decoder-only: CAUSAL_LM
+TASK_TYPES = {
+    "BertForPreTraining": None,
+    "BertModel": "FEATURE_EXTRACTION",
+    "T5ForConditionalGeneration": "SEQ_2_SEQ_LM",
+}
 
 
 def _rows(entry: KeyMap) -> list[tuple[int, int]]:
@@ -64,14 +69,15 @@ def hf_adapters(
         if not isinstance(layer, LoRALinear):
             continue
         entry = table[f"{name}.weight"]
+        rows = _rows(entry)
         a = state[f"backbone.{name}.lora_A"].view(len(layer.slices), r, -1)  # (P, r, d_in)
         b = state[f"backbone.{name}.lora_B"].split([width for _, width in layer.slices])  # P x (width, r)
         on_part: dict[int, list[int]] = defaultdict(list)  # HF tensor -> the slices within it
         for i, (start, width) in enumerate(layer.slices):
-            part = next(j for j, (lo, hi) in enumerate(_rows(entry)) if lo <= start and start + width <= hi)
+            part = next(j for j, (lo, hi) in enumerate(rows) if lo <= start and start + width <= hi)
             on_part[part].append(i)
         for part, slices in on_part.items():
-            lo, hi = _rows(entry)[part]
+            lo, hi = rows[part]
             target = model.prefix + entry.theirs[part].removesuffix(".weight")
             update_b = a.new_zeros(hi - lo, len(slices) * r)  # (rows, P' r): block-diagonal
             for k, i in enumerate(slices):
@@ -134,7 +140,13 @@ def export_peft(checkpoint_path: Path, out: Path) -> Conversion:
             "are in no other model for an adapter to go on; write the whole model with polyhead convert --to-hf"
         )
     base_path = Path(saved["lora_base"]["path"])
-    base = read_checkpoint(base_path)
+    try:
+        base = read_checkpoint(base_path)
+    except UserError as error:
+        raise UserError(
+            f"{checkpoint_path}: its adapters go on the weights of {base_path}, which cannot be read "
+            f"({error}); put back the checkpoint the LoRA run started from"
+        ) from None
     state = checkpoint["state_dict"]
     plain = {k: v for k, v in state.items() if ".lora_" not in k}
     tuned = hf_model(checkpoint, plain, checkpoint_path)
@@ -147,10 +159,20 @@ def export_peft(checkpoint_path: Path, out: Path) -> Conversion:
         if key.rpartition(".")[0] in kept
     }
     patterns = {name: rank for name, rank in ranks.items() if rank != lora.rank}
+    architecture = tuned.config["architectures"][0]
+    task_type = TASK_TYPES.get(architecture, "CAUSAL_LM")
+    hf_source = base["polyhead"].get("hf_source")
     adapter_config = {
         "peft_type": "LORA",
-        "task_type": TASK_TYPES.get(tuned.model_type, "CAUSAL_LM"),
-        "base_model_name_or_path": base["polyhead"].get("hf_source"),
+        "task_type": task_type,
+        "base_model_name_or_path": hf_source,
+        # how AutoPeftModel finds a model class where the task type names none
+        "auto_mapping": None
+        if task_type
+        else {
+            "base_model_class": architecture,
+            "parent_library": f"transformers.models.{tuned.model_type}.modeling_{tuned.model_type}",
+        },
         "r": lora.rank,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
@@ -176,7 +198,7 @@ def export_peft(checkpoint_path: Path, out: Path) -> Conversion:
     create_atomically(out, write)
     return Conversion(
         model_type=tuned.model_type,
-        architecture=tuned.config["architectures"][0],
+        architecture=architecture,
         source=str(checkpoint_path),
         written=out,
         parameters=sum(t.numel() for t in (adapters | whole).values()),
@@ -184,4 +206,6 @@ def export_peft(checkpoint_path: Path, out: Path) -> Conversion:
         tokenizer=Tokenizer.from_state_dict(saved["tokenizer"]),
         tasks={},
         files=["adapter_config.json", "adapter_model.safetensors"],
+        base=hf_source
+        or f"the HF model of {base_path} (not recorded: polyhead convert --to-hf {base_path} OUT)",
     )

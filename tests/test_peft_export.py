@@ -59,7 +59,8 @@ def assert_adapter_computes_the_merged_export(
     """--to-peft of `tuned`, loaded by peft onto `hf_dir`'s model, gives every output the `--to-hf`
     export of `tuned` gives. -> adapter_config.json"""
     polyhead("convert", "--to-peft", str(tuned), str(tmp_path / "adapter"))
-    assert "LoRA adapter from polyhead checkpoint" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    assert "LoRA adapter from polyhead checkpoint" in report and f"goes on     {hf_dir.resolve()}" in report
     polyhead("convert", "--to-hf", str(tuned), str(tmp_path / "merged"))
     merged = loaded_cleanly(hf_class, tmp_path / "merged")
     adapted = peft.PeftModel.from_pretrained(hf_class.from_pretrained(hf_dir), tmp_path / "adapter").eval()
@@ -142,7 +143,8 @@ def test_bert_adapters_save_the_trained_pooler_and_name_modules_in_full(bert_dir
     config = assert_adapter_computes_the_merged_export(
         bert_dir, tuned, transformers.BertForPreTraining, tmp_path, capsys, {"input_ids": ids}
     )
-    assert config["modules_to_save"] == ["bert.pooler.dense"]
+    assert config["modules_to_save"] == ["bert.pooler.dense"] and config["task_type"] is None
+    assert config["auto_mapping"]["base_model_class"] == "BertForPreTraining"  # for AutoPeftModel
     # feed_forward's "dense" would also name the pooler's and the MLM transform's: full names instead
     assert "bert.encoder.layer.0.intermediate.dense" in config["target_modules"]
     assert "dense" not in config["target_modules"]
@@ -164,6 +166,7 @@ def test_a_classifier_run_exports_the_encoder_adapters_and_pooler_only(bert_dir,
         bert_dir, tuned, transformers.BertModel, tmp_path, capsys, {"input_ids": ids}
     )
     assert config["modules_to_save"] == ["pooler.dense"] and config["target_modules"] == ["query", "value"]
+    assert config["task_type"] == "FEATURE_EXTRACTION"  # AutoPeftModel loads it onto BertModel
 
 
 def test_t5_cross_attention_key_and_value_become_k_and_v(t5_dir, tmp_path, capsys):
@@ -200,6 +203,11 @@ def test_what_cannot_be_an_adapter_is_refused(llama_dir, tmp_path, capsys):
     message = fails(capsys, "convert", "--to-peft", str(tmp_path / "scratch.ckpt"), str(tmp_path / "out"))
     assert "started without --model.init_from" in message
     tuned = lora_checkpoint(tmp_path / "base.ckpt", tmp_path / "lora.ckpt", LoraConfig(rank=2))
+    moved = tmp_path / "moved.ckpt"
+    (tmp_path / "base.ckpt").rename(moved)
+    message = fails(capsys, "convert", "--to-peft", str(tuned), str(tmp_path / "out"))
+    assert f"{tmp_path / 'base.ckpt'}, which cannot be read" in message and not (tmp_path / "out").exists()
+    moved.rename(tmp_path / "base.ckpt")
     (tmp_path / "out").mkdir()
     message = fails(capsys, "convert", "--to-peft", str(tuned), str(tmp_path / "out"))
     assert "already exists" in message
