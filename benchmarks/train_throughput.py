@@ -96,7 +96,7 @@ from modules.flops import network_cost, peak_flops
 from modules.lora import TARGETS, LoraConfig
 from modules.optim import OptimizerConfig, build_optimizer
 from modules.speed import SpeedConfig, apply_speed
-from tasks.base import batch_tokens
+from tasks.base import batch_stack_sizes, batch_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIMIZER = OptimizerConfig(lr=5e-4, weight_decay=0.01, warmup=0, schedule="constant")
@@ -194,10 +194,8 @@ def measure_throughput(case: Case, args: argparse.Namespace) -> dict:
     if args.profile:
         print_profile(steps, device)
     # the network's FLOPs (modules/flops.py), the same for both sides: MFU compares as throughput does
-    context = case.batch["input_ids"].size(1)
-    flops_per_token = network_cost(ours["backbone"], ours["head"], case.task.stacks).training_flops(
-        1, context
-    )
+    cost = network_cost(ours["backbone"], ours["head"], case.task.stacks)
+    flops_per_token = cost.training_flops(*batch_stack_sizes(case.batch)) / tokens
     peak = peak_flops(device, torch.bfloat16 if args.precision == "bf16" else torch.float32, args.peak_tflops)
     return {
         "parameters": parameters,

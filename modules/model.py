@@ -37,7 +37,7 @@ from modules.lora import LoraConfig, LoRALinear, add_lora, merge_lora, without_a
 from modules.optim import OptimizerConfig, build_optimizer
 from modules.sharding import shard_blocks
 from modules.speed import SpeedConfig, apply_speed
-from tasks.base import Task, batch_context, batch_examples, batch_tokens, task_class
+from tasks.base import Task, batch_examples, batch_stack_sizes, task_class
 
 CHECKPOINT_FORMAT = 1
 
@@ -210,9 +210,7 @@ class MultiTaskModel(pl.LightningModule):
         name, task = batch["task"], self.tasks[batch["task"]]
         losses = task.loss(self(batch), batch)
         batch_size = batch_examples(batch)
-        self.flops_per_batch = self.network_costs[name].training_flops(
-            batch_tokens(batch), batch_context(batch)
-        )
+        self.flops_per_batch = self.network_costs[name].training_flops(*batch_stack_sizes(batch))
         for key, value in losses.items():
             self.log(
                 f"train/{name}/{key}", value, batch_size=batch_size, sync_dist=True, prog_bar=key == "loss"

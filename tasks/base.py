@@ -183,6 +183,17 @@ def batch_tokens(batch: dict) -> int:
     return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
 
 
-def batch_context(batch: dict) -> int:
-    """The widest sequence in a batch (padded length), the context its tokens attend over at most."""
-    return max(v.size(-1) for k, v in batch.items() if k.endswith("attention_mask"))
+def batch_stack_sizes(batch: dict) -> tuple[int, int, int, int]:
+    """(real tokens, padded length) of what the first stack reads (every attention mask but a
+    decoder's and a generation prompt's: an encoder's inputs, or a decoder-only model's sequence),
+    then the same of an encoder-decoder's decoder inputs ((0, 0) without any): what the model
+    FLOPs of a training step (modules/flops.py) are counted over."""
+    masks = {k: v for k, v in batch.items() if k.endswith("attention_mask") and not k.startswith("prompt")}
+    first = [v for k, v in masks.items() if not k.startswith("decoder_")]
+    decoder = masks.get("decoder_attention_mask")
+    return (
+        int(sum(v.sum() for v in first)),
+        max(v.size(-1) for v in first),
+        0 if decoder is None else int(decoder.sum()),
+        0 if decoder is None else decoder.size(-1),
+    )

@@ -116,9 +116,51 @@ def test_model_flops_equal_torch_flop_counter_on_the_encoder(config):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         backbone.encode(batch["input_ids"], batch["attention_mask"]).sum().backward()
     cost = network_cost(backbone, torch.nn.Identity(), "encoder")
-    assert cost.attention == 2 * 12 * 64  # 2 layers, each 12 FLOPs per key per unit of width
+    assert cost.first.attention == 2 * 12 * 64  # 2 layers, each 12 FLOPs per key per unit of width
     tokens = batch["input_ids"].numel()  # every position is computed, padding included
     assert cost.training_flops(tokens, context=32) == counter.get_total_flops()
+
+
+T5_LAYOUT = dataclasses.replace(
+    CONFIG,
+    decoder_layers=2,
+    position="relative",
+    norm="pre",
+    norm_type="rmsnorm",
+    activation="relu",
+    bias=False,
+    dropout=0.0,
+    attention_dropout=0.0,
+)
+
+
+@pytest.mark.parametrize("freeze", [None, "lora"])
+def test_model_flops_of_an_encoder_decoder_count_each_stack_over_its_own_tokens(freeze):
+    """The encoder's weights multiply the source tokens, the decoder's (and a head's) the target
+    tokens, and the decoder's cross-attention scores every source position: as torch's counter
+    sees a T5-layout step with a real head, with and without LoRA."""
+    torch.manual_seed(0)
+    backbone, head = Backbone(T5_LAYOUT), torch.nn.Linear(T5_LAYOUT.d_model, 50)
+    if freeze:
+        add_lora(backbone, LoraConfig(rank=2, targets=["query", "value", "feed_forward"]))
+        head.requires_grad_(False)
+    source, target = torch.randint(5, 200, (3, 20)), torch.randint(5, 200, (3, 7))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        head(backbone.decode(target, memory=backbone.encode(source))).sum().backward()
+    cost = network_cost(backbone, head, "encoder-decoder")
+    assert cost.decoder is not None and cost.decoder.cross_attention > 0
+    assert cost.training_flops(source.numel(), 20, target.numel(), 7) == counter.get_total_flops()
+
+
+def test_a_decoder_only_task_on_an_encoder_decoder_is_not_charged_for_cross_attention():
+    torch.manual_seed(0)
+    backbone = Backbone(T5_LAYOUT)
+    ids = torch.randint(5, 200, (3, 11))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        backbone.decode(ids).sum().backward()
+    cost = network_cost(backbone, torch.nn.Identity(), "decoder")
+    assert cost.decoder is None and cost.first.cross_attention == 0
+    assert cost.training_flops(ids.numel(), 11) == counter.get_total_flops()
 
 
 def lora_on_query_and_value(backbone: Backbone) -> None:
@@ -183,7 +225,7 @@ def test_model_flops_of_lsh_layers_count_the_keys_each_query_can_score():
     with FlopCounterMode(display=False) as counter:
         backbone.encode(ids).sum().backward()
     cost = network_cost(backbone, torch.nn.Identity(), "encoder")
-    assert (cost.attention, cost.lsh_attention, cost.lsh_context) == (0, 2 * 12 * 64, 16)
+    assert (cost.first.attention, cost.first.lsh_attention, cost.first.lsh_context) == (0, 2 * 12 * 64, 16)
     n_buckets = 32 // 4
     hashing = 2 * ids.numel() * config.d_model * config.lsh_n_hashes * n_buckets // 2 * config.encoder_layers
     assert cost.training_flops(ids.numel(), context=32) + hashing == counter.get_total_flops()
