@@ -89,6 +89,13 @@ def test_llama_adapters_on_every_projection_load_into_peft(llama_dir, tmp_path, 
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     assert config["base_model_name_or_path"] == str(llama_dir.resolve()) and config["modules_to_save"] is None
+    # the base is named inside: AutoPeftModel finds it, and computes what the merged export does
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            auto(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=1e-4
+        )
     umask = os.umask(0)
     os.umask(umask)
     for file in [*(tmp_path / "adapter").iterdir(), *(tmp_path / "merged").iterdir()]:
