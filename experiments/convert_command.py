@@ -56,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     return convert
 
 
-def report(done: Conversion, exported: bool, adapter: bool = False) -> str:
+def report(done: Conversion, exported: bool) -> str:
     """A few lines: what was converted, its size and vocabulary, where it went."""
     tokenizer = done.tokenizer
     rows = (
@@ -66,7 +66,7 @@ def report(done: Conversion, exported: bool, adapter: bool = False) -> str:
     )
     lines = [
         f"polyhead convert: {done.model_type} ({done.architecture}) "
-        + ("LoRA adapter " if adapter else "")
+        + ("LoRA adapter " if done.base else "")
         + (f"from polyhead checkpoint {done.source}" if exported else f"from {done.source}"),
         f"  parameters  {done.parameters:,}",
         f"  vocabulary  {tokenizer.vocab_size:,} ids{rows}, {tokenizer.backend}",
@@ -102,5 +102,5 @@ def convert(args: list[str]) -> Conversion:
         done = export_hf(Path(options.source), Path(options.out))
     else:
         done = import_hf(options.source, Path(options.out), options.task)
-    print(report(done, exported, adapter=options.to_peft))
+    print(report(done, exported))
     return done

@@ -83,23 +83,32 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def restore_frozen_weights(checkpoint: dict, path: str | Path) -> None:
+def read_lora_base(checkpoint: dict, path: str | Path) -> dict:
+    """The base checkpoint a LoRA checkpoint (read from `path`) names in its "lora_base" entry; one
+    that cannot be read is a UserError naming both files."""
+    base = checkpoint["polyhead"]["lora_base"]["path"]
+    try:
+        return read_checkpoint(base)
+    except UserError as error:
+        raise UserError(
+            f"{path}: keeps LoRA adapters only; its frozen weights are those of {base}, which "
+            f"cannot be read ({error}). Put that checkpoint back where it was"
+        ) from None
+
+
+def restore_frozen_weights(
+    checkpoint: dict, path: str | Path, base_weights: dict[str, torch.Tensor] | None = None
+) -> None:
     """Put back the frozen weights a LoRA checkpoint left out (its "lora_base" entry: the base
     checkpoint it was fine-tuned from, the names it takes from there, their digest), in place, so the
-    checkpoint is whole again; one with every weight is left alone. A base that is gone or holds
+    checkpoint is whole again; one with every weight is left alone. `base_weights`: the base's state
+    dict (adapters folded in) where the caller has read it already. A base that is gone or holds
     other weights than the run trained on is a UserError naming both files."""
     base = checkpoint["polyhead"].get("lora_base")
     state = checkpoint["state_dict"]
     if not base or all(key in state for key in base["keys"]):
         return
-    try:
-        source = read_checkpoint(base["path"])
-    except UserError as error:
-        raise UserError(
-            f"{path}: keeps LoRA adapters only; its frozen weights are those of {base['path']}, which "
-            f"cannot be read ({error}). Put that checkpoint back where it was"
-        ) from None
-    weights = without_adapters(source)
+    weights = base_weights if base_weights is not None else without_adapters(read_lora_base(checkpoint, path))
     taken = {key: weights[key] for key in base["keys"] if key in weights}
     if len(taken) != len(base["keys"]) or tensor_digest(taken) != base["sha256"]:
         raise UserError(

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone
-from modules.checkpoint import read_checkpoint
+from modules.checkpoint import read_checkpoint, read_lora_base, restore_frozen_weights
 from modules.config import BackboneConfig
 from modules.convert import KeyMap, StateDict
 from modules.errors import UserError
@@ -126,7 +126,7 @@ def export_peft(checkpoint_path: Path, out: Path) -> Conversion:
     """A LoRA checkpoint -> a peft adapter directory at `out` (see the module docstring)."""
     if out.exists():
         raise UserError(f"{out}: already exists; remove it or choose another output directory")
-    checkpoint = read_checkpoint(checkpoint_path)
+    checkpoint = read_checkpoint(checkpoint_path, whole=False)  # its frozen weights: from the base, below
     saved = checkpoint["polyhead"]
     lora = LoraConfig(**saved.get("lora", {}))
     if not lora.enabled:
@@ -140,18 +140,15 @@ def export_peft(checkpoint_path: Path, out: Path) -> Conversion:
             "are in no other model for an adapter to go on; write the whole model with polyhead convert --to-hf"
         )
     base_path = Path(saved["lora_base"]["path"])
-    try:
-        base = read_checkpoint(base_path)
-    except UserError as error:
-        raise UserError(
-            f"{checkpoint_path}: its adapters go on the weights of {base_path}, which cannot be read "
-            f"({error}); put back the checkpoint the LoRA run started from"
-        ) from None
+    base = read_lora_base(checkpoint, checkpoint_path)
+    base_weights = without_adapters(base)
+    restore_frozen_weights(checkpoint, checkpoint_path, base_weights)
     state = checkpoint["state_dict"]
     plain = {k: v for k, v in state.items() if ".lora_" not in k}
     tuned = hf_model(checkpoint, plain, checkpoint_path)
-    original = hf_model(checkpoint, as_in_base(plain, without_adapters(base)), checkpoint_path)
-    adapters, ranks = hf_adapters(BackboneConfig.from_dict(saved["backbone"]), lora, state, tuned)
+    original = hf_model(checkpoint, as_in_base(plain, base_weights), checkpoint_path)
+    config = BackboneConfig.from_dict(saved["backbone"])
+    adapters, ranks = hf_adapters(config, lora, state, tuned)
     kept = changed_modules(tuned.weights, original.weights)
     whole = {
         PEFT_PREFIX + key: t.contiguous().clone()
@@ -202,7 +199,7 @@ def export_peft(checkpoint_path: Path, out: Path) -> Conversion:
         source=str(checkpoint_path),
         written=out,
         parameters=sum(t.numel() for t in (adapters | whole).values()),
-        embedding_rows=BackboneConfig.from_dict(saved["backbone"]).vocab_size,
+        embedding_rows=config.vocab_size,
         tokenizer=Tokenizer.from_state_dict(saved["tokenizer"]),
         tasks={},
         files=["adapter_config.json", "adapter_model.safetensors"],

@@ -46,6 +46,11 @@ def lora_checkpoint(
         if trained_pooler:
             for weight in model.backbone.pooler.parameters():
                 weight.add_(0.2 * torch.randn(weight.shape, generator=generator))
+    return saved_as_a_run(model, out)
+
+
+def saved_as_a_run(model: MultiTaskModel, out: Path) -> Path:
+    """`model` written to `out` as a run's checkpoint: its state dict and the "polyhead" section."""
     checkpoint = {"epoch": 0, "global_step": 1, "pytorch-lightning_version": lightning.__version__}
     checkpoint["state_dict"] = model.state_dict()
     model.on_save_checkpoint(checkpoint)
@@ -203,11 +208,8 @@ def test_what_cannot_be_an_adapter_is_refused(llama_dir, tmp_path, capsys):
     scratch = MultiTaskModel(
         base.tasks, base.backbone_config, tokenizer=base.tokenizer, lora=LoraConfig(rank=2)
     )
-    checkpoint = {"epoch": 0, "global_step": 1, "pytorch-lightning_version": lightning.__version__}
-    checkpoint["state_dict"] = scratch.state_dict()
-    scratch.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, tmp_path / "scratch.ckpt")
-    message = fails(capsys, "convert", "--to-peft", str(tmp_path / "scratch.ckpt"), str(tmp_path / "out"))
+    scratch_path = saved_as_a_run(scratch, tmp_path / "scratch.ckpt")
+    message = fails(capsys, "convert", "--to-peft", str(scratch_path), str(tmp_path / "out"))
     assert "started without --model.init_from" in message
     tuned = lora_checkpoint(tmp_path / "base.ckpt", tmp_path / "lora.ckpt", LoraConfig(rank=2))
     moved = tmp_path / "moved.ckpt"
