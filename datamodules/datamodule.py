@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.mixture import MixtureBatchSampler, MixtureConfig, mix_seed, mixing_rates
+from datamodules.padding import mark_unpadded
 from datamodules.sources import DataSource, load_split, read_text_lines
 from datamodules.tokenizer import Tokenizer, TokenizerConfig, cache_root
 from modules.checkpoint import read_checkpoint
@@ -45,7 +46,8 @@ class TaggedExamples(Dataset):
 
 
 class TaskCollator:
-    """Batch of tagged examples (all one task) -> that task's tensors plus the "task" tag."""
+    """Batch of tagged examples (all one task) -> that task's tensors plus the "task" tag and the
+    masks that hide nothing (`mark_unpadded`)."""
 
     def __init__(self, tasks: dict, tokenizer: Tokenizer) -> None:
         self.tasks, self.tokenizer = tasks, tokenizer
@@ -54,7 +56,7 @@ class TaskCollator:
         task = items[0][0]
         batch = self.tasks[task].collate([e for _, e, _ in items], [s for _, _, s in items], self.tokenizer)
         batch["task"] = task
-        return batch
+        return mark_unpadded(batch)
 
 
 class EvalBatchSampler:

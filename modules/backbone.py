@@ -247,8 +247,11 @@ def document_positions(documents: Tensor) -> Tensor:
 
 
 def _real_tokens(attention_mask: Tensor | None) -> Tensor | None:
-    """Drop an all-ones mask so attention can take its unmasked fast path."""
-    if attention_mask is None or bool(attention_mask.all()):
+    """(B, T) 1 at real tokens -> the boolean mask attention takes, or None where it hides nothing, so
+    attention takes its unmasked fast path. Only a mask in host memory is tested: on a GPU the test
+    would stop the step until the GPU caught up, so a GPU mask is kept (training batches say which
+    masks hide nothing before they leave the host: datamodules/padding.py)."""
+    if attention_mask is None or (attention_mask.device.type == "cpu" and bool(attention_mask.all())):
         return None
     return attention_mask.bool()
 

@@ -33,11 +33,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from modules.attention import LayerKV, attention_bias
 from modules.dropout import dropout
 
 EVAL_ROTATION_SEED = 0
+SLICE_SCORES = 2**25
+"""At most this many attention scores (B x H x chunks x C x K) are computed at once. Longer inputs
+are attended a slice of chunks at a time, each slice recomputed in the backward pass instead of
+kept (torch.utils.checkpoint), so a layer's attention memory stops growing with the input at one
+slice's scores (about 1 GiB of them and their masks in fp32), the rest being linear in length."""
 
 
 def hash_buckets(vectors: Tensor, n_buckets: int, n_hashes: int, generator: torch.Generator | None) -> Tensor:
@@ -161,23 +167,59 @@ class LSHSelfAttention(nn.Module):
             sorted_bucket = bucket_ids.gather(-1, order)  # (B, H, L)
 
         n = rounds * n_chunks  # chunks of c sorted positions, over all rounds
-
-        def chunked(values: Tensor) -> Tensor:
-            """(B, H, L, ...) sorted -> (B, H, N, C, ...)"""
-            return values.reshape(b, h, n, c, *values.shape[3:])
-
-        gather_index = sorted_pos[..., None].expand(-1, -1, -1, dh)  # (B, H, L, Dh)
-        queries = chunked(qk.gather(2, gather_index))  # (B, H, N, C, Dh)
-        keys = F.normalize(queries, dim=-1)  # before the scale, which goes on the queries: C x Dh, not C x K
-        values = chunked(v.gather(2, gather_index))
-        q_pos, q_bucket = chunked(sorted_pos), chunked(sorted_bucket)  # (B, H, N, C)
+        q_pos, q_bucket = sorted_pos.view(b, h, n, c), sorted_bucket.view(b, h, n, c)  # (B, H, N, C)
         k_pos, k_bucket = q_pos, q_bucket
         if n_chunks > 1:  # with one chunk per round, the chunk before holds another round's keys only
-            keys, values = look_one_back(keys), look_one_back(values)  # (B, H, N, 2C, Dh)
-            k_pos, k_bucket = look_one_back(k_pos), look_one_back(k_bucket)  # (B, H, N, 2C)
+            k_pos, k_bucket = look_one_back(q_pos), look_one_back(q_bucket)  # (B, H, N, 2C)
+        per_chunk = b * h * c * k_pos.size(-1)  # scores of one chunk
+        step = max(1, SLICE_SCORES // per_chunk)  # chunks per slice
+        pieces = []
+        for first in range(0, n, step):
+            sliced = (z[:, :, first : first + step] for z in (q_pos, q_bucket, k_pos, k_bucket))
+            arguments = (qk, v, real, doc, *sliced)
+            if n > step:  # kept for the backward pass: the slice's inputs, not its scores
+                pieces.append(checkpoint(self._attend_chunks, *arguments, use_reentrant=False))
+            else:
+                pieces.append(self._attend_chunks(*arguments))
+        out = torch.cat([piece[0] for piece in pieces], dim=2)  # (B, H, N, C, Dh)
+        normaliser = torch.cat([piece[1] for piece in pieces], dim=2)  # (B, H, N, C)
 
-        scores = torch.einsum("bhncd,bhnkd->bhnck", queries * self.scale, keys)  # (B, H, N, C, K)
-        blocked = q_bucket[..., :, None] != k_bucket[..., None, :]  # (B, H, N, C, K)
+        unsort = order.argsort(dim=-1)  # (B, H, L): where each (round, position) went
+        out = out.reshape(b, h, -1, dh).gather(2, unsort[..., None].expand(-1, -1, -1, dh))
+        normaliser = normaliser.view(b, h, -1).gather(2, unsort)  # (B, H, L)
+        out = out.view(b, h, rounds, padded, dh)
+        share = normaliser.view(b, h, rounds, padded, 1).softmax(dim=2)  # each round's part of the union
+        return (out * share).sum(dim=2)[:, :, :t]  # (B, H, T, Dh)
+
+    def _attend_chunks(
+        self,
+        qk: Tensor,
+        v: Tensor,
+        real: Tensor,
+        doc: Tensor | None,
+        q_pos: Tensor,
+        q_bucket: Tensor,
+        k_pos: Tensor,
+        k_bucket: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Chunks of sorted positions, each query scoring the keys of its chunk (and the chunk before).
+
+        qk, v: (B, H, Tp, Dh); real, doc: (B, Tp); q_pos, q_bucket: (B, H, M, C) the chunks' positions
+        and bucket ids; k_pos, k_bucket: (B, H, M, K) those of the keys each chunk scores
+        -> (B, H, M, C, Dh) outputs and (B, H, M, C) their log-sum-exp normalisers.
+        """
+        b, dh = qk.size(0), qk.size(-1)
+
+        def at(values: Tensor, positions: Tensor) -> Tensor:
+            """(B, H, Tp, Dh) at (B, H, M, X) positions -> (B, H, M, X, Dh)"""
+            index = positions.flatten(2)[..., None].expand(-1, -1, -1, dh)
+            return values.gather(2, index).view(*positions.shape, dh)
+
+        queries = at(qk, q_pos)  # (B, H, M, C, Dh)
+        keys = F.normalize(at(qk, k_pos), dim=-1)  # before the scale, which goes on the queries
+        values = at(v, k_pos)  # (B, H, M, K, Dh)
+        scores = torch.einsum("bhmcd,bhmkd->bhmck", queries * self.scale, keys)  # (B, H, M, C, K)
+        blocked = q_bucket[..., :, None] != k_bucket[..., None, :]  # (B, H, M, C, K)
         batch_rows = torch.arange(b, device=qk.device)[:, None, None, None]
         blocked |= ~real[batch_rows, k_pos][..., None, :]
         if doc is not None:
@@ -187,14 +229,6 @@ class LSHSelfAttention(nn.Module):
         floor = torch.finfo(scores.dtype).min
         itself = q_pos[..., :, None] == k_pos[..., None, :]
         scores = scores.masked_fill(itself, floor / 2).masked_fill(blocked, floor)
-        normaliser = scores.logsumexp(dim=-1, keepdim=True)  # (B, H, N, C, 1)
-        weights = (scores - normaliser).exp()
-        weights = dropout(weights, self.dropout, self.training)
-        out = torch.einsum("bhnck,bhnkd->bhncd", weights, values)  # (B, H, N, C, Dh)
-
-        unsort = order.argsort(dim=-1)  # (B, H, L): where each (round, position) went
-        out = out.reshape(b, h, -1, dh).gather(2, unsort[..., None].expand(-1, -1, -1, dh))
-        normaliser = normaliser.reshape(b, h, -1).gather(2, unsort)  # (B, H, L)
-        out = out.view(b, h, rounds, padded, dh)
-        share = normaliser.view(b, h, rounds, padded, 1).softmax(dim=2)  # each round's part of the union
-        return (out * share).sum(dim=2)[:, :, :t]  # (B, H, T, Dh)
+        normaliser = scores.logsumexp(dim=-1, keepdim=True)  # (B, H, M, C, 1)
+        weights = dropout((scores - normaliser).exp(), self.dropout, self.training)
+        return torch.einsum("bhmck,bhmkd->bhmcd", weights, values), normaliser.squeeze(-1)

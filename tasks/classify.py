@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 
+from datamodules.padding import padding_mask
 from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone, init_weights
 from modules.config import BackboneConfig
@@ -291,7 +292,7 @@ class Classify(Task):
 
     def forward(self, backbone: Backbone, head: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         hidden = backbone.encode(
-            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+            batch["input_ids"], padding_mask(batch), batch["token_type_ids"]
         )  # (B, T, D)
         return {"logits": head(backbone.pool(hidden))}  # (B, n_labels)
 

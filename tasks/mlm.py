@@ -24,6 +24,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
+from datamodules.padding import padding_mask
 from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
@@ -191,7 +192,7 @@ class MaskedLM(Task):
         }
 
     def forward(self, backbone: Backbone, head: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        hidden = backbone.encode(batch["input_ids"], batch["attention_mask"])  # (B, T, D)
+        hidden = backbone.encode(batch["input_ids"], padding_mask(batch))  # (B, T, D)
         masked = at_positions(hidden, batch["mlm_positions"])  # (N, D)
         return {"mlm_logits": head(masked, backbone.token_embedding)}  # (N, V)
 

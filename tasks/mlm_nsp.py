@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
+from datamodules.padding import padding_mask
 from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
@@ -308,7 +309,7 @@ class MaskedLMNextSentence(Task):
 
     def forward(self, backbone: Backbone, head: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         hidden = backbone.encode(
-            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch.get("document_ids")
+            batch["input_ids"], padding_mask(batch), batch["token_type_ids"], batch.get("document_ids")
         )  # (R, T, D)
         masked = at_positions(hidden, batch["mlm_positions"])  # (N, D)
         return {

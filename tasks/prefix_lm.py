@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from torch import Tensor, nn
 
+from datamodules.padding import padding_mask
 from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
@@ -127,7 +128,7 @@ class PrefixLM(GenerativeTask):
         outputs: dict[str, Tensor] = {}
         if "labels" in batch:
             hidden = backbone.decode(
-                batch["input_ids"], batch["attention_mask"], document_ids=batch.get("document_ids")
+                batch["input_ids"], padding_mask(batch), document_ids=batch.get("document_ids")
             )  # (R, T, D)
             outputs["logits"] = head(
                 at_positions(hidden, batch["label_positions"]), backbone.token_embedding

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from torch import Tensor, nn
 
+from datamodules.padding import padding_mask
 from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
@@ -93,12 +94,15 @@ class Seq2Seq(GenerativeTask):
         return batch
 
     def forward(self, backbone: Backbone, head: nn.Module, batch: dict) -> dict[str, Tensor]:
-        memory = backbone.encode(batch["input_ids"], batch["attention_mask"])  # (B, S, D)
+        memory = backbone.encode(batch["input_ids"], padding_mask(batch))  # (B, S, D)
         source = (batch["attention_mask"], batch["input_ids"])  # what the copy head copies from
         outputs: dict[str, Tensor] = {}
         if "labels" in batch:
             hidden = backbone.decode(
-                batch["decoder_input_ids"], batch["decoder_attention_mask"], memory, batch["attention_mask"]
+                batch["decoder_input_ids"],
+                padding_mask(batch, "decoder_attention_mask"),
+                memory,
+                padding_mask(batch),
             )  # (B, T, D)
             if self.copy:  # the copy head needs every row's positions to attend over its source
                 outputs["logits"] = at_positions(

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 
+from datamodules.padding import padding_mask
 from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
@@ -307,7 +308,7 @@ class SpanQA(Task):
 
     def forward(self, backbone: Backbone, head: nn.Module, batch: dict) -> dict[str, Tensor]:
         hidden = backbone.encode(
-            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+            batch["input_ids"], padding_mask(batch), batch["token_type_ids"]
         )  # (R, T, D)
         start, end = head(hidden)  # (R, T) each
         padding = batch["attention_mask"] == 0

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.regression import SpearmanCorrCoef
 
+from datamodules.padding import padding_mask
 from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
@@ -258,7 +259,7 @@ class SentenceEmbedding(Task):
     # ----- model -----
 
     def forward(self, backbone: Backbone, head: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        hidden = backbone.encode(batch["input_ids"], batch["attention_mask"])  # (R, T, D)
+        hidden = backbone.encode(batch["input_ids"], padding_mask(batch))  # (R, T, D)
         return {"embeddings": head(hidden, batch["attention_mask"])}  # (R, E)
 
     def loss(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -14,6 +14,8 @@ import torch
 import yaml
 
 from datamodules import sources
+from datamodules.datamodule import TaskCollator
+from datamodules.padding import padding_mask
 from datamodules.sources import DataSource, load_split
 from datamodules.tokenizer import Tokenizer, TokenizerConfig
 from modules.config import BackboneConfig
@@ -49,6 +51,24 @@ def tiny_model(task: Classify, tokenizer: Tokenizer) -> MultiTaskModel:
         d_model=32, n_heads=2, d_ff=64, encoder_layers=1, max_len=128, dropout=0.0, attention_dropout=0.0
     )
     return MultiTaskModel({"c": task}, backbone, tokenizer=tokenizer)
+
+
+def test_the_collator_says_which_masks_hide_nothing(tokenizer):
+    """Rows of equal length need no padding: the batch says so before it leaves the host, and the
+    backbone then gets no mask (datamodules/padding.py); rows of unequal length keep theirs."""
+    task = Classify(text_fields=["text"], labels=["no", "yes"], max_length=16)
+    collate = TaskCollator({"c": task}, tokenizer)
+    examples = build(
+        task, {"text": ["the river", "the town", "a very long river ran on"], "label": ["yes"] * 3}, tokenizer
+    )
+    lengths = [len(a) for a, *_ in examples]
+    same = [i for i in range(3) if lengths[i] == lengths[0]]
+    assert len(same) >= 2 and len(set(lengths)) > 1, "the texts must give two equal lengths and one other"
+    full = collate([("c", examples[i], 0) for i in same])
+    assert full["unpadded"] == ("attention_mask",) and full["task"] == "c"
+    assert padding_mask(full) is None
+    padded = collate([("c", e, 0) for e in examples])
+    assert padded["unpadded"] == () and padding_mask(padded) is padded["attention_mask"]
 
 
 # ----- scores -----

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.tokenizer import Tokenizer, TokenizerConfig
+from modules import lsh_attention
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.errors import UserError
@@ -119,6 +120,44 @@ def test_lsh_gives_the_same_answer_every_time_in_evaluation_and_new_buckets_in_t
         torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
         layer.train()
         assert not torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lsh_attending_a_slice_of_chunks_at_a_time_gives_the_same_outputs_and_gradients(causal, monkeypatch):
+    """Long inputs are attended slice by slice, each recomputed in the backward pass. In float64 with
+    padding and packed documents: without dropout the outputs and every gradient equal one whole
+    pass; with dropout (drawn slice by slice) the recomputation replays the masks, so the gradients
+    equal those of keeping every slice's scores."""
+    layer = lsh_layer(causal=causal, n_hashes=3, bucket_size=4).train()
+    x = torch.randn(2, 30, 16, dtype=torch.float64, requires_grad=True)
+    key_mask = torch.ones(2, 30, dtype=torch.bool)
+    key_mask[1, 23:] = False
+    documents = (torch.arange(30) >= 11).long().repeat(2, 1)  # (B, T) two documents per row
+
+    def run() -> tuple[torch.Tensor, ...]:
+        torch.manual_seed(5)  # the same rotations (and dropout masks) in every run
+        out = layer(x, key_mask=key_mask, documents=documents)
+        out.pow(2).sum().backward()
+        grads = (x.grad.clone(), *(p.grad.clone() for p in layer.parameters()))
+        layer.zero_grad()
+        x.grad = None
+        return out.detach(), *grads
+
+    def assert_same(got: tuple, want: tuple) -> None:
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    whole = run()
+    chunks = 3 * 8  # rounds x chunks of 4 over 30 positions padded to 32
+    monkeypatch.setattr(lsh_attention, "SLICE_SCORES", 2 * 2 * 4 * 8 * 5)  # 5 chunks a slice
+    assert chunks > 5 and chunks % 5  # several slices, the last one short
+    assert_same(run(), whole)
+
+    layer.dropout = 0.2
+    recomputed = run()
+    monkeypatch.setattr(lsh_attention, "checkpoint", lambda f, *args, **_: f(*args))  # keep every slice
+    assert_same(recomputed, run())
+    assert not torch.equal(recomputed[0], whole[0])  # dropout did drop
 
 
 def long_config(**changes) -> BackboneConfig:

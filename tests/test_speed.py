@@ -11,8 +11,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from datamodules.padding import mark_unpadded
 from experiments import cli
-from modules.backbone import Backbone, init_weights
+from modules.backbone import Backbone, _real_tokens, init_weights
 from modules.config import BackboneConfig
 from modules.flops import network_cost
 from modules.lora import LoraConfig, add_lora
@@ -103,6 +104,34 @@ def test_bf16_autocast_trains_close_to_fp32():
     bf16 = train(quiet, SpeedConfig(), autocast=True)
     assert bf16 == pytest.approx(fp32, rel=2e-2)
     assert bf16 != fp32  # autocast really ran in bf16
+
+
+def test_a_mask_that_hides_nothing_reaches_the_backbone_as_none_and_changes_no_loss(monkeypatch):
+    task = MaskedLMNextSentence(max_length=32)
+    backbone, head = Backbone(CONFIG).eval(), task.build_head(CONFIG)
+    init_weights(head, CONFIG)
+    full = mlm_nsp_batch() | {"attention_mask": torch.ones(6, 32, dtype=torch.long)}
+    marked = mark_unpadded(dict(full))
+    assert marked["unpadded"] == ("attention_mask",) and mark_unpadded(mlm_nsp_batch())["unpadded"] == ()
+    masks, encode = [], Backbone.encode
+    monkeypatch.setattr(
+        Backbone,
+        "encode",
+        lambda self, ids, mask, *rest: masks.append(mask) or encode(self, ids, mask, *rest),
+    )
+    losses = [task.loss(task.forward(backbone, head, batch), batch)["loss"] for batch in (marked, full)]
+    assert masks[0] is None and masks[1] is full["attention_mask"]
+    assert torch.equal(*losses)
+
+
+def test_a_mask_off_the_host_is_kept_unread():
+    """Reading a GPU mask would stall the step; a meta tensor (no data) stands for one: reading it
+    raises. A host mask is read: all ones is dropped, padding is kept."""
+    kept = _real_tokens(torch.ones(2, 5, dtype=torch.long, device="meta"))
+    assert kept.dtype == torch.bool and kept.shape == (2, 5)
+    assert _real_tokens(torch.ones(2, 5, dtype=torch.long)) is None
+    padded = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert torch.equal(_real_tokens(padded), padded.bool())
 
 
 @LAYOUTS
