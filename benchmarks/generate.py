@@ -41,11 +41,14 @@ output is checked to have that many tokens. Without an eos nothing ends before t
 beam search is the same on both sides (n-best, length penalty 1, which all-equal lengths make moot;
 HF's `early_stopping="never"`, polyhead's only rule).
 
-Before anything is timed, each side generates once per case and the tokens must be equal token for
-token (on a GPU too: a flip between near-tied candidates would show as a refusal here, never as a
-silently different workload); that call is also each side's warm-up. HF is called with
-use_cache=True (its default KV cache), do_sample=False, num_return_sequences=1 and
-disable_compile=True (no torch.compile on either side). Both models are in eval mode and both calls
+Before anything is timed, each side generates once per case and the two must decode the same
+network: with no eos the work is the same whatever tokens come out, and on a CPU the tokens are equal
+token for token, but on a GPU a near-tie between two candidates can flip with the order of a sum and
+the rest of the row follows it. So both sides are fed HF's tokens and their logits must agree within
+LOGITS_TOLERANCE (relative), or the script refuses to time them; the record says whether the tokens
+were equal, which rows diverged, the logits' difference and how often their argmax agree. The
+generate call is also each side's warm-up. HF is called with use_cache=True (its default KV cache),
+do_sample=False, num_return_sequences=1 and disable_compile=True (no torch.compile on either side). Both models are in eval mode and both calls
 run under torch.inference_mode.
 
 The timed unit is one generate call on the whole batch: encoding the sources, then decoding
@@ -73,6 +76,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from records import write_record
@@ -267,17 +271,71 @@ def hf_run(
     return run
 
 
-def check_same_tokens(case: str, runs: dict[str, Generate], shape: tuple[int, int]) -> None:
-    """Refuse to time two generations that differ: both must return `shape` (rows, new tokens),
-    every row at full length, and the same tokens. The calls double as each side's warm-up."""
+LOGITS_TOLERANCE = 1e-2
+"""Largest relative difference (||ours - theirs|| / ||theirs||) allowed between the two sides' logits
+on the same tokens: far above what kernels that sum in another order give, far below the difference
+of order 1 that a network converted wrong gives."""
+
+
+def teacher_forced_logits(
+    backbone: Backbone,
+    head: LanguageModelHead,
+    hf: PreTrainedModel,
+    source: Tensor,
+    mask: Tensor,
+    tokens: Tensor,
+) -> dict[str, Tensor]:
+    """Each side's next-token logits (B, L, V) at every generated position, both fed the same `tokens`
+    (B, L) behind the same sources (T5: its start token then the tokens; decoder-only: the prompt,
+    positions counted from each row's first real token, then the tokens)."""
+    with torch.inference_mode():
+        if backbone.encoder is not None:
+            start = torch.full_like(tokens[:, :1], T5_START)
+            decoder_in = torch.cat([start, tokens[:, :-1]], dim=1)  # (B, L)
+            memory = backbone.encode(source, mask)  # (B, S, D)
+            ours = head(backbone.decode(decoder_in, None, memory, mask), backbone.token_embedding)
+            theirs = hf(input_ids=source, attention_mask=mask, decoder_input_ids=decoder_in).logits
+            return {"polyhead": ours, "hf": theirs}
+        sequence = torch.cat([source, tokens[:, :-1]], dim=1)  # (B, S + L - 1)
+        real = torch.cat([mask, torch.ones_like(tokens[:, :-1])], dim=1)
+        positions = (real.cumsum(dim=1) - 1).clamp_min(0)  # (B, S + L - 1)
+        first = source.size(1) - 1  # the prompt's last column predicts the first new token
+        hidden = backbone.decode(sequence, real, positions=positions)[:, first:]  # (B, L, D)
+        theirs = hf(input_ids=sequence, attention_mask=real, position_ids=positions).logits[:, first:]
+        return {"polyhead": head(hidden, backbone.token_embedding), "hf": theirs}
+
+
+def check_same_network(case: str, outputs: dict[str, Tensor], logits: Callable[[Tensor], dict]) -> dict:
+    """Refuse to time two generations unless they decode the same network. With no eos every row
+    generates the same number of tokens, so the work is the same whatever tokens come out; the tokens
+    are equal on a CPU, but on a GPU a near-tie between two candidates can flip with the order of a
+    sum, and the rest of the row follows the flip. So both sides are fed HF's tokens and their logits
+    must agree within LOGITS_TOLERANCE. -> what the check found."""
+    ours, theirs = outputs["polyhead"], outputs["hf"]
+    forced = logits(theirs)
+    difference = float((forced["polyhead"] - forced["hf"]).norm() / forced["hf"].norm())
+    if difference > LOGITS_TOLERANCE:
+        raise RuntimeError(
+            f"{case}: polyhead's logits on HF's tokens differ from HF's by {difference:.2e} "
+            f"(relative; at most {LOGITS_TOLERANCE} allowed): the two networks are not the same"
+        )
+    same_choice = forced["polyhead"].argmax(-1) == forced["hf"].argmax(-1)  # (B, L)
+    return {
+        "tokens_equal": bool(torch.equal(ours, theirs)),
+        "rows_that_diverged": (ours != theirs).any(dim=1).nonzero().flatten().tolist(),
+        "teacher_forced_logits_relative_difference": float(f"{difference:.3g}"),
+        "teacher_forced_same_argmax": round(float(same_choice.float().mean()), 5),
+    }
+
+
+def generated(case: str, runs: dict[str, Generate], shape: tuple[int, int]) -> dict[str, Tensor]:
+    """Each side's generate, once (it doubles as its warm-up); both must return `shape` (rows, new
+    tokens), every row at full length."""
     outputs = {side: run() for side, run in runs.items()}
     for side, tokens in outputs.items():
         if tuple(tokens.shape) != shape:
             raise RuntimeError(f"{case}: {side} returned {tuple(tokens.shape)} tokens, expected {shape}")
-    ours, theirs = outputs["polyhead"], outputs["hf"]
-    if not torch.equal(ours, theirs):
-        rows = (ours != theirs).any(dim=1).nonzero().flatten().tolist()
-        raise RuntimeError(f"{case}: polyhead's tokens differ from HF's in rows {rows}")
+    return outputs
 
 
 def synchronize(device: torch.device) -> None:
@@ -295,10 +353,17 @@ def tokens_per_second(run: Generate, tokens: int, device: torch.device) -> float
     return tokens / (time.perf_counter() - start)
 
 
-def measure(case: str, runs: dict[str, Generate], rows: int, args: argparse.Namespace) -> dict:
-    """One case: the equality check (and warm-up), then alternating timed blocks (see the docstring)."""
+def measure(
+    case: str,
+    runs: dict[str, Generate],
+    logits: Callable[[Tensor], dict],
+    rows: int,
+    args: argparse.Namespace,
+) -> dict:
+    """One case: the check that both sides decode the same network (and warm-up), then alternating
+    timed blocks (see the docstring)."""
     device = torch.device(args.device)
-    check_same_tokens(case, runs, (rows, args.new_tokens))
+    check = check_same_network(case, generated(case, runs, (rows, args.new_tokens)), logits)
     tokens = rows * args.new_tokens
     rates: dict[str, list[float]] = {side: [] for side in SIDES}
     for _ in range(args.repeats):
@@ -308,7 +373,7 @@ def measure(case: str, runs: dict[str, Generate], rows: int, args: argparse.Name
     return {
         "num_beams": args.beams if case == "beam" else 1,
         "tokens_per_call": tokens,
-        "tokens_equal": True,  # check_same_tokens refuses otherwise
+        **check,
         "tokens_per_s": {side: round(rate, 1) for side, rate in medians.items()},
         "tokens_per_s_repeats": {side: [round(x, 1) for x in r] for side, r in rates.items()},
         "ratio": round(medians["polyhead"] / medians["hf"], 3),
@@ -383,7 +448,8 @@ def main(argv: list[str]) -> None:
             "polyhead": polyhead_run(backbone, head, source, mask, case, args),
             "hf": hf_run(hf, source, mask, case, args),
         }
-        results[case] = measure(case, runs, args.batch, args)
+        logits = partial(teacher_forced_logits, backbone, head, hf, source, mask)
+        results[case] = measure(case, runs, logits, args.batch, args)
         print(table_row(case, results[case]), flush=True)
     setting = {k: v for k, v in vars(args).items() if k != "cases"}
     setting |= {"d_ff": backbone.config.d_ff, "source_real_tokens": int(mask.sum())}

@@ -80,8 +80,9 @@ def reformer_model(length: int) -> tuple[torch.nn.Module, callable]:
 def measure(method: str, length: int, device: torch.device, steps: int, memory_gib: float) -> dict:
     """Train `steps` + 1 steps (the first is warm-up) at `length` tokens; -> ms per step and peak MiB."""
     if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index  # it takes no "cuda"
         torch.cuda.set_per_process_memory_fraction(
-            min(1.0, memory_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory), device
+            min(1.0, memory_gib * 2**30 / torch.cuda.get_device_properties(index).total_memory), index
         )
     torch.manual_seed(0)
     model, logits_of = (
