@@ -41,14 +41,16 @@ output is checked to have that many tokens. Without an eos nothing ends before t
 beam search is the same on both sides (n-best, length penalty 1, which all-equal lengths make moot;
 HF's `early_stopping="never"`, polyhead's only rule).
 
-Before anything is timed, each side generates once per case and the two must decode the same
-network: with no eos the work is the same whatever tokens come out, and on a CPU the tokens are equal
-token for token, but on a GPU a near-tie between two candidates can flip with the order of a sum and
-the rest of the row follows it. So both sides are fed HF's tokens and their logits must agree within
-LOGITS_TOLERANCE (relative), or the script refuses to time them; the record says whether the tokens
-were equal, which rows diverged, the logits' difference and how often their argmax agree. The
-generate call is also each side's warm-up. HF is called with use_cache=True (its default KV cache),
-do_sample=False, num_return_sequences=1 and disable_compile=True (no torch.compile on either side). Both models are in eval mode and both calls
+Before anything is timed, each side generates once per case on the CPU in fp32 and the tokens must
+be equal token for token, or the script refuses to time them. On a GPU the tokens may then differ:
+with no eos the work is the same whatever tokens come out, but a near-tie between two candidates can
+flip with the order of a sum and the rest of the row follows it (the benchmark's T5, at its
+perturbed weights, is that fragile: on the CPU its logits in fp32 and in fp64 differ by several
+percent). The record says, for the timed device, whether the tokens were equal, which rows
+diverged, and, both sides fed HF's tokens, the relative difference of their logits and how often
+their argmax agree. The timed device's first generate call is also each side's warm-up. HF is
+called with use_cache=True (its default KV cache), do_sample=False, num_return_sequences=1 and
+disable_compile=True (no torch.compile on either side). Both models are in eval mode and both calls
 run under torch.inference_mode.
 
 The timed unit is one generate call on the whole batch: encoding the sources, then decoding
@@ -271,12 +273,6 @@ def hf_run(
     return run
 
 
-LOGITS_TOLERANCE = 1e-2
-"""Largest relative difference (||ours - theirs|| / ||theirs||) allowed between the two sides' logits
-on the same tokens: far above what kernels that sum in another order give, far below the difference
-of order 1 that a network converted wrong gives."""
-
-
 def teacher_forced_logits(
     backbone: Backbone,
     head: LanguageModelHead,
@@ -305,20 +301,22 @@ def teacher_forced_logits(
         return {"polyhead": head(hidden, backbone.token_embedding), "hf": theirs}
 
 
-def check_same_network(case: str, outputs: dict[str, Tensor], logits: Callable[[Tensor], dict]) -> dict:
-    """Refuse to time two generations unless they decode the same network. With no eos every row
-    generates the same number of tokens, so the work is the same whatever tokens come out; the tokens
-    are equal on a CPU, but on a GPU a near-tie between two candidates can flip with the order of a
-    sum, and the rest of the row follows the flip. So both sides are fed HF's tokens and their logits
-    must agree within LOGITS_TOLERANCE. -> what the check found."""
+def check_same_tokens(case: str, runs: dict[str, Generate], shape: tuple[int, int]) -> None:
+    """Refuse to time two generations that differ: on the CPU, in fp32, both sides' tokens must be
+    equal token for token (see the docstring)."""
+    outputs = generated(case, runs, shape)
+    if not torch.equal(outputs["polyhead"], outputs["hf"]):
+        rows = (outputs["polyhead"] != outputs["hf"]).any(dim=1).nonzero().flatten().tolist()
+        raise RuntimeError(f"{case}: polyhead's tokens differ from HF's in rows {rows}")
+
+
+def agreement(outputs: dict[str, Tensor], logits: Callable[[Tensor], dict]) -> dict:
+    """How far the two sides' generations agree on the timed device: whether the tokens are equal,
+    the rows that diverged, and, both fed HF's tokens, the relative difference of their logits and
+    how often their argmax agree."""
     ours, theirs = outputs["polyhead"], outputs["hf"]
     forced = logits(theirs)
     difference = float((forced["polyhead"] - forced["hf"]).norm() / forced["hf"].norm())
-    if difference > LOGITS_TOLERANCE:
-        raise RuntimeError(
-            f"{case}: polyhead's logits on HF's tokens differ from HF's by {difference:.2e} "
-            f"(relative; at most {LOGITS_TOLERANCE} allowed): the two networks are not the same"
-        )
     same_choice = forced["polyhead"].argmax(-1) == forced["hf"].argmax(-1)  # (B, L)
     return {
         "tokens_equal": bool(torch.equal(ours, theirs)),
@@ -360,10 +358,10 @@ def measure(
     rows: int,
     args: argparse.Namespace,
 ) -> dict:
-    """One case: the check that both sides decode the same network (and warm-up), then alternating
-    timed blocks (see the docstring)."""
+    """One case on the timed device: each side's warm-up call and how far the two agree, then
+    alternating timed blocks (see the docstring)."""
     device = torch.device(args.device)
-    check = check_same_network(case, generated(case, runs, (rows, args.new_tokens)), logits)
+    check = agreement(generated(case, runs, (rows, args.new_tokens)), logits)
     tokens = rows * args.new_tokens
     rates: dict[str, list[float]] = {side: [] for side in SIDES}
     for _ in range(args.repeats):
@@ -436,20 +434,25 @@ def main(argv: list[str]) -> None:
     decoder_only = args.model != "t5"
     hf = {"t5": hf_t5, "gpt2": hf_gpt2, "llama": hf_llama}[args.model](args)
     backbone, head = polyhead_copy(hf)
-    hf, backbone, head = hf.to(device), backbone.to(device), head.to(device)
     generator = torch.Generator().manual_seed(SEED)
-    source, mask = (
-        t.to(device) for t in source_batch(args.batch, args.seq, args.vocab, generator, decoder_only)
-    )
-    results = {}
-    print(HEADER)
-    for case in args.cases.split(","):
-        runs = {
+    source, mask = source_batch(args.batch, args.seq, args.vocab, generator, decoder_only)
+    cases = args.cases.split(",")
+
+    def runs_of(case: str) -> dict[str, Generate]:
+        return {
             "polyhead": polyhead_run(backbone, head, source, mask, case, args),
             "hf": hf_run(hf, source, mask, case, args),
         }
+
+    for case in cases:
+        check_same_tokens(case, runs_of(case), (args.batch, args.new_tokens))
+    hf, backbone, head = hf.to(device), backbone.to(device), head.to(device)
+    source, mask = source.to(device), mask.to(device)
+    results = {}
+    print(HEADER)
+    for case in cases:
         logits = partial(teacher_forced_logits, backbone, head, hf, source, mask)
-        results[case] = measure(case, runs, logits, args.batch, args)
+        results[case] = measure(case, runs_of(case), logits, args.batch, args)
         print(table_row(case, results[case]), flush=True)
     setting = {k: v for k, v in vars(args).items() if k != "cases"}
     setting |= {"d_ff": backbone.config.d_ff, "source_real_tokens": int(mask.sum())}

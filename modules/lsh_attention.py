@@ -6,7 +6,8 @@ Reformer (Kitaev et al., 2020) finds candidates by locality-sensitive hashing an
 
 - queries and keys share one projection (shared-QK), so a query and its nearest keys are the same
   kind of vector and hash alike; keys are unit-normalised;
-- angular LSH: a random rotation R (Dh, n_buckets / 2) per hash round, bucket = argmax([xR, -xR]);
+- angular LSH: a random rotation R (Dh, n_buckets / 2) per hash round, bucket = argmax([xR, -xR])
+  (for many buckets, two such hashes whose buckets combine: `bucket_factors`);
 - positions are sorted by (round, bucket, position) and cut into chunks of `bucket_size`; each chunk
   attends to itself and to the chunk before it, so a bucket that straddles a chunk boundary is still
   seen whole; keys of another bucket, another round, another packed document, padding and (in a
@@ -30,6 +31,8 @@ come from a fixed seed, so validation and prediction give the same answer every 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,6 +42,10 @@ from modules.attention import LayerKV, attention_bias
 from modules.dropout import dropout
 
 EVAL_ROTATION_SEED = 0
+FACTORISE_ABOVE = 128
+"""More buckets than this are hashed as two factors (`bucket_factors`)."""
+HASH_SLICE = 2**25
+"""At most this many rotated coordinates (B x H x rounds x positions x directions) exist at once."""
 SLICE_SCORES = 2**25
 """At most this many attention scores (B x H x chunks x C x K) are computed at once. Longer inputs
 are attended a slice of chunks at a time, each slice recomputed in the backward pass instead of
@@ -46,20 +53,52 @@ kept (torch.utils.checkpoint), so a layer's attention memory stops growing with 
 slice's scores (about 1 GiB of them and their masks in fp32), the rest being linear in length."""
 
 
-def hash_buckets(vectors: Tensor, n_buckets: int, n_hashes: int, generator: torch.Generator | None) -> Tensor:
-    """Angular LSH. vectors: (B, H, T, Dh) -> (B, H, n_hashes, T) bucket ids in [0, n_buckets).
+def bucket_factors(n_chunks: int) -> tuple[int, ...]:
+    """How many buckets an input of `n_chunks` chunks hashes into, as the factors of that number.
 
-    n_buckets must be even (a rotation gives n_buckets / 2 directions and their opposites) unless it
-    is 1, when every position shares the one bucket.
+    About one bucket per chunk, as the Reformer does, and even (a rotation gives half as many
+    directions and their opposites); one bucket when there is one chunk. Hashing scores every vector
+    against half of its factor's directions, so a single factor would cost O(T^2) over T positions
+    (16,384 buckets at a million tokens); above FACTORISE_ABOVE buckets the count is split into two
+    even factors near its square root (the Reformer's factorised hashing), whose product covers it.
+    """
+    if n_chunks == 1:
+        return (1,)
+    n_buckets = n_chunks + n_chunks % 2
+    if n_buckets <= FACTORISE_ABOVE:
+        return (n_buckets,)
+    first = 2 * math.ceil(math.sqrt(n_buckets) / 2)
+    return first, 2 * math.ceil(n_buckets / first / 2)
+
+
+def hash_buckets(
+    vectors: Tensor, factors: tuple[int, ...], n_hashes: int, generator: torch.Generator | None
+) -> Tensor:
+    """Angular LSH. vectors: (B, H, T, Dh) -> (B, H, n_hashes, T) bucket ids in [0, prod(factors)).
+
+    Each factor f (even, or a lone 1) draws a random rotation per round onto f / 2 directions; a
+    vector's bucket for it is the nearest of those directions and their opposites,
+    argmax([xR, -xR]), and the factors' buckets combine as the digits of one number. Positions are
+    hashed a slice at a time (HASH_SLICE), so the rotated vectors never all exist at once.
     """
     b, h, t, dh = vectors.shape
-    if n_buckets == 1:
-        return vectors.new_zeros(b, h, n_hashes, t, dtype=torch.long)
-    rotations = torch.randn(  # (Dh, n_hashes, n_buckets / 2), one per round, shared by heads and rows
-        dh, n_hashes, n_buckets // 2, device=vectors.device, dtype=vectors.dtype, generator=generator
-    )
-    rotated = torch.einsum("bhtd,dnr->bhntr", vectors, rotations)  # (B, H, n_hashes, T, n_buckets / 2)
-    return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+    buckets = vectors.new_zeros(b, h, n_hashes, t, dtype=torch.long)
+    if factors == (1,):
+        return buckets
+    rotations = [  # (Dh, n_hashes, f / 2) per factor, one per round, shared by heads and rows
+        torch.randn(dh, n_hashes, f // 2, device=vectors.device, dtype=vectors.dtype, generator=generator)
+        for f in factors
+    ]
+    for factor, rotation in zip(factors, rotations, strict=True):
+        step = max(1, HASH_SLICE // (b * h * n_hashes * (factor // 2)))  # positions per slice
+        for first in range(0, t, step):
+            rotated = torch.einsum("bhtd,dnr->bhntr", vectors[:, :, first : first + step], rotation)
+            largest, smallest = rotated.max(dim=-1), rotated.min(dim=-1)  # (B, H, n_hashes, slice)
+            nearest = torch.where(  # argmax([xR, -xR]) without building it
+                largest.values >= -smallest.values, largest.indices, smallest.indices + factor // 2
+            )
+            buckets[..., first : first + step] = buckets[..., first : first + step] * factor + nearest
+    return buckets
 
 
 def look_one_back(chunks: Tensor) -> Tensor:
@@ -153,12 +192,13 @@ class LSHSelfAttention(nn.Module):
         doc = F.pad(documents, (0, padded - t)) if documents is not None else None  # (B, Tp)
 
         n_chunks = padded // c
-        n_buckets = 1 if n_chunks == 1 else n_chunks + n_chunks % 2
+        factors = bucket_factors(n_chunks)
+        n_buckets = math.prod(factors)
         generator = None
         if not self.training:
             generator = torch.Generator(device=qk.device).manual_seed(EVAL_ROTATION_SEED)
         with torch.no_grad():
-            buckets = hash_buckets(qk.detach(), n_buckets, rounds, generator)  # (B, H, rounds, Tp)
+            buckets = hash_buckets(qk.detach(), factors, rounds, generator)  # (B, H, rounds, Tp)
             offsets = torch.arange(rounds, device=qk.device)[:, None] * n_buckets  # (rounds, 1)
             bucket_ids = (buckets + offsets).flatten(2)  # (B, H, L), L = rounds * Tp, unique per round
             positions = torch.arange(padded, device=qk.device).repeat(rounds)  # (L,)
@@ -183,13 +223,13 @@ class LSHSelfAttention(nn.Module):
                 pieces.append(self._attend_chunks(*arguments))
         out = torch.cat([piece[0] for piece in pieces], dim=2)  # (B, H, N, C, Dh)
         normaliser = torch.cat([piece[1] for piece in pieces], dim=2)  # (B, H, N, C)
+        del pieces  # a long input's largest tensors: not kept beside their concatenation
 
         unsort = order.argsort(dim=-1)  # (B, H, L): where each (round, position) went
-        out = out.reshape(b, h, -1, dh).gather(2, unsort[..., None].expand(-1, -1, -1, dh))
+        out = out.view(b, h, -1, dh).gather(2, unsort[..., None].expand(-1, -1, -1, dh))
         normaliser = normaliser.view(b, h, -1).gather(2, unsort)  # (B, H, L)
-        out = out.view(b, h, rounds, padded, dh)
         share = normaliser.view(b, h, rounds, padded, 1).softmax(dim=2)  # each round's part of the union
-        return (out * share).sum(dim=2)[:, :, :t]  # (B, H, T, Dh)
+        return (out.view(b, h, rounds, padded, dh) * share).sum(dim=2)[:, :, :t]  # (B, H, T, Dh)
 
     def _attend_chunks(
         self,

@@ -3,6 +3,8 @@ modules/reversible.py), each checked against a plain computation of the same thi
 
 from __future__ import annotations
 
+import math
+
 import datasets
 import pytest
 import torch
@@ -13,7 +15,7 @@ from modules import lsh_attention
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
 from modules.errors import UserError
-from modules.lsh_attention import EVAL_ROTATION_SEED, LSHSelfAttention, hash_buckets
+from modules.lsh_attention import EVAL_ROTATION_SEED, LSHSelfAttention, bucket_factors, hash_buckets
 from modules.reversible import run_layers, run_reversible
 from modules.sharding import shard_blocks
 from tasks.mlm_nsp import MaskedLMNextSentence
@@ -75,9 +77,8 @@ def brute_force_lsh(layer: LSHSelfAttention, x, causal: bool):
     c, rounds = layer.bucket_size, layer.n_hashes
     qk, v = layer.qkv(x).chunk(2, dim=-1)
     qk, v = (z.view(1, t, 2, 8).transpose(1, 2)[0] for z in (qk, v))  # (H, T, Dh)
-    n_buckets = t // c + (t // c) % 2
     generator = torch.Generator().manual_seed(EVAL_ROTATION_SEED)
-    buckets = hash_buckets(qk[None], n_buckets, rounds, generator)[0]  # (H, rounds, T)
+    buckets = hash_buckets(qk[None], bucket_factors(t // c), rounds, generator)[0]  # (H, rounds, T)
     out = torch.zeros(2, t, 8, dtype=x.dtype)
     for h in range(2):
         round_outputs, round_lse = [], []
@@ -105,8 +106,12 @@ def brute_force_lsh(layer: LSHSelfAttention, x, causal: bool):
     return layer.out(out.transpose(0, 1).reshape(1, t, 16))
 
 
+@pytest.mark.parametrize("factorised", [False, True], ids=["one-hash", "two-factor-hash"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_lsh_attends_within_buckets_as_a_brute_force_loop_does(causal):
+def test_lsh_attends_within_buckets_as_a_brute_force_loop_does(causal, factorised, monkeypatch):
+    if factorised:  # 6 chunks: 6 buckets hashed as 4 x 2
+        monkeypatch.setattr(lsh_attention, "FACTORISE_ABOVE", 4)
+        assert bucket_factors(6) == (4, 2)
     layer = lsh_layer(causal=causal, n_hashes=2, bucket_size=4)
     x = torch.randn(1, 24, 16, dtype=torch.float64)
     with torch.no_grad():
@@ -158,6 +163,36 @@ def test_lsh_attending_a_slice_of_chunks_at_a_time_gives_the_same_outputs_and_gr
     monkeypatch.setattr(lsh_attention, "checkpoint", lambda f, *args, **_: f(*args))  # keep every slice
     assert_same(recomputed, run())
     assert not torch.equal(recomputed[0], whole[0])  # dropout did drop
+
+
+def test_bucket_counts_are_even_and_split_in_two_near_their_square_root_when_many():
+    for n_chunks in range(1, 5000):
+        factors = bucket_factors(n_chunks)
+        wanted = 1 if n_chunks == 1 else n_chunks + n_chunks % 2
+        if wanted <= lsh_attention.FACTORISE_ABOVE:
+            assert factors == (wanted,)
+            continue
+        first, second = factors
+        assert first % 2 == 0 and second % 2 == 0
+        assert wanted <= first * second < wanted + 2 * first + 4  # covers it, with little to spare
+        assert max(factors) <= 2 * math.sqrt(wanted) + 2  # each near the square root
+
+
+def test_hashing_a_slice_at_a_time_gives_argmax_over_every_direction_and_its_opposite(monkeypatch):
+    """Against the definition: the same rotations, argmax([xR, -xR]) over all positions at once,
+    the factors' buckets combined as digits (first factor most significant)."""
+    vectors = torch.randn(2, 3, 50, 8, dtype=torch.float64)
+    factors = (6, 4)
+    generator = torch.Generator().manual_seed(3)
+    rotations = [torch.randn(8, 2, f // 2, dtype=torch.float64, generator=generator) for f in factors]
+    want = torch.zeros(2, 3, 2, 50, dtype=torch.long)
+    for factor, rotation in zip(factors, rotations, strict=True):
+        rotated = torch.einsum("bhtd,dnr->bhntr", vectors, rotation)
+        want = want * factor + torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+    monkeypatch.setattr(lsh_attention, "HASH_SLICE", 2 * 3 * 2 * 3 * 7)  # 7 positions a slice
+    got = hash_buckets(vectors, factors, 2, torch.Generator().manual_seed(3))
+    assert torch.equal(got, want)
+    assert set(got.unique().tolist()) <= set(range(24)) and len(got.unique()) > 6
 
 
 def long_config(**changes) -> BackboneConfig:
