@@ -26,7 +26,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from datamodules.padding import mark_unpadded
+from datamodules.padding import mark_masks
 from modules.backbone import Backbone, init_weights
 from modules.config import BackboneConfig
 from modules.convert_bert import bert_config_to_hf, polyhead_to_bert
@@ -242,12 +242,12 @@ CASES = {"bert": bert_case, "t5": t5_case, "gpt2": gpt2_case, "llama": llama_cas
 
 def on_device(case: Case, device: torch.device) -> Case:
     """The case with its batch (both sides' views of it) on `device`; polyhead's batch first says
-    which masks hide nothing, as the data loader's collate does on the host (`mark_unpadded`)."""
+    which masks hide nothing, as the data loader's collate does on the host (`mark_masks`)."""
 
     def moved(tensors: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in tensors.items()}
 
-    batch = mark_unpadded(dict(case.batch))
+    batch = mark_masks(dict(case.batch))
     return dataclasses.replace(case, batch=moved(batch), hf_inputs=moved(case.hf_inputs))
 
 

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.mixture import MixtureBatchSampler, MixtureConfig, mix_seed, mixing_rates
-from datamodules.padding import mark_unpadded
+from datamodules.padding import mark_masks
 from datamodules.sources import DataSource, load_split, read_text_lines
 from datamodules.tokenizer import Tokenizer, TokenizerConfig, cache_root
 from modules.checkpoint import read_checkpoint
@@ -47,7 +47,7 @@ class TaggedExamples(Dataset):
 
 class TaskCollator:
     """Batch of tagged examples (all one task) -> that task's tensors plus the "task" tag and the
-    masks that hide nothing (`mark_unpadded`)."""
+    masks that hide nothing (`mark_masks`)."""
 
     def __init__(self, tasks: dict, tokenizer: Tokenizer) -> None:
         self.tasks, self.tokenizer = tasks, tokenizer
@@ -56,7 +56,7 @@ class TaskCollator:
         task = items[0][0]
         batch = self.tasks[task].collate([e for _, e, _ in items], [s for _, _, s in items], self.tokenizer)
         batch["task"] = task
-        return mark_unpadded(batch)
+        return mark_masks(batch)
 
 
 class EvalBatchSampler:

@@ -217,7 +217,9 @@ class LSHSelfAttention(nn.Module):
         for first in range(0, n, step):
             sliced = (z[:, :, first : first + step] for z in (q_pos, q_bucket, k_pos, k_bucket))
             arguments = (qk, v, real, doc, *sliced)
-            if n > step:  # kept for the backward pass: the slice's inputs, not its scores
+            if (
+                n > step and torch.is_grad_enabled()
+            ):  # kept for the backward: the slice's inputs, not its scores
                 pieces.append(checkpoint(self._attend_chunks, *arguments, use_reentrant=False))
             else:
                 pieces.append(self._attend_chunks(*arguments))

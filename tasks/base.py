@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from datamodules.padding import real_tokens
 from datamodules.tokenizer import Tokenizer
 from modules.backbone import Backbone
 from modules.config import BackboneConfig
@@ -180,7 +181,7 @@ def batch_examples(batch: dict) -> int:
 
 def batch_tokens(batch: dict) -> int:
     """Real (non-padding) tokens in a batch: every attention mask of every stack, summed."""
-    return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
+    return sum(real_tokens(batch, k) for k in batch if k.endswith("attention_mask"))
 
 
 def batch_stack_sizes(batch: dict) -> tuple[int, int, int, int]:
@@ -189,11 +190,11 @@ def batch_stack_sizes(batch: dict) -> tuple[int, int, int, int]:
     then the same of an encoder-decoder's decoder inputs ((0, 0) without any): what the model
     FLOPs of a training step (modules/flops.py) are counted over."""
     masks = {k: v for k, v in batch.items() if k.endswith("attention_mask") and not k.startswith("prompt")}
-    first = [v for k, v in masks.items() if not k.startswith("decoder_")]
+    first = [k for k in masks if not k.startswith("decoder_")]
     decoder = masks.get("decoder_attention_mask")
     return (
-        int(sum(v.sum() for v in first)),
-        max(v.size(-1) for v in first),
-        0 if decoder is None else int(decoder.sum()),
+        sum(real_tokens(batch, k) for k in first),
+        max(masks[k].size(-1) for k in first),
+        0 if decoder is None else real_tokens(batch, "decoder_attention_mask"),
         0 if decoder is None else decoder.size(-1),
     )

@@ -21,6 +21,7 @@ from datamodules.tokenizer import Tokenizer, TokenizerConfig
 from modules.config import BackboneConfig
 from modules.errors import UserError
 from modules.model import MultiTaskModel
+from tasks.base import batch_stack_sizes, batch_tokens
 from tasks.classify import Classify, fit_pair, sorted_labels
 from tasks.metrics import ClassificationScores
 
@@ -69,6 +70,16 @@ def test_the_collator_says_which_masks_hide_nothing(tokenizer):
     assert padding_mask(full) is None
     padded = collate([("c", e, 0) for e in examples])
     assert padded["unpadded"] == () and padding_mask(padded) is padded["attention_mask"]
+    # the real tokens are counted there too: throughput and MFU never read a (GPU) mask for them
+    real = sum(lengths) + 2 * len(lengths)  # [CLS] text [SEP]
+    assert (
+        padded["real_tokens"]
+        == {"attention_mask": real}
+        == {"attention_mask": int(padded["attention_mask"].sum())}
+    )
+    unreadable = padded | {"attention_mask": torch.ones_like(padded["attention_mask"], device="meta")}
+    width = padded["attention_mask"].size(1)
+    assert batch_tokens(unreadable) == real and batch_stack_sizes(unreadable) == (real, width, 0, 0)
 
 
 # ----- scores -----

@@ -176,6 +176,39 @@ def test_greedy_with_cache_equals_recomputation_encoder_decoder(layout):
     assert len({tuple(row) for row in out.tolist()}) == 3, "rows differ, so the source matters"
 
 
+def test_a_given_encoding_is_used_and_masks_that_hide_nothing_are_dropped(monkeypatch):
+    """Seq2seq validation passes the encoder output it computed for the loss: the source is not
+    encoded again. A source or prompt mask of all ones reaches the decoder as no mask (the unmasked
+    attention kernel; the backbone leaves a GPU mask unread), with the same tokens."""
+    backbone, project = model(tiny())
+    source, _ = right_padded([9, 9], 9)
+    full = torch.ones_like(source)
+    settings = GenerationConfig(max_new_tokens=4)
+    calls = {"encode": 0, "masks": []}
+    encode, decode = Backbone.encode, Backbone.decode
+    monkeypatch.setattr(
+        Backbone,
+        "encode",
+        lambda self, *a, **k: calls.update(encode=calls["encode"] + 1) or encode(self, *a, **k),
+    )
+    monkeypatch.setattr(
+        Backbone,
+        "decode",
+        lambda self, ids, mask=None, memory=None, memory_mask=None, **k: (
+            calls["masks"].append((mask, memory_mask)) or decode(self, ids, mask, memory, memory_mask, **k)
+        ),
+    )
+    with torch.no_grad():
+        memory = encode(backbone, source, full)
+        given = generate(backbone, project, source, full, settings, start_id=0, memory=memory).tokens
+        assert calls["encode"] == 0 and all(m is None and mm is None for m, mm in calls["masks"])
+        assert torch.equal(given, generate(backbone, project, source, None, settings, start_id=0).tokens)
+        calls["masks"].clear()
+        decoder_only = generate(backbone, project, source, full, settings).tokens
+        assert calls["masks"] and all(m is None for m, _ in calls["masks"])
+        assert torch.equal(decoder_only, generate(backbone, project, source, None, settings).tokens)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("encoder_layers", [0, 2], ids=["decoder-only", "decoder-of-encoder-decoder"])
 def test_left_padded_batch_equals_each_prompt_alone_without_cache(layout, encoder_layers):
