@@ -32,6 +32,7 @@ come from a fixed seed, so validation and prediction give the same answer every 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -213,23 +214,19 @@ class LSHSelfAttention(nn.Module):
             k_pos, k_bucket = look_one_back(q_pos), look_one_back(q_bucket)  # (B, H, N, 2C)
         per_chunk = b * h * c * k_pos.size(-1)  # scores of one chunk
         step = max(1, SLICE_SCORES // per_chunk)  # chunks per slice
-        pieces = []
+        attend = self._attend_chunks
+        if n > step and torch.is_grad_enabled():  # each slice's scores recomputed in the backward pass
+            attend = partial(checkpoint, self._attend_chunks, use_reentrant=False)
+        out = qk.new_zeros(b, h, rounds * padded, dh)  # (B, H, L, Dh) in (round, position) order
+        normaliser = qk.new_zeros(b, h, rounds * padded)  # (B, H, L)
         for first in range(0, n, step):
             sliced = (z[:, :, first : first + step] for z in (q_pos, q_bucket, k_pos, k_bucket))
             arguments = (qk, v, real, doc, *sliced)
-            if (
-                n > step and torch.is_grad_enabled()
-            ):  # kept for the backward: the slice's inputs, not its scores
-                pieces.append(checkpoint(self._attend_chunks, *arguments, use_reentrant=False))
-            else:
-                pieces.append(self._attend_chunks(*arguments))
-        out = torch.cat([piece[0] for piece in pieces], dim=2)  # (B, H, N, C, Dh)
-        normaliser = torch.cat([piece[1] for piece in pieces], dim=2)  # (B, H, N, C)
-        del pieces  # a long input's largest tensors: not kept beside their concatenation
+            piece, piece_normaliser = attend(*arguments)  # (B, H, M, C, Dh), (B, H, M, C)
+            rows = order[:, :, first * c : (first + step) * c]  # (B, H, M * C): each sorted row's place
+            out.scatter_(2, rows[..., None].expand(-1, -1, -1, dh), piece.flatten(2, 3))
+            normaliser.scatter_(2, rows, piece_normaliser.flatten(2))
 
-        unsort = order.argsort(dim=-1)  # (B, H, L): where each (round, position) went
-        out = out.view(b, h, -1, dh).gather(2, unsort[..., None].expand(-1, -1, -1, dh))
-        normaliser = normaliser.view(b, h, -1).gather(2, unsort)  # (B, H, L)
         share = normaliser.view(b, h, rounds, padded, 1).softmax(dim=2)  # each round's part of the union
         return (out.view(b, h, rounds, padded, dh) * share).sum(dim=2)[:, :, :t]  # (B, H, T, Dh)
 
