@@ -224,13 +224,12 @@ def _start_from_prompt(
     """Run each left-padded prompt through the decoder once, then give each of its `copies` rows (beams or
     samples) a copy of its cache -> (decoder, first logits (N, V)). The prompt, often far longer than
     what is generated (an article before its summary), is thus computed once, not once per copy."""
-    mask = _left_padded(prompt, prompt_mask)  # (B, T) bool, or None
-    real = torch.ones_like(prompt, dtype=torch.bool) if mask is None else mask
-    positions = (real.long().cumsum(-1) - 1).clamp_min(0)  # (B, T): real tokens count from 0, as unpadded
+    mask = _left_padded(prompt, prompt_mask)  # (B, T) bool
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, T): real tokens count from 0, as unpadded
     _check_positions_fit(backbone, int(positions[:, -1].max()) + config.max_new_tokens - 1, config)
     cache = backbone.decoder_cache(prompt.size(1) + config.max_new_tokens - 1)
     decoder = _CachedDecoder(backbone, project, cache)
-    logits = decoder.feed(prompt, mask, positions)  # (B, V)
+    logits = decoder.feed(prompt, _hiding(mask), positions)  # (B, V)
     if copies == 1:
         return decoder, logits
     rows = torch.arange(prompt.size(0), device=prompt.device).repeat_interleave(copies)  # (N,)
@@ -238,18 +237,17 @@ def _start_from_prompt(
     return decoder, logits[rows]
 
 
-def _left_padded(prompt: Tensor, prompt_mask: Tensor | None) -> Tensor | None:
-    """(B, T) bool mask of real prompt tokens, or None where no row is padded (`_hiding`); refuses
-    right padding (new tokens would land after pads)."""
+def _left_padded(prompt: Tensor, prompt_mask: Tensor | None) -> Tensor:
+    """(B, T) bool mask of real prompt tokens; refuses right padding (new tokens would land after pads)."""
     if prompt_mask is None:
-        return None
+        return torch.ones_like(prompt, dtype=torch.bool)
     mask = prompt_mask.bool()
     if not bool(mask[:, -1].all()) or bool((mask[:, 1:].long() < mask[:, :-1].long()).any()):
         raise ValueError(
             "decoder-only generation needs LEFT-padded prompts: padding first, every row ending in a real "
             "token (for an encoder-decoder source, pass start_id)"
         )
-    return _hiding(mask)
+    return mask
 
 
 def _hiding(mask: Tensor | None) -> Tensor | None:
