@@ -81,16 +81,8 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from generation_models import (
-    HF_MODELS,
-    SEED,
-    T5_PAD,
-    T5_START,
-    polyhead_copy,
-    source_batch,
-    teacher_forced_logits,
-)
-from records import write_record
+from generation_models import HF_MODELS, polyhead_copy, source_batch, teacher_forced_logits
+from records import SEED, T5_PAD, T5_START, write_record
 from torch import Tensor
 from transformers import PreTrainedModel
 
@@ -313,8 +305,8 @@ def main(argv: list[str]) -> None:
     source, mask = source.to(device), mask.to(device)
     results = {}
     print(HEADER)
+    logits = partial(teacher_forced_logits, backbone, head, hf, source, mask)
     for case in cases:
-        logits = partial(teacher_forced_logits, backbone, head, hf, source, mask)
         results[case] = measure(case, runs_of(case), logits, args.batch, args)
         print(table_row(case, results[case]), flush=True)
     setting = {k: v for k, v in vars(args).items() if k != "cases"}

@@ -9,6 +9,7 @@ import argparse
 from collections.abc import Callable
 
 import torch
+from records import FIRST_TEXT_ID, SEED, T5_PAD, T5_START
 from torch import Tensor
 from transformers import (
     GPT2Config,
@@ -26,10 +27,7 @@ from modules.convert_llama import LLAMA
 from modules.convert_t5 import backbone_config_from_t5, t5_to_polyhead
 from modules.heads import LanguageModelHead
 
-FIRST_TEXT_ID = 5  # random tokens avoid the low ids special tokens use
-T5_PAD, T5_START = 0, 0  # T5's ids: its decoder starts from <pad>
 PERTURBATION = 0.5  # std of the noise added to every HF parameter, as tests/test_generation_hf.py does
-SEED = 0
 CONVERTERS = {
     "t5": (backbone_config_from_t5, t5_to_polyhead),
     "gpt2": (backbone_config_from_gpt2, gpt2_to_polyhead),

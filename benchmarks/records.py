@@ -1,4 +1,5 @@
-"""What the benchmarks share: how much memory this process holds, and the JSON record of a run."""
+"""What the benchmarks share: the ids and seed of their random inputs, how much memory this process
+holds, and the JSON record of a run."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FIRST_TEXT_ID = 5  # random tokens avoid the low ids special tokens use
+T5_PAD, T5_EOS, T5_START = 0, 1, 0  # T5's ids: its decoder starts from <pad>
+SEED = 0
 
 
 def resident_mib(field: str = "VmRSS") -> float:

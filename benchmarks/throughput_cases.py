@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from records import FIRST_TEXT_ID, SEED, T5_EOS, T5_PAD, T5_START
 from torch import Tensor, nn
 from transformers import (
     BertConfig,
@@ -39,10 +40,7 @@ from tasks.mlm_nsp import IGNORE, MaskedLMNextSentence
 from tasks.prefix_lm import PrefixLM
 from tasks.seq2seq import Seq2Seq
 
-FIRST_TEXT_ID = 5  # random tokens avoid the low ids special tokens use
-T5_PAD, T5_EOS, T5_START = 0, 1, 0  # T5's ids: its decoder starts from <pad>
 MLM_RATE = 0.15
-SEED = 0
 
 
 @dataclass

@@ -76,10 +76,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from records import resident_mib, write_record
+from records import SEED, resident_mib, write_record
 from throughput_cases import (
     CASES,
-    SEED,
     Case,
     check_same_loss,
     hf_copy,
