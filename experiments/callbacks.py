@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
+import torch
+from lightning.fabric.utilities.throughput import Throughput, get_available_flops
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from modules.atomic_write import write_atomically
+from modules.errors import UserError
 from tasks.base import batch_examples, batch_tokens
 
 BASELINE_PREFIX = "baseline_"
@@ -48,21 +53,91 @@ class FinalValidationReport(pl.Callback):
             )
 
 
-class TokenThroughput(ThroughputMonitor):
-    """Lightning's throughput monitor, counting examples and real tokens of any task's batch: logs
-    throughput/samples_per_sec, throughput/items_per_sec (tokens per second) and device/mfu, the
-    model's FLOPs per step (modules/flops.py) over the device's peak: `model.speed.peak_tflops`
-    when set, else the datasheet figure of a known GPU; on a CPU without it, MFU is not logged."""
+class TokenThroughput(pl.Callback):
+    """Training throughput: examples, real tokens and model FLOPs per second, and MFU, the FLOPs per
+    second over the device's peak (`model.speed.peak_tflops` when set, else the datasheet figure of
+    a known GPU; on a CPU without it, no MFU). Logged as train/device/{samples,items,flops}_per_sec
+    and train/device/mfu (plus train/time, train/samples, train/lengths: totals so far).
 
-    def __init__(self, window_size: int = 50) -> None:
-        super().__init__(batch_size_fn=batch_examples, length_fn=batch_tokens, window_size=window_size)
+    A GPU step can only be timed by waiting for it to finish. Lightning's ThroughputMonitor waits
+    after every batch, which leaves the GPU idle while the host prepares the next one; here the
+    counts are added up on the host each step (the collator counted the real tokens) and the device
+    is waited for once per logging step. Rates are over the last `window` logging intervals, and
+    validation time is left out of them."""
+
+    def __init__(self, window: int = 1) -> None:
+        if window < 1:
+            raise UserError(f"TokenThroughput window must be at least 1 logging interval, got {window}")
+        self.window = window
+        self.throughput: Throughput | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if pl_module.speed.peak_tflops is not None:
-            self.available_flops = pl_module.speed.peak_tflops * 1e12
-            for throughput in self._throughputs.values():
-                throughput.available_flops = self.available_flops
+        peak = pl_module.speed.peak_tflops
+        device = trainer.strategy.root_device
+        self.throughput = Throughput(
+            available_flops=peak * 1e12
+            if peak is not None
+            else get_available_flops(device, compute_dtype(trainer)),
+            world_size=trainer.world_size,
+            window_size=self.window + 1,
+        )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.batches = self.samples = self.tokens = self.flops = 0
+        self.logged_step = trainer.global_step  # a resumed run counts from where it starts
+        self.paused = self.paused_at = 0.0
+        self.throughput.reset()
+        self.throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)  # the first interval's start
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
+    ) -> None:
+        self.batches += 1
+        self.samples += batch_examples(batch)
+        self.tokens += batch_tokens(batch)
+        self.flops += pl_module.flops_per_batch
+        step = trainer.global_step
+        if step % trainer.log_every_n_steps or step == self.logged_step:
+            return  # not a logging step, or the micro-batches of one accumulated step
+        self.logged_step = step
+        wait_for_device(trainer)
+        self.throughput.update(
+            time=time.perf_counter() - self.start - self.paused,
+            batches=self.batches,
+            samples=self.samples,
+            lengths=self.tokens,
+            flops=self.flops,
+        )
+        self.flops = 0  # Throughput takes the FLOPs since its last update
+        metrics = self.throughput.compute()
+        for key, value in metrics.items():
+            pl_module.log(f"train/{key}", torch.tensor(float(value)), on_step=True, on_epoch=False)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            wait_for_device(trainer)  # the training steps queued before it count as training time
+            self.paused_at = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.paused += time.perf_counter() - self.paused_at
+
+
+def compute_dtype(trainer: pl.Trainer) -> torch.dtype:
+    """The dtype a run's matrix products take (`trainer.precision`), which picks the datasheet peak."""
+    precision = str(trainer.precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float64 if precision.startswith("64") else torch.float32
+
+
+def wait_for_device(trainer: pl.Trainer) -> None:
+    """Until the device has run everything queued on it, so that the clock reads the work done."""
+    if trainer.strategy.root_device.type == "cuda":
+        torch.cuda.synchronize(trainer.strategy.root_device)
 
 
 def _records(tree):

@@ -37,7 +37,8 @@ from modules.lora import LoraConfig, LoRALinear, add_lora, merge_lora, without_a
 from modules.optim import OptimizerConfig, build_optimizer
 from modules.sharding import shard_blocks
 from modules.speed import SpeedConfig, apply_speed
-from tasks.base import Task, batch_examples, batch_stack_sizes, task_class
+from modules.step_means import StepMeans
+from tasks.base import Task, batch_stack_sizes, task_class
 
 CHECKPOINT_FORMAT = 1
 
@@ -146,13 +147,14 @@ class MultiTaskModel(pl.LightningModule):
             if init_from:
                 self.lora_base = self._frozen_from_base(init_from, base_weights)
         # each task's share of the network, for the model FLOPs of a step (modules/flops.py), which
-        # Lightning's ThroughputMonitor divides by the device's peak to log MFU; what is frozen for
-        # good (model.freeze, LoRA) has no weight gradients to compute
+        # TokenThroughput (experiments/callbacks.py) divides by the device's peak to log MFU; what is
+        # frozen for good (model.freeze, LoRA) has no weight gradients to compute
         self.network_costs = {
             name: network_cost(self.backbone, self.heads[name], task.stacks)
             for name, task in self.tasks.items()
         }
         self.flops_per_batch = 0
+        self.step_means = StepMeans()
         self.speed = speed
         apply_speed(self.backbone, speed)
 
@@ -209,13 +211,20 @@ class MultiTaskModel(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         name, task = batch["task"], self.tasks[batch["task"]]
         losses = task.loss(self(batch), batch)
-        batch_size = batch_examples(batch)
         self.flops_per_batch = self.network_costs[name].training_flops(*batch_stack_sizes(batch))
-        for key, value in losses.items():
-            self.log(
-                f"train/{name}/{key}", value, batch_size=batch_size, sync_dist=True, prog_bar=key == "loss"
-            )
+        self.step_means.add({f"train/{name}/{key}": value for key, value in losses.items()})
         return task.loss_weight * losses["loss"]
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """At a logging step, log each training value's mean since the last one, across processes
+        (modules/step_means.py); host tensors, so the progress bar reads them without waiting."""
+        if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps:
+            return
+        for key, mean in self.step_means.drain(self._sum_across_processes).items():
+            self.log(key, torch.tensor(mean), prog_bar=key.endswith("/loss"), on_step=True, on_epoch=False)
+
+    def _sum_across_processes(self, values: Tensor) -> Tensor:
+        return self.trainer.strategy.reduce(values, reduce_op="sum")
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         name = batch["task"]

@@ -51,6 +51,7 @@ if __name__ == "__main__":
             "--trainer.max_steps", "8",
             "--trainer.limit_val_batches", "0",
             "--trainer.logger", "false",
+            "--trainer.log_every_n_steps", "1",  # each step's loss, averaged over the processes
             "--trainer.enable_checkpointing", "false",
             "--trainer.deterministic", "true",
             "--trainer.callbacks+", recorder,

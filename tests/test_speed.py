@@ -3,7 +3,6 @@ model FLOPs behind MFU (modules/flops.py) are what torch's own FLOP counter coun
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 
 import pytest
@@ -12,7 +11,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from datamodules.padding import mark_masks
-from experiments import cli
 from modules.backbone import Backbone, _real_tokens, init_weights
 from modules.config import BackboneConfig
 from modules.flops import network_cost
@@ -21,8 +19,6 @@ from modules.optim import OptimizerConfig, build_optimizer
 from modules.speed import SpeedConfig, apply_speed
 from tasks.base import label_positions
 from tasks.mlm_nsp import IGNORE, MaskedLMNextSentence
-
-from .conftest import ROOT
 
 CONFIG = BackboneConfig(vocab_size=200, d_model=64, n_heads=4, d_ff=128, encoder_layers=2, max_len=32)
 LLAMA_LAYOUT = dataclasses.replace(  # rotary positions and grouped-query attention take other paths
@@ -216,31 +212,6 @@ def test_model_flops_leave_out_the_backward_passes_frozen_weights_skip(config, f
     cost = network_cost(backbone, torch.nn.Identity(), "encoder")
     assert cost.training_flops(batch["input_ids"].numel(), context=32) == counter.get_total_flops()
     assert cost.training_flops(192, context=32) < whole
-
-
-def test_training_logs_mfu_against_the_configured_peak(isolated_env, monkeypatch):
-    """A CPU has no datasheet peak in Lightning's table: with model.speed.peak_tflops the run logs
-    device/mfu, equal to the model's FLOPs per second over that peak."""
-    monkeypatch.chdir(ROOT)
-    logs = isolated_env / "csv"
-    cli.main(
-        [
-            "fit", "--config", str(ROOT / "experiments" / "configs" / "quickstart.yaml"),
-            "--model.backbone.d_model", "32", "--model.backbone.n_heads", "2", "--model.backbone.d_ff", "64",
-            "--data.batch_size", "4", "--trainer.max_steps", "52", "--trainer.limit_val_batches", "0",
-            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(logs),
-            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-            "--checkpoint.monitor", "null", "--trainer.enable_checkpointing", "false",
-            "--model.speed.peak_tflops", "0.001",
-        ]
-    )  # fmt: skip
-    rows = list(csv.DictReader(next(logs.rglob("metrics.csv")).open()))
-    logged = [row for row in rows if row.get("train/device/mfu")]
-    assert logged, "no MFU logged"
-    row = logged[-1]
-    mfu, flops_per_sec = float(row["train/device/mfu"]), float(row["train/device/flops_per_sec"])
-    assert mfu == pytest.approx(flops_per_sec / 1e9, rel=1e-6)
-    assert 0 < mfu < 100
 
 
 def test_model_flops_of_lsh_layers_count_the_keys_each_query_can_score():

@@ -1,0 +1,43 @@
+"""`StepMeans`: the training values logged at a logging step are their means since the last one.
+
+Reading a value of a GPU tensor on the host waits for every kernel queued before it, and leaves
+the GPU idle while the host then prepares the next step. Logged every step, a run's training
+losses stop it several times a step: Lightning turns each progress-bar value into a number after
+every batch, and under DDP `sync_dist` adds a barrier and an all-reduce per value. Instead each
+step adds its detached values to running sums on the device; at a logging step the sums of every
+process are added up in one all-reduce and read once, and their means are what is logged (as HF's
+Trainer logs the mean loss since its last log). Every process draws the same task at each step
+(datamodules/mixture.py), so every process holds the same keys in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+class StepMeans:
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, Tensor]) -> None:
+        """One step's values (0-dim tensors, any device): added without reading them."""
+        for key, value in values.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def drain(self, sum_across_processes: Callable[[Tensor], Tensor]) -> dict[str, float]:
+        """-> {key: mean over the steps (and processes) since the last drain}, read on the host in
+        one transfer; the sums start again from empty."""
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        sums = torch.stack([self.sums[key] for key in keys])  # (K,)
+        counts = torch.tensor([float(self.counts[key]) for key in keys], device=sums.device)  # (K,)
+        totals = sum_across_processes(torch.cat([sums, counts])).tolist()  # 2K numbers
+        self.sums, self.counts = {}, {}
+        return {key: totals[i] / totals[len(keys) + i] for i, key in enumerate(keys)}
