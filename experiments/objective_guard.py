@@ -14,6 +14,8 @@ import os
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
+from torch import Tensor
 
 from modules.errors import UserError
 
@@ -30,16 +32,26 @@ class ObjectiveGuard(pl.Callback):
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        broken = not bool(torch.isfinite(loss).all())
-        if trainer.strategy.reduce_boolean_decision(broken, all=False):
+        if broken_anywhere(loss):
             step = trainer.global_step + 1
-            value = f"{loss.item()}" if broken else "non-finite in another process"
+            value = f"{loss.item()}" if not torch.isfinite(loss).all() else "non-finite in another process"
             saved = last_checkpoint(trainer)
             kept = f"the last good checkpoint is {saved}" if saved else "no checkpoint was saved before it"
             raise UserError(
                 f"non-finite loss ({value}) at step {step} in task {self.task}; {kept} (this step was not "
                 f"applied); lower model.optimizer.lr, or look for extreme values in data.sources.{self.task}"
             )
+
+
+def broken_anywhere(loss: Tensor) -> bool:
+    """Whether the loss is non-finite in this process or any other: every process must stop at
+    the same step, or the others would wait for it in the next gradient all-reduce. The flag is
+    combined on the device and read once (Lightning's reduce_boolean_decision would read it
+    twice and add a barrier, at every step)."""
+    broken = (~torch.isfinite(loss.detach()).all()).float()  # () 1.0 where non-finite
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(broken, op=dist.ReduceOp.MAX)
+    return bool(broken)
 
 
 def last_checkpoint(trainer: pl.Trainer) -> str | None:

@@ -4,11 +4,15 @@ with cross-rank gathering, sentence-embedding training is exactly the one-proces
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+from experiments.objective_guard import broken_anywhere
 
 from .conftest import ROOT, SEED_CORPUS, offline_env
 
@@ -127,3 +131,23 @@ def test_lora_adapters_under_ddp_and_fsdp_equal_one_process(strategy, embedding_
     assert adapters and all(one_weights[name].abs().sum() > 0 for name in adapters if name.endswith("lora_B"))
     for name, weight in one_weights.items():
         assert torch.allclose(weight, two_weights[name], atol=1e-5), name
+
+
+def _guard_verdict(rank: int, port: int, out: str) -> None:
+    """One of two gloo processes: rank 0's loss is NaN, rank 1's finite; writes its verdict."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    loss = torch.tensor(float("nan") if rank == 0 else 1.0)
+    Path(out, f"{rank}.json").write_text(json.dumps(broken_anywhere(loss)))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_non_finite_loss_in_one_process_stops_every_process(tmp_path):
+    """The guard's decision is shared: a process whose own loss is finite stops too, at the same
+    step, instead of waiting for the stopped one in the next gradient all-reduce."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_guard_verdict, args=(port, str(tmp_path)), nprocs=2)
+    assert [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)] == [True, True]
