@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from modules.config import BackboneConfig
 from modules.dropout import Dropout
 from modules.layers import ACTIVATIONS, make_norm
+from modules.lm_loss import linear_cross_entropy
 
 
 def tied_output_scale(config: BackboneConfig) -> float:
@@ -62,8 +63,20 @@ class LanguageModelHead(nn.Module):
 
     def forward(self, hidden: Tensor, token_embedding: Tensor) -> Tensor:
         """hidden: (N, D); token_embedding: (V, D) -> logits (N, V)"""
-        weight = token_embedding if self.decoder is None else self.decoder.weight
-        return F.linear(hidden * self.scale, weight)
+        return F.linear(hidden * self.scale, self._weight(token_embedding))
+
+    def loss(
+        self, hidden: Tensor, token_embedding: Tensor, targets: Tensor, label_smoothing: float
+    ) -> Tensor:
+        """hidden: (N, D) at the target positions; targets: (N,) -> the mean cross-entropy of the
+        logits `forward` would give, computed without holding them (modules/lm_loss.py)."""
+        return linear_cross_entropy(
+            hidden, self._weight(token_embedding), targets, self.scale, label_smoothing
+        )
+
+    def _weight(self, token_embedding: Tensor) -> Tensor:
+        """The (V, D) projection: the token embedding when tied, the head's own matrix otherwise."""
+        return token_embedding if self.decoder is None else self.decoder.weight
 
 
 class PooledClassifierHead(nn.Module):

@@ -252,16 +252,14 @@ class GenerativeTask(Task):
         (see `label_positions`); the logits of a training step are computed there only."""
         return batch | {"label_positions": label_positions(batch["labels"], IGNORE)}
 
-    def token_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """(N, V) logits at the target positions, (N,) target ids -> mean cross-entropy."""
-        return nn.functional.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+    def target_loss(self, head: nn.Module, hidden: Tensor, token_embedding: Tensor, batch: dict) -> Tensor:
+        """(N, D) decoder states at the target positions -> the mean cross-entropy of their
+        next-token predictions, without the (N, V) logits (LanguageModelHead.loss)."""
+        targets = at_positions(batch["labels"], batch["label_positions"])  # (N,)
+        return head.loss(hidden, token_embedding, targets, self.label_smoothing)
 
     def loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
-        return {
-            "loss": self.token_loss(
-                outputs["logits"], at_positions(batch["labels"], batch["label_positions"])
-            )
-        }
+        return {"loss": outputs["target_loss"]}
 
     def update_metrics(
         self, metrics: MetricCollection, outputs: dict[str, Tensor], batch: dict, tokenizer: Tokenizer

@@ -130,9 +130,9 @@ class PrefixLM(GenerativeTask):
             hidden = backbone.decode(
                 batch["input_ids"], padding_mask(batch), document_ids=batch.get("document_ids")
             )  # (R, T, D)
-            outputs["logits"] = head(
-                at_positions(hidden, batch["label_positions"]), backbone.token_embedding
-            )  # (N, V)
+            outputs["target_loss"] = self.target_loss(
+                head, at_positions(hidden, batch["label_positions"]), backbone.token_embedding, batch
+            )
         if not backbone.training and "prompt_ids" in batch:  # evaluation or predict data
             result = generate(
                 backbone,

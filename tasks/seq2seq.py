@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.padding import padding_mask
@@ -105,13 +106,17 @@ class Seq2Seq(GenerativeTask):
                 padding_mask(batch),
             )  # (B, T, D)
             if self.copy:  # the copy head needs every row's positions to attend over its source
-                outputs["logits"] = at_positions(
+                log_probs = at_positions(
                     head(hidden, backbone.token_embedding, memory, *source), batch["label_positions"]
+                )  # (N, V)
+                targets = at_positions(batch["labels"], batch["label_positions"])  # (N,)
+                outputs["target_loss"] = F.cross_entropy(
+                    log_probs, targets, label_smoothing=self.label_smoothing
                 )
             else:
-                outputs["logits"] = head(
-                    at_positions(hidden, batch["label_positions"]), backbone.token_embedding
-                )  # (N, V)
+                outputs["target_loss"] = self.target_loss(
+                    head, at_positions(hidden, batch["label_positions"]), backbone.token_embedding, batch
+                )
         if not backbone.training:
             result = generate(
                 backbone,

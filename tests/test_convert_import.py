@@ -96,18 +96,26 @@ def test_t5_converts_with_its_sentencepiece_model_and_computes_what_hf_computes(
     assert torch.equal(
         hf._shift_right(labels)[labels != IGNORE], batch["decoder_input_ids"][labels != IGNORE]
     )
+    backbone = model.backbone
     with torch.no_grad():
-        ours = model(batch)["logits"]  # (N, V) at the target positions
+        memory = backbone.encode(batch["input_ids"], batch["attention_mask"])
+        hidden = backbone.decode(
+            batch["decoder_input_ids"], batch["decoder_attention_mask"], memory, batch["attention_mask"]
+        )  # (B, T, D)
+        ours = model.heads["summarize"](hidden[labels != IGNORE], backbone.token_embedding)  # (N, V)
+        loss = model(batch)["target_loss"]
         theirs = hf(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             decoder_input_ids=batch["decoder_input_ids"],
             decoder_attention_mask=batch["decoder_attention_mask"],
+            labels=labels,
             use_cache=False,
-        ).logits
+        )
     # unscaled T5 logits reach ~20 here, where float32 roundoff alone is ~1e-5: ATOL of the largest one
-    scale = max(1.0, theirs.abs().max().item())
-    torch.testing.assert_close(ours, theirs[labels != IGNORE], atol=ATOL * scale, rtol=RTOL)
+    scale = max(1.0, theirs.logits.abs().max().item())
+    torch.testing.assert_close(ours, theirs.logits[labels != IGNORE], atol=ATOL * scale, rtol=RTOL)
+    assert float(loss) == pytest.approx(float(theirs.loss), rel=1e-4)  # the task's loss is HF's
 
 
 def test_bad_sources_end_in_one_line_naming_the_file_and_write_nothing(bert_dir, tmp_path, capsys):
