@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from modules.atomic_write import write_atomically
 from modules.errors import UserError
+from modules.step_means import logging_step, write_to_loggers
 from tasks.base import batch_examples, batch_tokens
 
 BASELINE_PREFIX = "baseline_"
@@ -87,7 +88,9 @@ class TokenThroughput(pl.Callback):
         self.logged_step = trainer.global_step  # a resumed run counts from where it starts
         self.paused = self.paused_at = 0.0
         self.throughput.reset()
-        self.throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)  # the first interval's start
+        self.throughput.update(
+            time=0.0, batches=0, samples=0, lengths=0, flops=0
+        )  # the first interval's start
         self.start = time.perf_counter()
 
     def on_train_batch_end(
@@ -97,10 +100,17 @@ class TokenThroughput(pl.Callback):
         self.samples += batch_examples(batch)
         self.tokens += batch_tokens(batch)
         self.flops += pl_module.flops_per_batch
-        step = trainer.global_step
-        if step % trainer.log_every_n_steps or step == self.logged_step:
-            return  # not a logging step, or the micro-batches of one accumulated step
-        self.logged_step = step
+        if trainer.global_step != self.logged_step and logging_step(trainer, trainer.global_step):
+            self._log(trainer)  # (the step's last micro-batch, when gradients accumulate)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The interval after the last logging step (a run stopped between two)."""
+        if trainer.log_every_n_steps > 0 and trainer.global_step != self.logged_step:
+            self._log(trainer)
+
+    def _log(self, trainer: pl.Trainer) -> None:
+        """Wait for the device, close the interval and write its rates and the totals."""
+        self.logged_step = trainer.global_step
         wait_for_device(trainer)
         self.throughput.update(
             time=time.perf_counter() - self.start - self.paused,
@@ -110,9 +120,8 @@ class TokenThroughput(pl.Callback):
             flops=self.flops,
         )
         self.flops = 0  # Throughput takes the FLOPs since its last update
-        metrics = self.throughput.compute()
-        for key, value in metrics.items():
-            pl_module.log(f"train/{key}", torch.tensor(float(value)), on_step=True, on_epoch=False)
+        metrics = {f"train/{key}": float(value) for key, value in self.throughput.compute().items()}
+        write_to_loggers(trainer, metrics, trainer.global_step)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:

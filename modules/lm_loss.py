@@ -11,12 +11,18 @@ tensor ever exists and each chunk stays in cache: the same three matrix products
 computation, a third less time for the head and loss on a CPU (benchmarks/train_throughput.py),
 and the gradients are ready when backward asks for them (it only scales them by the incoming
 gradient). Without gradients (evaluation) only the loss is computed, chunk by chunk.
+
+What it holds from forward to backward instead of the logits is the weight's gradient (V, D, in
+float32): less than the logits' several (N, V) copies unless a batch has fewer targets than about
+half the model width. Under float16 the plain computation runs (see `linear_cross_entropy`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 CHUNK_ROWS = 1024
 """Rows projected at a time: (1024, V) float32 logits, 32 MB at V = 8,000; measured fastest of
@@ -31,9 +37,20 @@ def linear_cross_entropy(
     hidden: (N, D); weight: (V, D); targets: (N,) ids -> () loss, float32 (float64 for float64
     inputs). Under autocast the products take its dtype and the softmax float32, as autocast would
     run the plain version."""
+    if _product_dtype(hidden) == torch.float16:
+        # float16 would flush the small (softmax - target) / N to zero; the plain computation's
+        # gradient is taken in backward, under GradScaler's loss scale, which protects it
+        logits = F.linear(hidden * scale, weight).float()  # (N, V)
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, scale, label_smoothing)
     return _chunked(hidden, weight, targets, scale, label_smoothing, False, False)[0]
+
+
+def _product_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype the matrix products take: autocast's where it is on, else the hidden states'."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
 def _chunked(
@@ -47,8 +64,7 @@ def _chunked(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """-> the mean loss (), and the gradients of the mean loss with respect to hidden (N, D) and
     weight (V, D; float32, or float64 for float64 inputs) where wanted (None where not)."""
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    device, dtype = hidden.device.type, _product_dtype(hidden)
     softmax_dtype = torch.promote_types(dtype, torch.float32)  # float32, or float64 for float64 inputs
     with torch.autocast(device, enabled=False):
         w = weight.to(dtype)  # (V, D)
@@ -83,26 +99,26 @@ def _chunked(
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """The gradients are computed with the loss, in forward; backward scales them."""
+    """The gradients are computed with the loss, in forward; backward scales them (in place: the
+    weight's gradient is as large as the weight) and hands them over."""
 
     @staticmethod
     def forward(
         ctx, hidden: Tensor, weight: Tensor, targets: Tensor, scale: float, smoothing: float
     ) -> Tensor:
-        loss, grad_hidden, grad_weight = _chunked(
+        loss, ctx.grad_hidden, ctx.grad_weight = _chunked(
             hidden, weight, targets, scale, smoothing, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         )
-        ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss: Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (
-            None if grad_hidden is None else grad_hidden * grad_loss,
-            None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype),
-            None,
-            None,
-            None,
-        )
+        grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+        ctx.grad_hidden = ctx.grad_weight = None  # freed with their last use
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_loss)
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None

@@ -37,7 +37,7 @@ from modules.lora import LoraConfig, LoRALinear, add_lora, merge_lora, without_a
 from modules.optim import OptimizerConfig, build_optimizer
 from modules.sharding import shard_blocks
 from modules.speed import SpeedConfig, apply_speed
-from modules.step_means import StepMeans
+from modules.step_means import StepMeans, logging_step, write_to_loggers
 from tasks.base import Task, batch_stack_sizes, task_class
 
 CHECKPOINT_FORMAT = 1
@@ -217,11 +217,21 @@ class MultiTaskModel(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """At a logging step, log each training value's mean since the last one, across processes
-        (modules/step_means.py); host tensors, so the progress bar reads them without waiting."""
-        if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps:
+        (modules/step_means.py); the progress bar gets host tensors, which it reads without waiting."""
+        steps_done = self.trainer.global_step + 1
+        if not logging_step(self.trainer, steps_done):
             return
-        for key, mean in self.step_means.drain(self._sum_across_processes).items():
-            self.log(key, torch.tensor(mean), prog_bar=key.endswith("/loss"), on_step=True, on_epoch=False)
+        means = self.step_means.drain(self._sum_across_processes)
+        write_to_loggers(self.trainer, means, steps_done)
+        for key, mean in means.items():
+            self.log(key, torch.tensor(mean), prog_bar=key.endswith("/loss"), logger=False, on_step=True)
+
+    def on_train_end(self) -> None:
+        """The means of the steps after the last logging step (a run stopped between two)."""
+        if self.trainer.log_every_n_steps > 0:
+            write_to_loggers(
+                self.trainer, self.step_means.drain(self._sum_across_processes), self.trainer.global_step
+            )
 
     def _sum_across_processes(self, values: Tensor) -> Tensor:
         return self.trainer.strategy.reduce(values, reduce_op="sum")

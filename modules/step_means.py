@@ -8,12 +8,16 @@ step adds its detached values to running sums on the device; at a logging step t
 process are added up in one all-reduce and read once, and their means are what is logged (as HF's
 Trainer logs the mean loss since its last log). Every process draws the same task at each step
 (datamodules/mixture.py), so every process holds the same keys in the same order.
+
+`logging_step` and `write_to_loggers` are shared with experiments/callbacks.py's TokenThroughput,
+which logs at the same steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
@@ -41,3 +45,21 @@ class StepMeans:
         totals = sum_across_processes(torch.cat([sums, counts])).tolist()  # 2K numbers
         self.sums, self.counts = {}, {}
         return {key: totals[i] / totals[len(keys) + i] for i, key in enumerate(keys)}
+
+
+def logging_step(trainer: pl.Trainer, steps_done: int) -> bool:
+    """Whether the optimizer step that makes `steps_done` steps is a logging step: every
+    `trainer.log_every_n_steps` (0 turns logging off), as Lightning counts them."""
+    every = trainer.log_every_n_steps
+    return every > 0 and steps_done % every == 0
+
+
+def write_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], steps_done: int) -> None:
+    """Write `metrics` straight to the run's loggers, at the index Lightning gives the step that
+    made `steps_done` steps. Not through `self.log`: Lightning writes a step value logged once
+    again at every later logging step of the epoch, which would show a task not drawn since with
+    its old loss as a new one."""
+    if not metrics:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=steps_done - 1)

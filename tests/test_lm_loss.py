@@ -68,3 +68,12 @@ def test_under_autocast_the_products_take_its_dtype_as_the_plain_computation_doe
         ours_error = (ours.double() - truth).norm() / truth.norm()
         theirs_error = (theirs.double() - truth).norm() / truth.norm()
         assert 0 < ours_error < 3 * theirs_error + 1e-6 and ours_error < 0.02
+
+
+def test_under_float16_the_plain_computation_runs_where_the_loss_scale_protects_its_gradients():
+    hidden, weight, targets = inputs(torch.float32, rows=64, width=32, vocab=200)
+    with torch.autocast("cpu", dtype=torch.float16):
+        expected = loss_and_grads(plain, hidden, weight, targets, 0.5, 0.1)
+        got = loss_and_grads(linear_cross_entropy, hidden, weight, targets, 0.5, 0.1)
+    for ours, theirs in zip(got, expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

@@ -15,6 +15,8 @@ from tasks.base import batch_examples, batch_tokens
 from .conftest import ROOT, offline_env
 
 STEPS, EVERY = 7, 3
+ENDS = (3, 6, 7)
+"""The steps that end a logged interval: every 3rd, and the run's last (7 is not a multiple of 3)."""
 
 
 class RecordSteps(pl.Callback):
@@ -32,11 +34,10 @@ class RecordSteps(pl.Callback):
         self.steps[-1]["loss"] = float(loss.detach())
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """The quickstart's three tasks on a tiny backbone, 7 steps logged every 3, MFU against a
-    made-up peak; the device waits during it counted."""
-    tmp = tmp_path_factory.mktemp("logging")
+def fit(tmp, steps: int, every: int) -> tuple[list[dict], dict[int, dict[str, float]], list[int]]:
+    """The quickstart's three tasks on a tiny backbone for `steps` steps logged every `every`, MFU
+    against a made-up peak. -> each step's record (RecordSteps), the values logged at each CSV step
+    (optimizer steps done - 1), and the steps at which the device was waited for."""
     with pytest.MonkeyPatch.context() as patch:
         for key, value in offline_env(tmp).items():
             patch.setenv(key, value)
@@ -49,48 +50,59 @@ def run(tmp_path_factory):
                 "fit", "--config", str(ROOT / "experiments" / "configs" / "quickstart.yaml"),
                 "--model.backbone.d_model", "32", "--model.backbone.n_heads", "2", "--model.backbone.d_ff", "64",
                 "--model.backbone.dropout", "0", "--model.backbone.attention_dropout", "0",
-                "--data.batch_size", "4", "--trainer.max_steps", str(STEPS), "--trainer.limit_val_batches", "0",
+                "--data.batch_size", "4", "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
                 "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp),
-                "--trainer.log_every_n_steps", str(EVERY), "--trainer.enable_progress_bar", "false",
+                "--trainer.log_every_n_steps", str(every), "--trainer.enable_progress_bar", "false",
                 "--checkpoint.monitor", "null", "--trainer.enable_checkpointing", "false",
                 "--model.speed.peak_tflops", "0.001", "--trainer.callbacks+", json.dumps(recorder),
             ]
         )  # fmt: skip
-    steps = next(c for c in polyhead.trainer.callbacks if isinstance(c, RecordSteps)).steps
-    rows = list(csv.DictReader(next(tmp.rglob("metrics.csv")).open()))
-    logged = {}  # CSV step (optimizer steps done - 1) -> the values logged there
-    for row in rows:
-        logged.setdefault(int(row["step"]), {}).update(
-            {k: float(v) for k, v in row.items() if v and k != "step"}
-        )
-    return steps, logged, waits
+    records = next(c for c in polyhead.trainer.callbacks if isinstance(c, RecordSteps)).steps
+    logged = {}
+    for path in tmp.rglob("metrics.csv"):
+        for row in csv.DictReader(path.open()):
+            values = {k: float(v) for k, v in row.items() if v and k != "step"}
+            logged.setdefault(int(row["step"]), {}).update(values)
+    return records, logged, waits
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return fit(tmp_path_factory.mktemp("logging"), STEPS, EVERY)
 
 
 def test_training_losses_are_logged_as_their_means_since_the_last_logging_step(run):
     steps, logged, _ = run
     assert len(steps) == STEPS
-    assert sorted(logged) == [EVERY - 1, 2 * EVERY - 1]  # steps 3 and 6; step 7 ends no interval
-    for end in (EVERY, 2 * EVERY):
-        interval = steps[end - EVERY : end]
+    assert sorted(logged) == [step - 1 for step in ENDS]  # each logging step, and the run's last
+    for start, end in zip([0, *ENDS], ENDS, strict=False):
+        interval = steps[start:end]
         tasks = {step["task"] for step in interval}
+        # only the tasks drawn in the interval: none carries an older value forward
+        assert {k.split("/")[1] for k in logged[end - 1] if k.endswith("/loss")} == tasks
         for task in tasks:
             losses = [step["loss"] for step in interval if step["task"] == task]
             assert logged[end - 1][f"train/{task}/loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
-    first_tasks = {step["task"] for step in steps[:EVERY]}
-    assert {k.split("/")[1] for k in logged[EVERY - 1] if k.endswith("/loss")} == first_tasks
 
 
 def test_throughput_counts_every_example_and_real_token_and_waits_at_logging_steps_only(run):
     steps, logged, waits = run
-    assert waits == [EVERY, 2 * EVERY]
-    for end in (EVERY, 2 * EVERY):
+    assert waits == list(ENDS)
+    for end in ENDS:
         row = logged[end - 1]
         assert row["train/batches"] == end
         assert row["train/samples"] == sum(step["examples"] for step in steps[:end])
         assert row["train/lengths"] == sum(step["tokens"] for step in steps[:end])
         assert row["train/device/mfu"] == pytest.approx(row["train/device/flops_per_sec"] / 1e9, rel=1e-5)
         assert 0 < row["train/device/mfu"] < 100
-    second, first = logged[2 * EVERY - 1], logged[EVERY - 1]
+    second, first = logged[ENDS[1] - 1], logged[ENDS[0] - 1]
     interval_tokens = second["train/lengths"] - first["train/lengths"]
     interval_time = second["train/time"] - first["train/time"]
     assert second["train/device/items_per_sec"] == pytest.approx(interval_tokens / interval_time, rel=1e-4)
+
+
+def test_logging_every_0_steps_logs_no_training_values(tmp_path):
+    """Lightning's "no logging" setting: training runs, and nothing of it is written."""
+    steps, logged, waits = fit(tmp_path, 2, 0)
+    assert len(steps) == 2 and waits == []
+    assert not [key for values in logged.values() for key in values if key.startswith("train/")]
