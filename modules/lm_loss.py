@@ -78,23 +78,30 @@ def _chunked(
             h = hidden[start : start + CHUNK_ROWS].to(dtype) * scale  # (C, D)
             target = targets[start : start + CHUNK_ROWS]  # (C,)
             logits = (h @ w.t()).to(softmax_dtype)  # (C, V)
-            norm = torch.logsumexp(logits, dim=-1)  # (C,)
             picked = logits.gather(1, target[:, None]).squeeze(1)  # (C,)
+            mean = logits.mean(dim=-1) if smoothing else None  # (C,)
+            top = logits.amax(dim=-1, keepdim=True)  # (C, 1)
+            # exp(logits - top), in the logits' place: the softmax times its row sum
+            unnormalised = logits.sub_(top).exp_()  # (C, V)
+            sums = unnormalised.sum(dim=-1, keepdim=True)  # (C, 1)
+            norm = (top + sums.log()).squeeze(1)  # (C,) logsumexp
             loss = (1 - smoothing) * (norm - picked)
             if smoothing:
-                loss = loss + smoothing * (norm - logits.mean(dim=-1))
+                loss = loss + smoothing * (norm - mean)
             total += loss.sum()
             if not (wants_hidden or wants_weight):
                 continue
-            grad = logits.sub_(norm[:, None]).exp_()  # (C, V) softmax, in the logits' place
-            grad.scatter_add_(1, target[:, None], grad.new_full((len(target), 1), smoothing - 1))
+            # d(loss of a row) / d(logits) = softmax - (1 - s) one-hot - s / V, here times the row's
+            # sum, which the products divide out per row (with the mean's 1 / N) on (C, D) instead
+            grad = unnormalised.scatter_add_(1, target[:, None], (smoothing - 1) * sums)
             if smoothing:
-                grad -= smoothing / vocab
-            grad = (grad / n).to(dtype)  # d(mean loss) / d(logits)
+                grad -= sums * (smoothing / vocab)
+            grad = grad.to(dtype)
+            row_factor = 1 / (sums * n)  # (C, 1)
             if grad_hidden is not None:
-                grad_hidden[start : start + CHUNK_ROWS] = (grad @ w) * scale
+                grad_hidden[start : start + CHUNK_ROWS] = (grad @ w) * (row_factor * scale)
             if grad_weight is not None:
-                grad_weight += grad.t() @ h
+                grad_weight += grad.t() @ (h * row_factor.to(dtype))
     return total / n, grad_hidden, grad_weight
 
 
