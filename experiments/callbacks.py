@@ -14,7 +14,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from modules.atomic_write import write_atomically
-from modules.errors import UserError
 from modules.step_means import logging_step, write_to_loggers
 from tasks.base import batch_examples, batch_tokens
 
@@ -63,13 +62,10 @@ class TokenThroughput(pl.Callback):
     A GPU step can only be timed by waiting for it to finish. Lightning's ThroughputMonitor waits
     after every batch, which leaves the GPU idle while the host prepares the next one; here the
     counts are added up on the host each step (the collator counted the real tokens) and the device
-    is waited for once per logging step. Rates are over the last `window` logging intervals, and
-    validation time is left out of them."""
+    is waited for once per logging step. Rates are over the last logging interval (from one
+    logging step to the next), and validation time is left out of them."""
 
-    def __init__(self, window: int = 1) -> None:
-        if window < 1:
-            raise UserError(f"TokenThroughput window must be at least 1 logging interval, got {window}")
-        self.window = window
+    def __init__(self) -> None:
         self.throughput: Throughput | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -80,7 +76,7 @@ class TokenThroughput(pl.Callback):
             if peak is not None
             else get_available_flops(device, compute_dtype(trainer)),
             world_size=trainer.world_size,
-            window_size=self.window + 1,
+            window_size=2,  # rates between the last two updates: over the last interval
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -88,9 +84,8 @@ class TokenThroughput(pl.Callback):
         self.logged_step = trainer.global_step  # a resumed run counts from where it starts
         self.paused = self.paused_at = 0.0
         self.throughput.reset()
-        self.throughput.update(
-            time=0.0, batches=0, samples=0, lengths=0, flops=0
-        )  # the first interval's start
+        # the first interval's start
+        self.throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
         self.start = time.perf_counter()
 
     def on_train_batch_end(
