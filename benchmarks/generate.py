@@ -82,7 +82,7 @@ from functools import partial
 
 import torch
 from generation_models import HF_MODELS, polyhead_copy, source_batch, teacher_forced_logits
-from records import SEED, T5_PAD, T5_START, write_record
+from records import SEED, T5_PAD, T5_START, synchronize, write_record
 from torch import Tensor
 from transformers import PreTrainedModel
 
@@ -189,12 +189,6 @@ def generated(case: str, runs: dict[str, Generate], shape: tuple[int, int]) -> d
         if tuple(tokens.shape) != shape:
             raise RuntimeError(f"{case}: {side} returned {tuple(tokens.shape)} tokens, expected {shape}")
     return outputs
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the GPU's queued work, so that a host clock read after it times the work itself."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def tokens_per_second(run: Generate, tokens: int, device: torch.device) -> float:

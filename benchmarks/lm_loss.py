@@ -28,7 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from records import SEED, resident_mib, write_record
+from records import SEED, resident_mib, synchronize, write_record
 
 from modules.lm_loss import linear_cross_entropy
 
@@ -68,11 +68,6 @@ def step(side: str, hidden, weight, targets, precision: str = "fp32") -> list[to
         loss = loss_of(side, hidden, weight, targets)
     loss.backward()
     return [loss.detach(), hidden.grad, weight.grad]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def seconds(side: str, tensors, args: argparse.Namespace) -> float:

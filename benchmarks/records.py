@@ -1,5 +1,5 @@
-"""What the benchmarks share: the ids and seed of their random inputs, how much memory this process
-holds, and the JSON record of a run."""
+"""What the benchmarks share: the ids and seed of their random inputs, waiting for the GPU before
+reading the clock, how much memory this process holds, and the JSON record of a run."""
 
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FIRST_TEXT_ID = 5  # random tokens avoid the low ids special tokens use
 T5_PAD, T5_EOS, T5_START = 0, 1, 0  # T5's ids: its decoder starts from <pad>
 SEED = 0
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a host clock read after it times the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def resident_mib(field: str = "VmRSS") -> float:

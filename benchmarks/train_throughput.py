@@ -76,7 +76,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from records import SEED, resident_mib, write_record
+from records import SEED, resident_mib, synchronize, write_record
 from throughput_cases import (
     CASES,
     Case,
@@ -137,12 +137,6 @@ def training_step(model: nn.Module, loss: Callable[[], Tensor], precision: str) 
         optimizer.step()
 
     return step
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the GPU's queued work, so that a host clock read after it times the work itself."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def tokens_per_second(step: Callable[[], None], steps: int, tokens: int, device: torch.device) -> float:
