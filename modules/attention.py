@@ -93,21 +93,27 @@ class LayerKV:
         self.values: Tensor | None = None  # (B, Hkv, capacity, Dh)
         self.spare: tuple[Tensor, Tensor] | None = None  # reorder's destination, allocated on first use
         self.memory_kv: tuple[Tensor, Tensor] | None = None  # (B, Hkv, S, Dh) keys and values
+        self.column: Tensor | None = None  # (1,) long, shared by all layers once the cache's shapes are fixed
 
     def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this step's keys/values (B, H, T, Dh); return every one so far, (B, H, length, Dh) each."""
+        """Store this step's keys/values (B, H, T, Dh); return every one so far, (B, H, length, Dh) each,
+        or, once the shapes are fixed (see `KVCache.fix_shapes`), all `capacity` columns."""
         end = self.length + keys.size(2)
         if end > self.capacity:
             raise ValueError(
                 f"KVCache capacity {self.capacity} exceeded: {end} positions; make a larger cache"
             )
-        if self.keys is None or self.values is None:
-            b, h, _, dh = keys.shape
-            self.keys = keys.new_empty(b, h, self.capacity, dh)
-            self.values = values.new_empty(b, h, self.capacity, dh)
-        self.keys[:, :, self.length : end] = keys
-        self.values[:, :, self.length : end] = values
+        if self.keys is None or self.values is None:  # zeros: attention reads the unwritten columns
+            b, h, _, dh = keys.shape  # of a fixed-shape cache (weighted 0, and 0 * NaN would be NaN)
+            self.keys = keys.new_zeros(b, h, self.capacity, dh)
+            self.values = values.new_zeros(b, h, self.capacity, dh)
         self.length = end
+        if self.column is not None:  # the column comes from the device: one kernel whatever the step
+            self.keys.index_copy_(2, self.column, keys)
+            self.values.index_copy_(2, self.column, values)
+            return self.keys, self.values
+        self.keys[:, :, end - keys.size(2) : end] = keys
+        self.values[:, :, end - keys.size(2) : end] = values
         return self.keys[:, :, :end], self.values[:, :, :end]
 
     def reorder(self, index: Tensor) -> None:
@@ -116,7 +122,7 @@ class LayerKV:
             return
         if self.spare is None or self.spare[0].size(0) != index.numel():  # first use, or a new row count
             rows = (index.numel(), *self.keys.shape[1:])
-            self.spare = (self.keys.new_empty(rows), self.values.new_empty(rows))
+            self.spare = (self.keys.new_zeros(rows), self.values.new_zeros(rows))
         keys, values = self.spare
         filled = slice(0, self.length)  # the columns after it hold nothing yet: not worth copying
         torch.index_select(self.keys[:, :, filled], 0, index, out=keys[:, :, filled])
@@ -133,28 +139,52 @@ class KVCache:
 
         cache = backbone.decoder_cache(prompt_len + max_new_tokens)
         hidden = backbone.decode(prompt, prompt_mask, cache=cache, positions=positions)  # prefill
+        cache.fix_shapes()  # optional: every later call feeds one token per row
         hidden = backbone.decode(next_ids[:, None], cache=cache, positions=next_positions)  # one step
 
     With a cache, `decode` sees only the new tokens; their keys/values are appended, and attention
     runs over everything cached. The attention mask given with new tokens covers only them; the
     cache accumulates it in `key_mask`, so padding inside a prompt stays hidden on later steps.
     `reorder` moves rows (beam search keeps the cache of the beams it continues).
+
+    After `fix_shapes`, each step writes its column where a device tensor says and attends over the
+    whole capacity, the columns not yet written masked out: every step then launches the same
+    kernels on tensors of the same shapes and addresses, which is what lets a GPU replay a step as
+    one recorded CUDA graph (modules/decode_graph.py), and what makes its host work nothing but
+    the launches.
     """
 
     def __init__(self, n_layers: int, capacity: int) -> None:
         self.layers = [LayerKV(capacity) for _ in range(n_layers)]
         self.capacity = capacity
         self.key_mask: Tensor | None = None  # (B, capacity) True at real keys; None while all are real
+        self.spare_mask: Tensor | None = None  # reorder's destination for key_mask once shapes are fixed
+        self.column: Tensor | None = None  # (1,) long: the column the next step writes, once shapes are fixed
 
     @property
     def length(self) -> int:
         """Positions already cached: the column where the next tokens go."""
         return self.layers[0].length
 
+    def fix_shapes(self, batch: int, device: torch.device) -> None:
+        """From now on every `decode` call feeds one token to each of `batch` rows and attends over all
+        `capacity` columns, those not yet written hidden by `key_mask`."""
+        mask = torch.zeros(batch, self.capacity, dtype=torch.bool, device=device)
+        mask[:, : self.length] = True if self.key_mask is None else self.key_mask[:, : self.length]
+        self.key_mask = mask
+        self.column = torch.full((1,), self.length, dtype=torch.long, device=device)
+        for layer in self.layers:
+            layer.column = self.column
+
     def extend_key_mask(
         self, new_mask: Tensor | None, new_len: int, batch: int, device: torch.device
     ) -> Tensor | None:
-        """Record which of `new_len` new keys are real; -> (B, length + new_len) mask or None if all are."""
+        """Record which of `new_len` new keys are real; -> (B, length + new_len) mask or None if all are
+        (fixed shapes: the (B, capacity) mask of the columns written once this step's is)."""
+        if self.column is not None and self.key_mask is not None:
+            if new_len != 1 or new_mask is not None:
+                raise ValueError("a KVCache with fixed shapes takes one real token per row per decode call")
+            return self.key_mask.index_fill_(1, self.column, True)
         if new_mask is None and self.key_mask is None:
             return None
         start, end = self.length, self.length + new_len
@@ -162,6 +192,11 @@ class KVCache:
             self.key_mask = torch.ones(batch, self.capacity, dtype=torch.bool, device=device)
         self.key_mask[:, start:end] = True if new_mask is None else new_mask.bool()
         return self.key_mask[:, :end]
+
+    def written(self) -> None:
+        """A decode call is done: with fixed shapes, the next one writes the next column."""
+        if self.column is not None:
+            self.column.add_(1)
 
     def reorder(self, index: Tensor) -> None:
         """Row i of the batch becomes old row index[i] (index: (N,) long). N may differ from the old
@@ -172,8 +207,15 @@ class KVCache:
         """
         for layer in self.layers:
             layer.reorder(index)
-        if self.key_mask is not None:
+        if self.key_mask is None:
+            return
+        if self.column is None:
             self.key_mask = self.key_mask.index_select(0, index)
+            return
+        if self.spare_mask is None or self.spare_mask.size(0) != index.numel():
+            self.spare_mask = self.key_mask.new_empty(index.numel(), self.capacity)
+        torch.index_select(self.key_mask, 0, index, out=self.spare_mask)
+        self.key_mask, self.spare_mask = self.spare_mask, self.key_mask
 
 
 class MultiHeadAttention(nn.Module):
@@ -370,9 +412,13 @@ class RelativePositionBias(nn.Module):
         far = (exact + (log_ratio * (buckets - exact)).long()).clamp_max(buckets - 1)
         return result + torch.where(distance < exact, distance, far)
 
-    def forward(self, query_len: int, key_len: int, device: torch.device) -> Tensor:
-        """-> (1, H, query_len, key_len); queries are the last query_len of key_len positions."""
-        q_pos = torch.arange(key_len - query_len, key_len, device=device)[:, None]
+    def forward(
+        self, query_len: int, key_len: int, device: torch.device, first_query: Tensor | None = None
+    ) -> Tensor:
+        """-> (1, H, query_len, key_len); queries are the last query_len of key_len positions, or, given
+        first_query ((1,) long, a fixed-shape decoding step's column), start there."""
+        start = key_len - query_len if first_query is None else first_query
+        q_pos = (torch.arange(query_len, device=device) + start)[:, None]
         k_pos = torch.arange(key_len, device=device)[None, :]
         values = self.bias(self.bucket(k_pos - q_pos))  # (T, S, H)
         return values.permute(2, 0, 1).unsqueeze(0)

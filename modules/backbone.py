@@ -69,13 +69,18 @@ class Embeddings(nn.Module):
         return self.dropout(x)
 
     def _position_vectors(self, length: int, positions: Tensor | None) -> Tensor:
-        """(T, D) or (B, T, D) rows of the learned or sinusoidal table."""
-        last = length - 1 if positions is None else int(positions.max())
-        if last >= self.max_len:
-            raise ValueError(
-                f"position {last} is beyond model.backbone.max_len={self.max_len}; "
-                "truncate the input or raise max_len"
-            )
+        """(T, D) or (B, T, D) rows of the learned or sinusoidal table.
+
+        Positions in host memory are checked against max_len. On a GPU, reading their max would stall
+        the step (and could not run at all inside a recorded CUDA graph), so there the caller checks:
+        generation does before it decodes, packed documents restart below the row length."""
+        if positions is None or positions.device.type == "cpu":
+            last = length - 1 if positions is None else int(positions.max())
+            if last >= self.max_len:
+                raise ValueError(
+                    f"position {last} is beyond model.backbone.max_len={self.max_len}; "
+                    "truncate the input or raise max_len"
+                )
         table = self.positions.weight if self.positions is not None else self.sinusoid  # (max_len, D)
         return table[:length] if positions is None else table[positions]
 
@@ -137,11 +142,13 @@ class Stack(nn.Module):
         b, t, _ = x.shape
         key_mask = padding_mask
         if cache is not None:
-            key_mask = cache.extend_key_mask(padding_mask, t, b, x.device)  # (B, past + T) or None
+            key_mask = cache.extend_key_mask(padding_mask, t, b, x.device)  # (B, past + T or capacity)
         past = cache.length if cache is not None else 0
         self_bias, is_causal = None, False
         if self.full_attention:  # LSH layers build no (T, S) bias: they read key_mask and documents
-            self_bias, is_causal = self._self_attention_bias(t, past + t, key_mask, x, documents)
+            key_len = cache.capacity if cache is not None and cache.column is not None else past + t
+            first_query = cache.column if cache is not None else None
+            self_bias, is_causal = self._self_attention_bias(t, key_len, key_mask, x, documents, first_query)
         memory_bias = None
         if memory is not None:
             memory_bias = attention_bias(t, memory.size(1), memory_padding_mask, dtype=x.dtype)
@@ -159,6 +166,8 @@ class Stack(nn.Module):
             )
         if self.final_norm is not None:
             x = self.dropout(self.final_norm(x))
+        if cache is not None:
+            cache.written()
         return x
 
     def _residual_layers(
@@ -184,17 +193,24 @@ class Stack(nn.Module):
         return x
 
     def _self_attention_bias(
-        self, query_len: int, key_len: int, key_mask: Tensor | None, x: Tensor, documents: Tensor | None
+        self,
+        query_len: int,
+        key_len: int,
+        key_mask: Tensor | None,
+        x: Tensor,
+        documents: Tensor | None,
+        first_query: Tensor | None = None,
     ) -> tuple[Tensor | None, bool]:
         """-> (additive bias or None, whether SDPA should apply its own causal mask).
 
-        Queries are the last query_len of key_len positions. A single query (one decoding step) is the
-        latest position, so it may see every key and needs no causal mask. With no padding, no relative
-        bias and no cached keys, SDPA's built-in causal path avoids materialising a (T, T) bias.
+        Queries are the last query_len of key_len positions, or start at column first_query ((1,) long:
+        a fixed-shape decoding step, see `KVCache.fix_shapes`). A single query (one decoding step) is the
+        latest position, so it may see every key written and needs no causal mask. With no padding, no
+        relative bias and no cached keys, SDPA's built-in causal path avoids materialising a (T, T) bias.
         """
         position_bias = None
         if self.relative_bias is not None:
-            position_bias = self.relative_bias(query_len, key_len, x.device)  # (1, H, T, S)
+            position_bias = self.relative_bias(query_len, key_len, x.device, first_query)  # (1, H, T, S)
         causal = self.causal and query_len > 1
         if (
             causal

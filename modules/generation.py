@@ -33,6 +33,7 @@ from torch import Tensor
 
 from modules.attention import KVCache
 from modules.backbone import Backbone
+from modules.decode_graph import GraphedStep
 
 Project = Callable[[Tensor], Tensor]
 
@@ -74,6 +75,10 @@ class GenerationConfig:
     """sample: draw only from the nucleus, the fewest most likely tokens whose probability reaches top_p."""
     seed: int | None = None
     """sample: seeds a generator of its own, so a seed repeats its samples; None uses torch's global RNG."""
+    cuda_graph: bool = False
+    """On a GPU, record the decoding step once as a CUDA graph and replay it (modules/decode_graph.py): a
+    step of a small model is hundreds of kernel launches, which the host then no longer makes one by one.
+    On the CPU the step runs with the graph's fixed shapes, unrecorded: the same tokens, a little slower."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGY_SETTINGS:
@@ -158,6 +163,10 @@ class _CachedDecoder:
 
     It tracks each row's next position, so left-padded prompts keep counting from their first real token.
     The encoder memory holds one row per source, shared by its beams, so only the cache moves on reorder.
+    With `cuda_graph`, the cache's shapes are fixed from the first step on (`KVCache.fix_shapes`): every
+    step is then the same kernels on the same tensors, replayed as one recorded CUDA graph on a GPU. On
+    the CPU, where there is no graph, fixed shapes would only attend over unwritten columns for nothing,
+    but they run all the same, so that CPU tests check what a GPU replays.
     """
 
     def __init__(
@@ -167,22 +176,38 @@ class _CachedDecoder:
         cache: KVCache,
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,
+        cuda_graph: bool = False,
     ) -> None:
         self.backbone, self.project, self.cache = backbone, project, cache
         self.memory, self.memory_mask = memory, memory_mask  # (B, S, D), (B, S): one row per source
         self.next_position = torch.empty(0, dtype=torch.long)  # (N,) once the start token or prompt is fed
+        self.cuda_graph = cuda_graph
+        self._one_token: Callable[[Tensor, Tensor], Tensor] | None = None  # (N, 1) ids, positions -> logits
 
-    def feed(self, input_ids: Tensor, mask: Tensor | None, positions: Tensor) -> Tensor:
-        """input_ids, mask, positions: (N, T) new tokens -> next-token logits (N, V) after the last column."""
+    def _logits(self, input_ids: Tensor, positions: Tensor, mask: Tensor | None = None) -> Tensor:
+        """input_ids, positions, mask: (N, T) new tokens -> next-token logits (N, V) after the last column."""
         hidden = self.backbone.decode(
             input_ids, mask, self.memory, self.memory_mask, cache=self.cache, positions=positions
         )  # (N, T, D)
-        self.next_position = positions[:, -1] + 1
         return self.project(hidden[:, -1])
 
+    def feed(self, input_ids: Tensor, mask: Tensor | None, positions: Tensor) -> Tensor:
+        """The start token or the prompt: input_ids, mask, positions (N, T) -> logits (N, V) after them."""
+        self.next_position = positions[:, -1] + 1
+        return self._logits(input_ids, positions, mask)
+
     def step(self, tokens: Tensor) -> Tensor:
-        """tokens: (N,) the newest token of each row -> logits (N, V) for the one after it."""
-        return self.feed(tokens[:, None], None, self.next_position[:, None])
+        """tokens: (N,) the newest token of each row -> logits (N, V) for the one after it (with a CUDA
+        graph, valid until the next step)."""
+        if self._one_token is None:
+            self._one_token = self._logits
+            if self.cuda_graph:  # on the CPU: the same fixed shapes, run as they are
+                self.cache.fix_shapes(tokens.size(0), tokens.device)
+                if tokens.is_cuda:
+                    self._one_token = GraphedStep(self._logits, self.cache)
+        logits = self._one_token(tokens[:, None], self.next_position[:, None])
+        self.next_position = self.next_position + 1
+        return logits
 
     def reorder(self, rows: Tensor) -> None:
         """Row i continues old row rows[i] (beam search), rows: (N,)."""
@@ -208,7 +233,7 @@ def _start_from_source(
     _check_positions_fit(backbone, config.max_new_tokens - 1, config)
     memory = backbone.encode(source, source_mask) if memory is None else memory  # (B, S, D)
     cache = backbone.decoder_cache(config.max_new_tokens)  # start token + all but the last new token
-    decoder = _CachedDecoder(backbone, project, cache, memory, source_mask)
+    decoder = _CachedDecoder(backbone, project, cache, memory, source_mask, config.cuda_graph)
     start = torch.full((source.size(0) * copies, 1), start_id, dtype=torch.long, device=source.device)
     return decoder, decoder.feed(start, None, torch.zeros_like(start))
 
@@ -228,7 +253,7 @@ def _start_from_prompt(
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, T): real tokens count from 0, as unpadded
     _check_positions_fit(backbone, int(positions[:, -1].max()) + config.max_new_tokens - 1, config)
     cache = backbone.decoder_cache(prompt.size(1) + config.max_new_tokens - 1)
-    decoder = _CachedDecoder(backbone, project, cache)
+    decoder = _CachedDecoder(backbone, project, cache, cuda_graph=config.cuda_graph)
     logits = decoder.feed(prompt, _hiding(mask), positions)  # (B, V)
     if copies == 1:
         return decoder, logits

@@ -172,7 +172,9 @@ class LSHSelfAttention(nn.Module):
         scores = torch.einsum("bhtd,bhsd->bhts", qk, keys) * self.scale  # (B, H, T, S)
         if bias is not None:
             scores = scores + bias
-        itself = torch.arange(past, past + t, device=qk.device)[:, None] == torch.arange(s, device=qk.device)
+        first = past if cache.column is None else cache.column  # a fixed-shape step's column: (1,) long
+        columns = torch.arange(t, device=qk.device) + first  # (T,) the queries' own columns
+        itself = columns[:, None] == torch.arange(s, device=qk.device)
         alone = torch.finfo(scores.dtype).min / 2
         scores = scores.masked_fill(itself, alone).clamp_min(torch.finfo(scores.dtype).min)
         return torch.einsum("bhts,bhsd->bhtd", scores.softmax(dim=-1), values)
