@@ -63,6 +63,7 @@ output per source (beams are not counted).
     python benchmarks/generate.py --threads 1 --repeats 9  # a pinned thread count, more repeats
     python benchmarks/generate.py --cases beam --beams 8 --batch 32
     python benchmarks/generate.py --device cuda
+    python benchmarks/generate.py --device cuda --cuda-graph  # polyhead's step replayed as a CUDA graph
     python benchmarks/generate.py --model gpt2             # decoder-only, against HF GPT-2
     python benchmarks/generate.py --quick                  # a tiny smoke run
 
@@ -110,7 +111,12 @@ def polyhead_run(
     """polyhead's generate for a case: no eos, so every row decodes --new-tokens steps."""
     beam = {"num_beams": args.beams} if case == "beam" else {}
     settings = GenerationConfig(
-        strategy=case, max_new_tokens=args.new_tokens, eos_id=None, pad_id=T5_PAD, **beam
+        strategy=case,
+        max_new_tokens=args.new_tokens,
+        eos_id=None,
+        pad_id=T5_PAD,
+        cuda_graph=args.cuda_graph,
+        **beam,
     )
 
     def project(hidden: Tensor) -> Tensor:
@@ -254,6 +260,12 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4, help="attention heads (head width d_model / heads)")
     parser.add_argument("--vocab", type=int, default=8000, help="vocabulary size")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="polyhead replays its decoding step as a CUDA graph (GenerationConfig.cuda_graph); "
+        "on the CPU: the same fixed shapes, unrecorded",
+    )
     parser.add_argument("--quick", action="store_true", help=f"a tiny smoke run: {QUICK}")
     args = parser.parse_args(argv)
     if args.quick:
