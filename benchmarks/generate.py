@@ -50,7 +50,9 @@ percent). The record says, for the timed device, whether the tokens were equal, 
 diverged, and, both sides fed HF's tokens, the relative difference of their logits and how often
 their argmax agree. The timed device's first generate call is also each side's warm-up. HF is
 called with use_cache=True (its default KV cache), do_sample=False, num_return_sequences=1 and
-disable_compile=True (no torch.compile on either side). Both models are in eval mode and both calls
+disable_compile=True (no torch.compile on either side). --cuda-graph and --hf-static-cache give both
+sides their fixed-shape decoding: polyhead's step recorded as a CUDA graph, HF's StaticCache, with
+which HF's generate compiles the forward on a GPU (mode reduce-overhead, itself CUDA graphs). Both models are in eval mode and both calls
 run under torch.inference_mode.
 
 The timed unit is one generate call on the whole batch: encoding the sources, then decoding
@@ -149,8 +151,10 @@ def hf_run(
         "pad_token_id": T5_PAD,
         "eos_token_id": None,
         "use_cache": True,
-        "disable_compile": True,
+        "disable_compile": not args.hf_static_cache,
     }
+    if args.hf_static_cache:  # HF's own fixed-shape cache; on a GPU generate then compiles the forward
+        options["cache_implementation"] = "static"
     if hf.config.is_encoder_decoder:
         options["decoder_start_token_id"] = T5_START
     given = 1 if hf.config.is_encoder_decoder else source.size(1)  # T5's start token, or GPT-2's prompt
@@ -265,6 +269,12 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="polyhead replays its decoding step as a CUDA graph (GenerationConfig.cuda_graph); "
         "on the CPU: the same fixed shapes, unrecorded",
+    )
+    parser.add_argument(
+        "--hf-static-cache",
+        action="store_true",
+        help="HF decodes on its StaticCache (cache_implementation='static'), with which its generate "
+        "compiles the model's forward on a GPU (torch.compile, mode reduce-overhead: CUDA graphs)",
     )
     parser.add_argument("--quick", action="store_true", help=f"a tiny smoke run: {QUICK}")
     args = parser.parse_args(argv)
