@@ -43,13 +43,14 @@ def attention_bias(
     position_bias: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     documents: Tensor | None = None,
+    device: torch.device | None = None,
 ) -> Tensor | None:
     """Combine causal mask, key padding, packed documents and position bias into one additive bias,
     or None if all are absent.
 
     key_padding_mask: (B, S) with True (or 1) at real tokens. position_bias: (1, H, T, S).
     documents: (B, T) packed document ids of self-attention's positions (T == S): a query sees only
-    keys of its own document.
+    keys of its own document. device: where the causal mask is made (that of the attention's inputs).
     Returns (B or 1, H or 1, T, S). Blocked entries get the dtype's most negative finite value rather
     than -inf, so a row with nothing to attend to (an all-padding sequence) yields finite values
     instead of NaNs that would leak through the value sum into real positions.
@@ -139,7 +140,7 @@ class KVCache:
 
         cache = backbone.decoder_cache(prompt_len + max_new_tokens)
         hidden = backbone.decode(prompt, prompt_mask, cache=cache, positions=positions)  # prefill
-        cache.fix_shapes()  # optional: every later call feeds one token per row
+        cache.fix_shapes(batch, device)  # optional: every later call feeds one token per row
         hidden = backbone.decode(next_ids[:, None], cache=cache, positions=next_positions)  # one step
 
     With a cache, `decode` sees only the new tokens; their keys/values are appended, and attention

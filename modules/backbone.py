@@ -69,12 +69,10 @@ class Embeddings(nn.Module):
         return self.dropout(x)
 
     def _position_vectors(self, length: int, positions: Tensor | None) -> Tensor:
-        """(T, D) or (B, T, D) rows of the learned or sinusoidal table.
-
-        Positions in host memory are checked against max_len. On a GPU, reading their max would stall
-        the step (and could not run at all inside a recorded CUDA graph), so there the caller checks:
-        generation does before it decodes, packed documents restart below the row length."""
-        if positions is None or positions.device.type == "cpu":
+        """(T, D) or (B, T, D) rows of the learned or sinusoidal table, checked against max_len, except
+        while a CUDA graph is being recorded: reading the positions' max would need the GPU's answer,
+        which a recording cannot wait for (generation checks its positions before it decodes)."""
+        if positions is None or not (positions.is_cuda and torch.cuda.is_current_stream_capturing()):
             last = length - 1 if positions is None else int(positions.max())
             if last >= self.max_len:
                 raise ValueError(
@@ -220,7 +218,10 @@ class Stack(nn.Module):
             and query_len == key_len
         ):
             return None, True
-        return attention_bias(query_len, key_len, key_mask, causal, position_bias, x.dtype, documents), False
+        bias = attention_bias(
+            query_len, key_len, key_mask, causal, position_bias, x.dtype, documents, x.device
+        )
+        return bias, False
 
 
 def init_weights(root: nn.Module, config: BackboneConfig) -> None:
@@ -338,7 +339,9 @@ class Backbone(nn.Module):
         """
         if self.decoder is None:
             raise ValueError("this backbone has no decoder (model.backbone.decoder_layers is 0)")
-        if positions is None and cache is not None and cache.length:
+        if positions is None and cache is not None and cache.column is not None:  # read on the device
+            positions = cache.column + torch.arange(input_ids.size(1), device=input_ids.device)
+        elif positions is None and cache is not None and cache.length:
             positions = torch.arange(cache.length, cache.length + input_ids.size(1), device=input_ids.device)
         if document_ids is not None:
             positions = document_positions(document_ids)

@@ -16,6 +16,10 @@ Beam search's reorder swaps each layer's cache buffers with a spare pair, so its
 between two sets of addresses: one recording per set, found by the addresses, sharing one memory
 pool (they never run at once). The first step runs eagerly on a side stream, as CUDA's capture
 rules ask, so that libraries set up their handles and workspaces outside any recording.
+
+Each recording synchronises the device once and is made for one `generate` call's shapes (a
+greedy or sampled generation records once, beam search twice), which the benchmark's timings
+include: short generations gain little, long ones replay many steps per recording.
 """
 
 from __future__ import annotations
@@ -32,7 +36,11 @@ Step = Callable[[Tensor, Tensor], Tensor]
 
 
 class GraphedStep:
-    """`step` (on a cache with fixed shapes), replayed from a CUDA graph after its first, eager, call."""
+    """`step` (on a cache with fixed shapes), replayed from a CUDA graph after its first, eager, call.
+
+    Recording starts afresh for each generation (its shapes are those of its batch and cache), so a
+    recording is made once or twice per `generate` call and replayed for every later step.
+    """
 
     def __init__(self, step: Step, cache: KVCache) -> None:
         if cache.column is None:
@@ -40,6 +48,7 @@ class GraphedStep:
                 "a CUDA-graph decoding step needs a KVCache with fixed shapes (KVCache.fix_shapes)"
             )
         self.step, self.cache = step, cache
+        self.device = cache.column.device
         self.tokens: Tensor | None = None  # (N, 1) the recorded inputs, refilled before every replay
         self.positions: Tensor | None = None  # (N, 1)
         self.recordings: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
@@ -47,16 +56,19 @@ class GraphedStep:
 
     def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """tokens, positions: (N, 1) -> logits (N, V), valid until the next call."""
-        if self.tokens is None or self.positions is None:
-            self.tokens, self.positions = tokens.clone(), positions.clone()
-            return self._eager_on_side_stream()
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        addresses = self._addresses()
-        if addresses not in self.recordings:
-            return self._record(addresses)
-        graph, logits = self.recordings[addresses]
-        graph.replay()
+        if self.cache.length >= self.cache.capacity:  # a replay runs no Python that would check it
+            raise ValueError(f"KVCache capacity {self.cache.capacity} exceeded; make a larger cache")
+        with torch.cuda.device(self.device):  # streams and recordings on the cache's GPU, not the current one
+            if self.tokens is None or self.positions is None:
+                self.tokens, self.positions = tokens.clone(), positions.clone()
+                return self._eager_on_side_stream()
+            self.tokens.copy_(tokens)
+            self.positions.copy_(positions)
+            addresses = self._addresses()
+            if addresses not in self.recordings:
+                return self._record(addresses)
+            graph, logits = self.recordings[addresses]
+            graph.replay()
         for layer in self.cache.layers:  # what the step's Python did on the host when it was recorded
             layer.length += 1
         return logits
@@ -72,18 +84,22 @@ class GraphedStep:
 
     def _eager_on_side_stream(self) -> Tensor:
         """The first step, run as usual but on a side stream, which warms up what recording needs."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(main)
         with torch.cuda.stream(side):
             logits = self.step(self.tokens, self.positions)
-        torch.cuda.current_stream().wait_stream(side)
+        main.wait_stream(side)
+        logits.record_stream(main)  # made on the side stream, used and freed on the main one
         return logits
 
     def _record(self, addresses: tuple[int, ...]) -> Tensor:
         """Record this step and replay it once: recording only records, so the step has not run yet.
-        The recording pass's Python has already advanced the cache's host counts, as the step does."""
+        The recording pass's Python has already advanced the cache's host counts, as the step does.
+        thread_local: CUDA calls other threads make meanwhile (a data loader pinning memory, NCCL's
+        watchdog) neither break the recording nor are refused."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        stream = torch.cuda.Stream()
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
             logits = self.step(self.tokens, self.positions)
         self.pool = graph.pool()
         self.recordings[addresses] = (graph, logits)

@@ -30,10 +30,11 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
 from modules.attention import KVCache
 from modules.backbone import Backbone
-from modules.decode_graph import GraphedStep
+from modules.decode_graph import GraphedStep, Step
 
 Project = Callable[[Tensor], Tensor]
 
@@ -158,6 +159,28 @@ def generate(
     return Generation(_greedy_or_sample(decoder, logits, config), scores=None)
 
 
+@dataclass
+class _Logits:
+    """The decoder stack on a KV cache and the output projection: new tokens in, next-token logits out.
+
+    Apart from `_CachedDecoder` (and holding nothing of it), so that a recorded step referring to it
+    makes no reference cycle: the cache and any recording go as soon as `generate` returns.
+    """
+
+    backbone: Backbone
+    project: Project
+    cache: KVCache
+    memory: Tensor | None  # (B, S, D): one row per source
+    memory_mask: Tensor | None  # (B, S)
+
+    def __call__(self, input_ids: Tensor, positions: Tensor, mask: Tensor | None = None) -> Tensor:
+        """input_ids, positions, mask: (N, T) new tokens -> next-token logits (N, V) after the last column."""
+        hidden = self.backbone.decode(
+            input_ids, mask, self.memory, self.memory_mask, cache=self.cache, positions=positions
+        )  # (N, T, D)
+        return self.project(hidden[:, -1])
+
+
 class _CachedDecoder:
     """The decoder stack on a KV cache, fed the newest token of every row each step: what all strategies drive.
 
@@ -166,7 +189,8 @@ class _CachedDecoder:
     With `cuda_graph`, the cache's shapes are fixed from the first step on (`KVCache.fix_shapes`): every
     step is then the same kernels on the same tensors, replayed as one recorded CUDA graph on a GPU. On
     the CPU, where there is no graph, fixed shapes would only attend over unwritten columns for nothing,
-    but they run all the same, so that CPU tests check what a GPU replays.
+    but they run all the same, so that CPU tests check what a GPU replays. A backbone sharded by FSDP
+    gathers its weights inside each block's forward, which a recording cannot replay: it steps eagerly.
     """
 
     def __init__(
@@ -178,34 +202,27 @@ class _CachedDecoder:
         memory_mask: Tensor | None = None,
         cuda_graph: bool = False,
     ) -> None:
-        self.backbone, self.project, self.cache = backbone, project, cache
-        self.memory, self.memory_mask = memory, memory_mask  # (B, S, D), (B, S): one row per source
+        self.logits = _Logits(backbone, project, cache, memory, memory_mask)
+        self.cache, self.cuda_graph = cache, cuda_graph
         self.next_position = torch.empty(0, dtype=torch.long)  # (N,) once the start token or prompt is fed
-        self.cuda_graph = cuda_graph
-        self._one_token: Callable[[Tensor, Tensor], Tensor] | None = None  # (N, 1) ids, positions -> logits
-
-    def _logits(self, input_ids: Tensor, positions: Tensor, mask: Tensor | None = None) -> Tensor:
-        """input_ids, positions, mask: (N, T) new tokens -> next-token logits (N, V) after the last column."""
-        hidden = self.backbone.decode(
-            input_ids, mask, self.memory, self.memory_mask, cache=self.cache, positions=positions
-        )  # (N, T, D)
-        return self.project(hidden[:, -1])
+        self.one_token: Step | None = None  # set on the first step
 
     def feed(self, input_ids: Tensor, mask: Tensor | None, positions: Tensor) -> Tensor:
         """The start token or the prompt: input_ids, mask, positions (N, T) -> logits (N, V) after them."""
         self.next_position = positions[:, -1] + 1
-        return self._logits(input_ids, positions, mask)
+        return self.logits(input_ids, positions, mask)
 
     def step(self, tokens: Tensor) -> Tensor:
         """tokens: (N,) the newest token of each row -> logits (N, V) for the one after it (with a CUDA
         graph, valid until the next step)."""
-        if self._one_token is None:
-            self._one_token = self._logits
-            if self.cuda_graph:  # on the CPU: the same fixed shapes, run as they are
+        if self.one_token is None:
+            self.one_token = self.logits
+            if self.cuda_graph:
                 self.cache.fix_shapes(tokens.size(0), tokens.device)
-                if tokens.is_cuda:
-                    self._one_token = GraphedStep(self._logits, self.cache)
-        logits = self._one_token(tokens[:, None], self.next_position[:, None])
+                sharded = any(isinstance(m, FSDPModule) for m in self.logits.backbone.modules())
+                if tokens.is_cuda and not sharded:
+                    self.one_token = GraphedStep(self.logits, self.cache)
+        logits = self.one_token(tokens[:, None], self.next_position[:, None])
         self.next_position = self.next_position + 1
         return logits
 

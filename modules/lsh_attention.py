@@ -168,7 +168,7 @@ class LSHSelfAttention(nn.Module):
         past = cache.length
         keys, values = cache.append(F.normalize(qk, dim=-1), v)  # (B, H, past + T, Dh)
         t, s = qk.size(2), keys.size(2)
-        bias = attention_bias(t, s, key_mask, causal=self.causal, dtype=qk.dtype)
+        bias = attention_bias(t, s, key_mask, causal=self.causal, dtype=qk.dtype, device=qk.device)
         scores = torch.einsum("bhtd,bhsd->bhts", qk, keys) * self.scale  # (B, H, T, S)
         if bias is not None:
             scores = scores + bias
