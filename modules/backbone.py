@@ -69,16 +69,20 @@ class Embeddings(nn.Module):
         return self.dropout(x)
 
     def _position_vectors(self, length: int, positions: Tensor | None) -> Tensor:
-        """(T, D) or (B, T, D) rows of the learned or sinusoidal table, checked against max_len, except
-        while a CUDA graph is being recorded: reading the positions' max would need the GPU's answer,
-        which a recording cannot wait for (generation checks its positions before it decodes)."""
-        if positions is None or not (positions.is_cuda and torch.cuda.is_current_stream_capturing()):
+        """(T, D) or (B, T, D) rows of the learned or sinusoidal table, positions checked against max_len.
+
+        Positions in host memory are checked here. On a GPU, reading their max would make the host wait
+        for the GPU at every call (packed documents' positions are computed there each step) and cannot
+        be done at all while a CUDA graph is recorded, so the GPU checks them itself: out of range, the
+        process stops with the same message at the GPU's next synchronisation.
+        """
+        beyond = f"is beyond model.backbone.max_len={self.max_len}; truncate the input or raise max_len"
+        if positions is not None and positions.is_cuda:
+            torch._assert_async(positions.max() < self.max_len, f"a position {beyond}")
+        else:
             last = length - 1 if positions is None else int(positions.max())
             if last >= self.max_len:
-                raise ValueError(
-                    f"position {last} is beyond model.backbone.max_len={self.max_len}; "
-                    "truncate the input or raise max_len"
-                )
+                raise ValueError(f"position {last} {beyond}")
         table = self.positions.weight if self.positions is not None else self.sinusoid  # (max_len, D)
         return table[:length] if positions is None else table[positions]
 

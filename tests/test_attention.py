@@ -128,3 +128,14 @@ def test_feed_forward_dropout_is_its_own_setting():
         assert torch.equal(feed_forward(x), feed_forward(x)) == deterministic
     with pytest.raises(UserError, match=r"model.backbone.ff_dropout must be in \[0, 1\), got 1.0"):
         BackboneConfig(vocab_size=50, ff_dropout=1.0)
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal"])
+def test_positions_beyond_the_table_are_refused_by_name(position):
+    """Given or implied, a position past max_len names the setting instead of indexing out of range."""
+    backbone = Backbone(small(position=position, max_len=8, decoder_layers=1)).eval()
+    with pytest.raises(ValueError, match="position 8 is beyond model.backbone.max_len=8"):
+        backbone.encode(torch.randint(1, 20, (1, 9)))
+    with pytest.raises(ValueError, match="position 9 is beyond model.backbone.max_len=8"):
+        backbone.decode(torch.randint(1, 20, (1, 2)), positions=torch.tensor([[3, 9]]))
+    backbone.decode(torch.randint(1, 20, (1, 2)), positions=torch.tensor([[6, 7]]))  # the last row fits
