@@ -24,19 +24,14 @@ mode first: `generate` does not change modes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.distributed.fsdp import FSDPModule
 
-from modules.attention import KVCache
 from modules.backbone import Backbone
-from modules.decode_graph import GraphedStep, Step
-
-Project = Callable[[Tensor], Tensor]
+from modules.cached_decoder import CachedDecoder, Project
 
 STRATEGY_SETTINGS = {
     "greedy": (),
@@ -159,79 +154,6 @@ def generate(
     return Generation(_greedy_or_sample(decoder, logits, config), scores=None)
 
 
-@dataclass
-class _Logits:
-    """The decoder stack on a KV cache and the output projection: new tokens in, next-token logits out.
-
-    Apart from `_CachedDecoder` (and holding nothing of it), so that a recorded step referring to it
-    makes no reference cycle: the cache and any recording go as soon as `generate` returns.
-    """
-
-    backbone: Backbone
-    project: Project
-    cache: KVCache
-    memory: Tensor | None  # (B, S, D): one row per source
-    memory_mask: Tensor | None  # (B, S)
-
-    def __call__(self, input_ids: Tensor, positions: Tensor, mask: Tensor | None = None) -> Tensor:
-        """input_ids, positions, mask: (N, T) new tokens -> next-token logits (N, V) after the last column."""
-        hidden = self.backbone.decode(
-            input_ids, mask, self.memory, self.memory_mask, cache=self.cache, positions=positions
-        )  # (N, T, D)
-        return self.project(hidden[:, -1])
-
-
-class _CachedDecoder:
-    """The decoder stack on a KV cache, fed the newest token of every row each step: what all strategies drive.
-
-    It tracks each row's next position, so left-padded prompts keep counting from their first real token.
-    The encoder memory holds one row per source, shared by its beams, so only the cache moves on reorder.
-    With `cuda_graph`, the cache's shapes are fixed from the first step on (`KVCache.fix_shapes`): every
-    step is then the same kernels on the same tensors, replayed as one recorded CUDA graph on a GPU. On
-    the CPU, where there is no graph, fixed shapes would only attend over unwritten columns for nothing,
-    but they run all the same, so that CPU tests check what a GPU replays. A backbone sharded by FSDP
-    gathers its weights inside each block's forward, which a recording cannot replay: it steps eagerly.
-    """
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        project: Project,
-        cache: KVCache,
-        memory: Tensor | None = None,
-        memory_mask: Tensor | None = None,
-        cuda_graph: bool = False,
-    ) -> None:
-        self.logits = _Logits(backbone, project, cache, memory, memory_mask)
-        self.cache, self.cuda_graph = cache, cuda_graph
-        self.next_position = torch.empty(0, dtype=torch.long)  # (N,) once the start token or prompt is fed
-        self.one_token: Step | None = None  # set on the first step
-
-    def feed(self, input_ids: Tensor, mask: Tensor | None, positions: Tensor) -> Tensor:
-        """The start token or the prompt: input_ids, mask, positions (N, T) -> logits (N, V) after them."""
-        self.next_position = positions[:, -1] + 1
-        return self.logits(input_ids, positions, mask)
-
-    def step(self, tokens: Tensor) -> Tensor:
-        """tokens: (N,) the newest token of each row -> logits (N, V) for the one after it (with a CUDA
-        graph, valid until the next step)."""
-        if self.one_token is None:
-            self.one_token = self.logits
-            if self.cuda_graph:
-                self.cache.fix_shapes(tokens.size(0), tokens.device)
-                sharded = any(isinstance(m, FSDPModule) for m in self.logits.backbone.modules())
-                if tokens.is_cuda and not sharded:
-                    self.one_token = GraphedStep(self.logits, self.cache)
-        logits = self.one_token(tokens[:, None], self.next_position[:, None])
-        self.next_position = self.next_position + 1
-        return logits
-
-    def reorder(self, rows: Tensor) -> None:
-        """Row i continues old row rows[i] (beam search), rows: (N,)."""
-        self.cache.reorder(rows)
-        self.next_position = self.next_position[rows]
-
-
 def _start_from_source(
     backbone: Backbone,
     project: Project,
@@ -241,7 +163,7 @@ def _start_from_source(
     config: GenerationConfig,
     start_id: int,
     memory: Tensor | None = None,
-) -> tuple[_CachedDecoder, Tensor]:
+) -> tuple[CachedDecoder, Tensor]:
     """Encode each source once, feed start_id to each of its `copies` rows -> (decoder, first logits (N, V)).
 
     The memory stays one row per source: cross-attention serves a source's consecutive copies (beams or
@@ -250,7 +172,7 @@ def _start_from_source(
     _check_positions_fit(backbone, config.max_new_tokens - 1, config)
     memory = backbone.encode(source, source_mask) if memory is None else memory  # (B, S, D)
     cache = backbone.decoder_cache(config.max_new_tokens)  # start token + all but the last new token
-    decoder = _CachedDecoder(backbone, project, cache, memory, source_mask, config.cuda_graph)
+    decoder = CachedDecoder(backbone, project, cache, memory, source_mask, config.cuda_graph)
     start = torch.full((source.size(0) * copies, 1), start_id, dtype=torch.long, device=source.device)
     return decoder, decoder.feed(start, None, torch.zeros_like(start))
 
@@ -262,7 +184,7 @@ def _start_from_prompt(
     prompt_mask: Tensor | None,
     copies: int,
     config: GenerationConfig,
-) -> tuple[_CachedDecoder, Tensor]:
+) -> tuple[CachedDecoder, Tensor]:
     """Run each left-padded prompt through the decoder once, then give each of its `copies` rows (beams or
     samples) a copy of its cache -> (decoder, first logits (N, V)). The prompt, often far longer than
     what is generated (an article before its summary), is thus computed once, not once per copy."""
@@ -270,7 +192,7 @@ def _start_from_prompt(
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, T): real tokens count from 0, as unpadded
     _check_positions_fit(backbone, int(positions[:, -1].max()) + config.max_new_tokens - 1, config)
     cache = backbone.decoder_cache(prompt.size(1) + config.max_new_tokens - 1)
-    decoder = _CachedDecoder(backbone, project, cache, cuda_graph=config.cuda_graph)
+    decoder = CachedDecoder(backbone, project, cache, cuda_graph=config.cuda_graph)
     logits = decoder.feed(prompt, _hiding(mask), positions)  # (B, V)
     if copies == 1:
         return decoder, logits
@@ -311,7 +233,7 @@ def _check_positions_fit(backbone: Backbone, last_position: int, config: Generat
 # ------------------------------------------------------------------------------------- greedy, sample
 
 
-def _greedy_or_sample(decoder: _CachedDecoder, logits: Tensor, config: GenerationConfig) -> Tensor:
+def _greedy_or_sample(decoder: CachedDecoder, logits: Tensor, config: GenerationConfig) -> Tensor:
     """One token per row per step until every row has produced eos or max_new_tokens -> (N, L)."""
     generator = _generator(config.seed, logits.device)
     finished = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)  # (N,)
@@ -421,7 +343,7 @@ class _Hypotheses:
 
 
 def _beam_search(
-    decoder: _CachedDecoder, logits: Tensor, config: GenerationConfig, batch_size: int
+    decoder: CachedDecoder, logits: Tensor, config: GenerationConfig, batch_size: int
 ) -> Generation:
     """Beam search over B * K rows (K = num_beams): each step every beam proposes its continuations,
     the 2K best per row are ranked, those among the top K that end (eos, or the last step) become
