@@ -159,7 +159,7 @@ class KVCache:
         self.layers = [LayerKV(capacity) for _ in range(n_layers)]
         self.capacity = capacity
         self.key_mask: Tensor | None = None  # (B, capacity) True at real keys; None while all are real
-        self.spare_mask: Tensor | None = None  # reorder's destination for key_mask once shapes are fixed
+        self.spare_mask: Tensor | None = None  # reorder's destination for key_mask (as LayerKV's spare)
         self.column: Tensor | None = None  # (1,) long: the column the next step writes, once shapes are fixed
 
     @property
@@ -209,9 +209,6 @@ class KVCache:
         for layer in self.layers:
             layer.reorder(index)
         if self.key_mask is None:
-            return
-        if self.column is None:
-            self.key_mask = self.key_mask.index_select(0, index)
             return
         if self.spare_mask is None or self.spare_mask.size(0) != index.numel():
             self.spare_mask = self.key_mask.new_empty(index.numel(), self.capacity)
